@@ -1,0 +1,387 @@
+"""DiT backbone (Peebles & Xie, 2023) with the official checkpoints' parameter layout.
+
+Blocks take a conditioning tensor of shape (B, D) as in DiT, or (B, S, D) for a sequence
+made of S equal groups of tokens, each with its own conditioning: the ARD student uses
+this to compute adaLN once per stage instead of once per token.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+OFFICIAL_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+PRETRAINED_DIR = "pretrained_models"
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation. x: (B, N, D); shift, scale: (B, S, D), one row per group of N/S tokens."""
+    B, N, D = x.shape
+    S = shift.shape[1]
+    x = x.view(B, S, N // S, D) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+    return x.view(B, N, D)
+
+
+def gate(x, g):
+    B, N, D = x.shape
+    S = g.shape[1]
+    return (x.view(B, S, N // S, D) * g.unsqueeze(2)).view(B, N, D)
+
+
+class KVCache:
+    """Keys and values of the stages generated so far, for one attention layer.
+
+    `append` stores the new tokens' keys/values in a buffer of `capacity` tokens and returns
+    those the new queries may see: positions [visible_from, end), set per stage by the sampler.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.k = self.v = None
+        self.length = 0
+        self.visible_from = 0
+
+    def append(self, k, v):
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, self.visible_from:end], self.v[:, :, self.visible_from:end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through PyTorch's fused kernels.
+
+    `mask` is a boolean (queries, keys) mask for SDPA or a FlexAttention BlockMask;
+    with `cache`, keys/values of earlier calls are prepended to the current ones.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, cache=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if isinstance(mask, BlockMask):
+            x = flex_attention(q, k, v, block_mask=mask)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (integer or real) diffusion time, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        # Computed on the CPU and moved, like DiT, so the values are the same bits on every device.
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; index `num_classes` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, mask=None, cache=None):
+        """x: (B, N, D); c: (B, S, D) conditioning for S equal groups of tokens."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate(self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask, cache), gate_msa)
+        return x + gate(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), gate_mlp)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x, patch_size, channels):
+    """(B, L, p*p*C) tokens -> (B, C, H, W) images."""
+    p, h = patch_size, int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, h, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, h * p, h * p)
+
+
+def sincos_pos_embed_2d(embed_dim, grid_size):
+    """Fixed 2-D sin-cos position embedding (grid_size**2, embed_dim), as in MAE and DiT."""
+    def sincos_1d(dim, pos):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # first half encodes the column
+    emb = torch.cat([sincos_1d(embed_dim // 2, grid_w), sincos_1d(embed_dim // 2, grid_h)], dim=1)
+    return emb.float()
+
+
+class DiT(nn.Module):
+    """Diffusion transformer with adaLN-Zero blocks."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(xavier)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5)))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output as zero.
+        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks),
+                      self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    def embed(self, x, t, y):
+        """Patch tokens with position embedding, and the conditioning vector c = t_emb + y_emb."""
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y, self.training)
+
+    def forward(self, x, t, y):
+        """x: (B, C, H, W) noisy input, t: (B,) timesteps, y: (B,) labels -> (B, out_channels, H, W)."""
+        x, c = self.embed(x, t, y)
+        c = c.unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=3):
+        """Classifier-free guidance on a batch whose second half carries the null label.
+
+        DiT guides only the first 3 of the 4 latent channels; that is what reproduces its
+        published FIDs, so it is the default (capped at the input channels). None guides all.
+        """
+        if cfg_scale < 1:
+            raise ValueError(f"CFG scale must be >= 1, got {cfg_scale}")
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        n = self.in_channels if guidance_channels is None else min(guidance_channels, self.in_channels)
+        eps, rest = out[:, :n], out[:, n:]
+        cond, uncond = eps.chunk(2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+def _config(depth, hidden_size, patch_size, num_heads):
+    return lambda **kw: DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kw)
+
+
+DiT_models = {
+    f"DiT-{name}/{p}": _config(depth, width, p, heads)
+    for name, (depth, width, heads) in {"XL": (28, 1152, 16), "L": (24, 1024, 16),
+                                         "B": (12, 768, 12), "S": (12, 384, 6)}.items()
+    for p in (2, 4, 8)
+}
+
+
+def create_dit(model, image_size, latent=True, **kwargs):
+    """A DiT from the table by name, for an image size in pixels (latent models see size/8)."""
+    if model not in DiT_models:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(DiT_models)}")
+    if latent and image_size % 8:
+        raise ValueError(f"image size {image_size} is not divisible by 8 (the VAE's downsampling factor)")
+    return DiT_models[model](input_size=image_size // 8 if latent else image_size, **kwargs)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def load_state_dict_strict(model, state_dict, source="checkpoint"):
+    """load_state_dict(strict=True) with an error that names the first offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def first(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        problems = [f"{what}: {first(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def download_official(name):
+    """Path of an official DiT checkpoint, downloaded into pretrained_models/ if needed."""
+    path = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.isfile(path):
+        os.makedirs(PRETRAINED_DIR, exist_ok=True)
+        url = OFFICIAL_URL.format(name)
+        try:
+            torch.hub.download_url_to_file(url, path, progress=True)
+        except OSError as e:
+            raise FileNotFoundError(f"could not download {url} ({e}); place the file at {path}") from None
+    return path
+
+
+def read_checkpoint(path):
+    """Everything stored at `path`: a training checkpoint dict or a bare state dict (.pt or .safetensors)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_model(name):
+    """State dict for an official checkpoint name or a local file (our checkpoints give their EMA)."""
+    path = download_official(name) if name in OFFICIAL_CHECKPOINTS else name
+    checkpoint = read_checkpoint(path)
+    return checkpoint["ema"] if "ema" in checkpoint else checkpoint
+
+
+def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000):
+    """(DiT in eval mode, its description) from an official name or one of our teacher checkpoints.
+
+    Our checkpoints carry their architecture; for official ones and bare state dicts it comes
+    from `model` and `image_size`. The description is what downstream files record.
+    """
+    path = download_official(ckpt) if ckpt in OFFICIAL_CHECKPOINTS else ckpt
+    checkpoint = read_checkpoint(path)
+    if "args" in checkpoint:
+        args = checkpoint["args"]
+        if args.get("stage") != "teacher":
+            raise ValueError(f"{ckpt} is a {args.get('stage')!r} checkpoint, not a teacher")
+        info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"])
+        state_dict = checkpoint["ema"]
+    else:
+        if ckpt in OFFICIAL_CHECKPOINTS:
+            image_size = OFFICIAL_CHECKPOINTS[ckpt]
+        dit = create_dit(model, image_size, latent=vae != "none", num_classes=num_classes,
+                         in_channels=4 if vae != "none" else 3).config
+        info = dict(dit=dit, image_size=image_size, vae=vae)
+        state_dict = checkpoint
+    net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
+    return net.eval(), dict(info, ckpt=str(ckpt))
+
+
+# ---------------------------------------------------------------------------- autoencoder
+
+class Autoencoder(nn.Module):
+    """Maps images in [-1, 1] to the diffusion model's space and back.
+
+    With an SD-VAE it is the latent space scaled by 0.18215; without one (vae=None) the
+    model works on pixels and both maps are the identity.
+    """
+
+    def __init__(self, vae=None, scale_factor=0.18215):
+        super().__init__()
+        self.vae = vae
+        self.scale_factor = scale_factor
+
+    @torch.no_grad()
+    def encode(self, images, sample=True):
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images).latent_dist
+        return (dist.sample() if sample else dist.mode()) * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latents):
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / self.scale_factor).sample
+
+
+def load_autoencoder(vae):
+    """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder."""
+    if vae == "none":
+        return Autoencoder()
+    from diffusers.models import AutoencoderKL
+    name = f"stabilityai/sd-vae-ft-{vae}" if vae in ("ema", "mse") else vae
+    try:
+        model = AutoencoderKL.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load the VAE {name!r} ({e.__class__.__name__}); when offline, "
+                                f"pass --vae with a local folder saved by AutoencoderKL.save_pretrained") from None
+    return Autoencoder(model.eval())
