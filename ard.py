@@ -1,0 +1,214 @@
+"""The ARD student (Kim et al., CVPR 2025): a teacher DiT that generates in K steps, each
+step seeing the whole history of its trajectory.
+
+The K stage inputs [x_T, x_τ1, ..., x_τ(K-1)] are patchified into K·L tokens. Stage k is
+conditioned on its own time τ_k through adaLN, computed once per stage. The lower N blocks
+attend across stages under a block mask (M4: stage k sees stages 0..k); the upper blocks
+process every stage on its own, exactly like the teacher. One output head per stage.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.utils.checkpoint import checkpoint
+
+from diffusion import student_timesteps
+from models import DiT, KVCache, load_state_dict_strict, read_checkpoint, unpatchify
+
+MASKS = ("M1", "M2", "M3", "M4")
+
+
+def stage_mask(variant, num_steps):
+    """(K, K) boolean: may stage q attend to stage k? The paper's ablation variants:
+    M1 itself only (step distillation), M2 itself and the previous stage, M3 itself and x_T,
+    M4 itself and every earlier stage (block-causal)."""
+    if variant not in MASKS:
+        raise ValueError(f"unknown mask {variant!r}; choose from {', '.join(MASKS)}")
+    eye = torch.eye(num_steps, dtype=torch.bool)
+    if variant == "M1":
+        return eye
+    if variant == "M2":
+        return eye | eye.roll(-1, dims=1).tril()
+    if variant == "M3":
+        return eye | (torch.arange(num_steps) == 0)
+    return torch.ones(num_steps, num_steps, dtype=torch.bool).tril()
+
+
+class ARD(nn.Module):
+    """Student initialised from (a copy of) `teacher`; see the module docstring.
+
+    num_steps: K; history_layers: N, the number of lower blocks that see the history;
+    mask: M1-M4; stage_times: the K timesteps the stages are conditioned on (default: the
+    points of a `teacher_steps`-step grid nearest to T(K-k)/K); shared_head: one output head
+    for all stages instead of one per stage; attention: "sdpa" (any device) or "flex"
+    (FlexAttention block mask in the history blocks, for compiled GPU training).
+    """
+
+    def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
+                 shared_head=False, attention="sdpa"):
+        super().__init__()
+        depth = len(teacher.blocks)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0 <= history_layers <= depth:
+            raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, got {history_layers}")
+        if stage_times is None:
+            stage_times = student_timesteps(num_steps, teacher_steps)[1]
+        stage_times = [int(t) for t in stage_times]
+        if len(stage_times) != num_steps:
+            raise ValueError(f"expected {num_steps} stage times, got {len(stage_times)}")
+        if any(a <= b for a, b in zip(stage_times, stage_times[1:])) or stage_times[-1] < 0:
+            raise ValueError(f"stage times must be strictly decreasing and non-negative, got {stage_times}")
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+        self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
+                             stage_times=stage_times, shared_head=shared_head)
+        self.dit_config = dict(teacher.config)
+        self.num_steps, self.history_layers, self.attention = num_steps, history_layers, attention
+        self.in_channels, self.patch_size = teacher.in_channels, teacher.patch_size
+        self.input_size = teacher.config["input_size"]
+        self.grad_checkpointing = False
+
+        teacher = copy.deepcopy(teacher)
+        self.x_embedder, self.t_embedder, self.y_embedder = teacher.x_embedder, teacher.t_embedder, teacher.y_embedder
+        self.register_buffer("pos_embed", teacher.pos_embed.data)
+        self.blocks = teacher.blocks
+        self.heads = nn.ModuleList([teacher.final_layer] + [copy.deepcopy(teacher.final_layer)
+                                                            for _ in range(0 if shared_head else num_steps - 1)])
+        self.out_channels = teacher.out_channels
+        self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
+        self.register_buffer("stage_mask", stage_mask(mask, num_steps), persistent=False)
+        L = self.x_embedder.num_patches
+        token_mask = self.stage_mask.repeat_interleave(L, 0).repeat_interleave(L, 1)
+        self.register_buffer("token_mask", token_mask, persistent=False)
+        self._block_mask = None
+        # Per sampling step: the first stage whose keys it reads, and whether stages in between are hidden.
+        rows = [self.stage_mask[k, : k + 1].tolist() for k in range(num_steps)]
+        self.sampling_plan = [(row.index(True), not all(row[row.index(True):])) for row in rows]
+
+    # ------------------------------------------------------------------ pieces
+
+    def conditioning(self, y):
+        """(B, K, D): stage k's time embedding plus the label embedding (never dropped)."""
+        return self.t_embedder(self.stage_times).unsqueeze(0) + self.y_embedder(y, train=False).unsqueeze(1)
+
+    def head(self, x, c, k):
+        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D) and conditioning (B, 1, D);
+        of a learned-sigma head only the first C channels are used."""
+        head = self.heads[0 if len(self.heads) == 1 else k]
+        return unpatchify(head(x, c), self.patch_size, self.out_channels)[:, : self.in_channels]
+
+    def history_mask(self):
+        if self.attention == "sdpa":
+            return self.token_mask
+        if self._block_mask is None or self._block_mask.kv_indices.device != self.token_mask.device:
+            token_mask = self.token_mask
+            self._block_mask = create_block_mask(lambda b, h, q, kv: token_mask[q, kv], None, None,
+                                                 *token_mask.shape, device=token_mask.device)
+        return self._block_mask
+
+    def run_block(self, block, x, c, mask=None, cache=None):
+        if self.grad_checkpointing and self.training:
+            return checkpoint(block, x, c, mask, cache, use_reentrant=False)
+        return block(x, c, mask, cache)
+
+    def check_shape(self, tensor, what, with_stages):
+        expected = (self.num_steps,) * with_stages + (self.in_channels, self.input_size, self.input_size)
+        if tuple(tensor.shape[1:]) != expected:
+            layout = "(B, K, C, H, W)" if with_stages else "(B, C, H, W)"
+            raise ValueError(f"{what} must be {layout} = (B, {', '.join(map(str, expected))}) for this student, "
+                             f"got {tuple(tensor.shape)}")
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def forward(self, stages, y):
+        """Teacher-forced predictions of all K stages in one pass.
+
+        stages: (B, K, C, H, W), stage k's input (x_T first); y: (B,) labels.
+        Returns (B, K, C, H, W): stage k's prediction of the next trajectory point.
+        """
+        self.check_shape(stages, "stages", with_stages=True)
+        B, K = stages.shape[:2]
+        x = self.x_embedder(stages.flatten(0, 1)) + self.pos_embed  # (B·K, L, D)
+        L, D = x.shape[1:]
+        c = self.conditioning(y)
+        N = self.history_layers
+        if N:
+            x, mask = x.reshape(B, K * L, D), self.history_mask()
+            for block in self.blocks[:N]:
+                x = self.run_block(block, x, c, mask)
+        x, c = x.reshape(B * K, L, D), c.reshape(B * K, 1, D)  # stages folded into the batch
+        for block in self.blocks[N:]:
+            x = self.run_block(block, x, c)
+        x, c = x.view(B, K, L, D), c.view(B, K, 1, D)
+        return torch.stack([self.head(x[:, k], c[:, k], k) for k in range(K)], dim=1)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def sample(self, noise, y):
+        """K-step generation from noise (B, C, H, W); returns every stage's output (B, K, C, H, W).
+
+        Each step runs only its own L tokens; the lower N blocks keep the keys/values of
+        earlier stages, so stage k attends to exactly what the mask lets it see in `forward`.
+        """
+        self.check_shape(noise, "noise", with_stages=False)
+        K, N, L = self.num_steps, self.history_layers, self.x_embedder.num_patches
+        c_all = self.conditioning(y)
+        caches = [KVCache(capacity=K * L) for _ in range(N)]
+        x_in, outputs = noise, []
+        for k, (first, hidden_between) in enumerate(self.sampling_plan):
+            # Keys cover stages first..k; a mask is needed only when some stage in between is hidden (M3).
+            mask = self.token_mask[k * L:(k + 1) * L, first * L:(k + 1) * L] if hidden_between else None
+            for cache in caches:
+                cache.visible_from = first * L
+            x = self.x_embedder(x_in) + self.pos_embed
+            c = c_all[:, k:k + 1]
+            for i, block in enumerate(self.blocks):
+                x = block(x, c, mask, caches[i]) if i < N else block(x, c)
+            x_in = self.head(x, c, k)
+            outputs.append(x_in)
+        return torch.stack(outputs, dim=1)
+
+
+def distillation_loss(prediction, target):
+    """Mean over stages of the per-stage MSE (equal weights); also returns the (K,) per-stage values."""
+    per_stage = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(0, 2, 3, 4))
+    return per_stage.mean(), per_stage.detach()
+
+
+def gflops(dit_config, num_steps=1, history_layers=0, mask="M4"):
+    """GFLOPs (multiply-accumulates, DiT's convention) of K-step generation, i.e. of K stage
+    passes of L tokens plus the cross-stage attention of the lower N blocks. The teacher's
+    forward is num_steps=1; the teacher-forced `forward` does the same work when masked
+    attention skips hidden stages. DiT-XL/2 at 256²: 118.6 (teacher), K=4: 474.4 (N=0),
+    479.9 (N=6, M4), as in the paper's Table 1."""
+    p, C, D = dit_config["patch_size"], dit_config["in_channels"], dit_config["hidden_size"]
+    depth, mlp_hidden = dit_config["depth"], int(dit_config["hidden_size"] * dit_config["mlp_ratio"])
+    out_channels = 2 * C if dit_config["learn_sigma"] else C
+    L = (dit_config["input_size"] // p) ** 2
+    per_token = 3 * D * D + D * D + 2 * D * mlp_hidden  # qkv, proj, mlp
+    block = 6 * D * D + L * per_token + 2 * L * L * D  # adaLN, linear layers, attention over the stage
+    stage = (L * p * p * C * D + 256 * D + D * D  # patch embedding, timestep MLP
+             + depth * block
+             + 2 * D * D + L * D * p * p * out_channels)  # final layer
+    earlier_visible = int(stage_mask(mask, num_steps).sum()) - num_steps
+    history = history_layers * 2 * L * L * D * earlier_visible
+    return (num_steps * stage + history) / 1e9
+
+
+def student_kwargs(args):
+    """The ARD constructor's settings as stored in a checkpoint's args."""
+    return {k: args[k] for k in ("num_steps", "history_layers", "mask", "stage_times", "shared_head")}
+
+
+def load_student(path, attention="sdpa"):
+    """An ARD student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
+    checkpoint = read_checkpoint(path)
+    args = checkpoint.get("args", {})
+    if args.get("stage") not in ("ard", "gan"):
+        raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
+    model = ARD(DiT(**args["dit"]), attention=attention, **student_kwargs(args))
+    return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args
