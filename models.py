@@ -250,8 +250,20 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
+def with_guidance(model, noise, y, cfg_scale, guidance_channels=3):
+    """(model function, noise, labels) for a sampler with classifier-free guidance: the batch is
+    doubled, its second half with the null label. At scale 1 the model is used as it is."""
+    if cfg_scale == 1:
+        return model, noise, y
+    def guided(x, t, y):
+        return model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)
+    return guided, torch.cat([noise, noise]), torch.cat([y, torch.full_like(y, model.num_classes)])
+
+
 def _config(depth, hidden_size, patch_size, num_heads):
-    return lambda **kw: DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kw)
+    """A named architecture; keyword arguments override any field (small teachers, tests)."""
+    defaults = dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
+    return lambda **kw: DiT(**{**defaults, **kw})
 
 
 DiT_models = {
@@ -310,7 +322,7 @@ def read_checkpoint(path):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def find_model(name):

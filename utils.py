@@ -1,0 +1,96 @@
+"""Small pieces shared by the scripts: distributed set-up, per-index randomness, atomic writes."""
+import contextlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA when precision is "bf16"; a no-op elsewhere."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def index_seed(seed, index):
+    """The seed of item `index` of a run seeded with `seed`: results never depend on how items
+    are spread over processes and batches."""
+    if not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    return seed * 2 ** 32 + index
+
+
+def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform"):
+    """Gaussian noise (len(indices), *shape) and class labels, each item from its own generator.
+
+    labels: "uniform" (random, drawn after the item's noise) or "balanced" (index mod classes).
+    """
+    noise, drawn = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(index_seed(seed, i))
+        noise.append(torch.randn(shape, generator=g))
+        drawn.append(int(torch.randint(num_classes, (), generator=g)) if labels == "uniform" else i % num_classes)
+    return torch.stack(noise), torch.tensor(drawn, dtype=torch.long)
+
+
+def atomic_write(path, write):
+    """Calls write(tmp_path) and renames the result to `path`: readers never see a partial file."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def to_uint8(images):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, 3); single-channel images are replicated."""
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow=8, scale=1):
+    """Writes images in [-1, 1], (B, C, H, W), as one PNG grid; `scale` enlarges small images."""
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+    picture = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy())
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
