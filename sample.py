@@ -1,0 +1,108 @@
+"""Sample a grid of images from a DiT teacher or an ARD student.
+
+    python sample.py --ckpt DiT-XL-2-256x256.pt                       # DiT's defaults: DDPM 250, CFG 4.0
+    python sample.py --ckpt DiT-XL-2-256x256.pt --sampler ddim --num-sampling-steps 25 --cfg-scale 1.5
+    python sample.py --ckpt results/000-ard-N6/checkpoints/0300000.pt  # K steps, no guidance
+
+A checkpoint written by train.py carries its own architecture, VAE and image size; official
+checkpoints take them from --model, --image-size and --vae.
+"""
+import argparse
+
+import torch
+
+from ard import load_student
+from diffusion import create_diffusion
+from models import OFFICIAL_CHECKPOINTS, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from utils import autocast, save_grid
+
+DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+
+
+def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_channels=3, progress=False):
+    """generate(noise, labels) -> samples, by DDIM or DDPM on a uniformly respaced grid."""
+    if cfg_scale < 1:
+        raise ValueError(f"CFG scale must be >= 1, got {cfg_scale}")
+    diffusion = create_diffusion(str(steps))
+    loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
+
+    def generate(noise, y):
+        fn, z, labels = with_guidance(model, noise, y, cfg_scale, guidance_channels)
+        return loop(fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=labels), progress=progress)[: len(noise)]
+    return generate
+
+
+def is_student_checkpoint(ckpt):
+    return ckpt not in OFFICIAL_CHECKPOINTS and read_checkpoint(ckpt).get("args", {}).get("stage") in ("ard", "gan")
+
+
+def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="ddim", steps=25, cfg_scale=1.5,
+                   guidance_channels=3, progress=False):
+    """(generate(noise, labels) -> model-space samples, the network, its description).
+
+    A student checkpoint samples in its K steps; teacher settings (sampler, steps, CFG) apply
+    to teachers only. Move the network to a device before generating.
+    """
+    if is_student_checkpoint(ckpt):
+        student, args = load_student(ckpt)
+        info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"], kind="student",
+                    num_steps=student.num_steps)
+        return (lambda noise, y: student.sample(noise, y)[:, -1]), student, info
+    teacher, info = load_teacher(ckpt, model, image_size, vae)
+    generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress)
+    return generate, teacher, dict(info, kind="teacher", num_steps=steps)
+
+
+def add_generator_args(p):
+    """The flags that pick and configure a generator, shared with sample_ddp.py."""
+    p.add_argument("--ckpt", default=None, help="official DiT name, a teacher or a student checkpoint "
+                                                "(default: the official DiT-XL/2 at --image-size)")
+    p.add_argument("--model", default="DiT-XL/2")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--vae", default="ema", help="ema, mse, or a local diffusers folder (official checkpoints)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
+
+
+def generator_from_args(args, progress=False):
+    ckpt = args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
+    return load_generator(ckpt, args.model, args.image_size, args.vae, args.sampler, args.num_sampling_steps,
+                          args.cfg_scale, args.guidance_channels, progress)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generator_args(p)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="default: DiT's eight ImageNet classes, or every class once for smaller label sets")
+    p.add_argument("--out", default="sample.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.cfg_scale < 1:
+        p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
+
+    torch.manual_seed(args.seed)
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    generate, network, info = generator_from_args(args, progress=True)
+    network.to(device)
+    num_classes = info["dit"]["num_classes"]
+    labels = args.class_labels or (DIT_LABELS if num_classes == 1000 else list(range(num_classes)))
+    if not all(0 <= y < num_classes for y in labels):
+        p.error(f"class labels must be in [0, {num_classes}), got {labels}")
+    shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
+    noise = torch.randn(len(labels), *shape, device=device)
+    y = torch.tensor(labels, device=device)
+    with autocast(device, args.precision):
+        samples = generate(noise, y)
+    images = load_autoencoder(info["vae"]).to(device).decode(samples.float())
+    save_grid(images.clamp(-1, 1), args.out, nrow=min(len(labels), 8), scale=max(1, 64 // images.shape[-1]))
+    print(f"{info['kind']} ({info['num_steps']} steps): {len(labels)} images in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Training with DDP: ARD distillation, adversarial fine-tuning, or a DiT teacher from scratch.
+
+    torchrun --nproc_per_node=8 train.py --stage ard --teacher DiT-XL-2-256x256.pt --data-path trajectories/imagenet256
+    torchrun --nproc_per_node=8 train.py --stage gan --init results/000-ard/checkpoints/0300000.pt \\
+        --data-path trajectories/imagenet256 --real-data /data/imagenet/train --global-batch-size 48
+    torchrun --nproc_per_node=8 train.py --stage teacher --data-path /data/imagenet/train --model DiT-XL/2
+    torchrun --nproc_per_node=8 train.py --resume results/000-ard          # continue where it stopped
+
+Every step is a pure function of (checkpoint, seed, step): batches come from a per-epoch
+permutation and the RNG is reseeded per step and rank, so a resumed run is bit-identical to
+an uninterrupted one.
+"""
+import argparse
+import copy
+import glob
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from ard import ARD, distillation_loss, student_kwargs
+from data import DIGITS, image_dataset, random_flip
+from diffusion import create_diffusion
+from extract_trajectories import TrajectoryDataset
+from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
+from models import create_dit, load_autoencoder, load_teacher, read_checkpoint
+from sample import teacher_generator
+from utils import atomic_write, autocast, barrier, cleanup_distributed, init_distributed, save_grid
+
+# Flags that may change when a run is resumed; everything else comes from its checkpoint.
+RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume")
+
+
+# ---------------------------------------------------------------------------- data order
+
+class StepBatches(Sampler):
+    """This rank's indices for steps start, start+1, ...: step s takes the (s mod E)-th slice of
+    global_batch indices from the permutation of epoch s // E (E = len // global_batch)."""
+
+    def __init__(self, length, global_batch, rank, world_size, seed, start_step):
+        if length < global_batch:
+            raise ValueError(f"the dataset has {length} items, fewer than the global batch {global_batch}")
+        self.length, self.global_batch, self.seed, self.start_step = length, global_batch, seed, start_step
+        self.local = global_batch // world_size
+        self.offset = rank * self.local
+        self.steps_per_epoch = length // global_batch
+
+    def __iter__(self):
+        step, epoch, order = self.start_step, None, None
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+            start = (step % self.steps_per_epoch) * self.global_batch + self.offset
+            yield order[start: start + self.local].tolist()
+            step += 1
+
+
+def batches(dataset, args, rank, world_size, start_step, seed_offset=0):
+    sampler = StepBatches(len(dataset), args.global_batch_size, rank, world_size, args.global_seed + seed_offset,
+                          start_step)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=args.num_workers > 0)
+    return iter(loader)
+
+
+def seed_step(seed, step, rank):
+    torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+
+
+# ---------------------------------------------------------------------------- tasks
+
+class TeacherTask:
+    """A DiT trained from scratch: ε-MSE plus the variational term, class dropout for CFG."""
+
+    def __init__(self, args, device):
+        self.data, num_classes, channels = image_dataset(args.data_path, args.image_size)
+        latent = args.vae != "none"
+        overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size,
+                                            num_heads=args.num_heads, patch_size=args.patch_size).items() if v}
+        self.model = create_dit(args.model, args.image_size, latent=latent, in_channels=4 if latent else channels,
+                                num_classes=num_classes, class_dropout_prob=args.class_dropout, **overrides)
+        self.autoencoder = load_autoencoder(args.vae).to(device)
+        self.diffusion = create_diffusion("")
+        self.flip = args.random_flip if args.random_flip is not None else args.data_path != DIGITS
+        self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae)
+        self.sample_steps, self.cfg_scale = args.sample_steps, args.sample_cfg_scale
+
+    def loss(self, model, batch, step):
+        images, y = batch
+        x = self.autoencoder.encode(random_flip(images) if self.flip else images)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return self.diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean(), {}
+
+    def generate(self, ema, noise, y):
+        return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale)(noise, y)
+
+
+class DistillationTask:
+    """ARD regression on teacher trajectories, teacher-forced (the paper's main stage)."""
+
+    def __init__(self, args, device, teacher=None, teacher_info=None):
+        if teacher is None:
+            teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
+        dit = teacher_info["dit"]
+        self.data = TrajectoryDataset(args.data_path, args.target, expected=dict(
+            num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"], dit["input_size"]]))
+        self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask,
+                         stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head,
+                         attention=args.attention)
+        self.model.grad_checkpointing = args.grad_checkpointing
+        self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
+        self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
+                           **self.model.settings)
+
+    def loss(self, model, batch, step):
+        stages, targets, y = batch
+        loss, per_stage = distillation_loss(model(stages, y), targets)
+        return loss, {f"stage{k}": v for k, v in enumerate(per_stage)}
+
+    def generate(self, ema, noise, y):
+        return ema.sample(noise, y)[:, -1]
+
+
+class AdversarialTask(DistillationTask):
+    """Regression plus a hinge GAN on the frozen teacher's features (the paper's FID 1.84 row)."""
+
+    def __init__(self, args, device):
+        init = read_checkpoint(args.init)
+        init_args = init.get("args", {})
+        if init_args.get("stage") not in ("ard", "gan"):
+            raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {init_args.get('stage')!r})")
+        for key, value in student_kwargs(init_args).items():
+            setattr(args, key, value)
+        args.target, args.teacher = init_args["target"], init_args["teacher"]
+        teacher, teacher_info = load_teacher(args.teacher, init_args["model"], init_args["image_size"],
+                                             init_args["vae"])
+        super().__init__(args, device, teacher, teacher_info)
+        self.init_checkpoint = init
+        self.real, _, _ = image_dataset(args.real_data, teacher_info["image_size"])
+        self.flip = args.random_flip if args.random_flip is not None else args.real_data != DIGITS
+        self.discriminator = Discriminator(teacher).to(device)
+        self.disc_opt = torch.optim.AdamW(self.discriminator.heads.parameters(), lr=args.disc_lr, weight_decay=0,
+                                          fused=device.type == "cuda")
+        self.gan_noise, self.warmup, self.gan_scale = args.gan_noise, args.gan_warmup, args.gan_weight_scale
+        self.num_timesteps = create_diffusion("").num_timesteps
+        self.noiser = create_diffusion("")
+
+    def features_input(self, x):
+        """The discriminator's input and time: clean at t=0, or re-noised at a uniform random t."""
+        if self.gan_noise == "none":
+            return x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        return self.noiser.q_sample(x, t), t
+
+    def loss(self, model, batch, step):
+        stages, targets, y = batch
+        prediction = model(stages, y)
+        regression, per_stage = distillation_loss(prediction, targets)
+        self.fake, self.fake_labels = prediction[:, -1].detach(), y
+        self.discriminator.heads.requires_grad_(False)
+        adversarial = generator_hinge_loss(self.discriminator(*self.features_input(prediction[:, -1]), y))
+        self.discriminator.heads.requires_grad_(True)
+        if step < self.warmup:
+            weight = torch.zeros((), device=stages.device)
+        else:
+            last_layer = unwrap(model).heads[-1].linear.weight
+            weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
+        logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
+        return regression + weight * adversarial, dict(logs, reg=regression.detach(), g_adv=adversarial.detach(),
+                                                       gan_weight=weight)
+
+    def discriminator_step(self, discriminator, real_batch, bf16):
+        images, real_labels = real_batch
+        with torch.no_grad():
+            real = self.autoencoder.encode(random_flip(images) if self.flip else images)
+        with bf16:
+            logits_real = discriminator(*self.features_input(real), real_labels)
+            logits_fake = discriminator(*self.features_input(self.fake), self.fake_labels)
+            loss = discriminator_hinge_loss(logits_real.float(), logits_fake.float())
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
+        return loss.detach()
+
+
+TASKS = {"teacher": TeacherTask, "ard": DistillationTask, "gan": AdversarialTask}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def unwrap(model):
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_params = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+
+
+def checkpoint_paths(experiment_dir):
+    return sorted(glob.glob(os.path.join(experiment_dir, "checkpoints", "[0-9]*.pt")))
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def create_logger(experiment_dir, rank):
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(experiment_dir, "log.txt"))):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def new_experiment_dir(args):
+    os.makedirs(args.results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
+    name = args.name or (args.model.replace("/", "-") if args.stage == "teacher" else f"N{args.history_layers}")
+    return os.path.join(args.results_dir, f"{index:03d}-{args.stage}-{name}")
+
+
+def mean_over_ranks(values):
+    """{name: tensor} -> {name: float} averaged over ranks, in one all-reduce."""
+    names = sorted(values)
+    stacked = torch.stack([values[n].float() for n in names])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=list(TASKS), default="ard")
+    p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder / 'digits' (teacher)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--name", default=None, help="suffix of the experiment directory")
+    p.add_argument("--resume", default=None, help="experiment directory to continue from its latest checkpoint")
+    run = p.add_argument_group("optimisation")
+    run.add_argument("--iterations", type=int, default=300_000)
+    run.add_argument("--global-batch-size", type=int, default=64)
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--weight-decay", type=float, default=0.0)
+    run.add_argument("--max-grad-norm", type=float, default=1.0)
+    run.add_argument("--ema-decay", type=float, default=0.9999)
+    run.add_argument("--global-seed", type=int, default=0)
+    run.add_argument("--num-workers", type=int, default=4)
+    run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on GPU")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--grad-checkpointing", action="store_true")
+    run.add_argument("--log-every", type=int, default=100)
+    run.add_argument("--ckpt-every", type=int, default=10_000)
+    run.add_argument("--sample-every", type=int, default=10_000)
+    run.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the teacher's sample grids")
+    run.add_argument("--sample-cfg-scale", type=float, default=4.0, help="CFG of the teacher's sample grids")
+    arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
+    arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt", help="official name or teacher checkpoint")
+    arch.add_argument("--model", default="DiT-XL/2")
+    arch.add_argument("--image-size", type=int, default=256)
+    arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder, or none (pixel space)")
+    arch.add_argument("--depth", type=int, help="override the named model's depth (small teachers)")
+    arch.add_argument("--hidden-size", type=int)
+    arch.add_argument("--num-heads", type=int)
+    arch.add_argument("--patch-size", type=int)
+    arch.add_argument("--class-dropout", type=float, default=0.1)
+    arch.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                      help="flip real images (default: on for image folders, off for digits)")
+    ard = p.add_argument_group("ARD student")
+    ard.add_argument("--num-steps", type=int, default=4)
+    ard.add_argument("--history-layers", type=int, default=6)
+    ard.add_argument("--mask", choices=["M1", "M2", "M3", "M4"], default="M4")
+    ard.add_argument("--target", choices=["state", "x0"], default="state")
+    ard.add_argument("--shared-head", action="store_true")
+    ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
+    gan = p.add_argument_group("adversarial fine-tuning")
+    gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
+    gan.add_argument("--real-data", help="image folder or 'digits'")
+    gan.add_argument("--disc-lr", type=float, default=1e-3)
+    gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with adversarial weight 0")
+    gan.add_argument("--gan-weight-scale", type=float, default=10.0)
+    gan.add_argument("--gan-noise", choices=["none", "uniform"], default="none",
+                     help="re-noise real and fake before the feature network: no (t=0) or at uniform random t")
+    args = p.parse_args(argv)
+    if args.resume:
+        args = resumed_args(p, args)
+    check_args(p, args)
+    return args
+
+
+def resumed_args(parser, args):
+    """The run's own settings from its latest checkpoint, with only run-control flags changed."""
+    paths = checkpoint_paths(args.resume)
+    if not paths:
+        parser.error(f"--resume {args.resume}: no checkpoints in {args.resume}/checkpoints")
+    saved = read_checkpoint(paths[-1])["args"]
+    changed = [k for k, v in vars(args).items()
+               if v != parser.get_default(k) and k not in RUN_CONTROL and saved.get(k) != v]
+    if changed:
+        parser.error(f"a resumed run keeps its settings; drop --{changed[0].replace('_', '-')}")
+    merged = {k: saved[k] for k in vars(args) if k in saved}
+    merged.update({k: getattr(args, k) for k in RUN_CONTROL if getattr(args, k) != parser.get_default(k)})
+    return argparse.Namespace(**{**vars(args), **merged})
+
+
+def check_args(parser, args):
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.global_batch_size % world_size:
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+    if not args.data_path:
+        parser.error("--data-path is required")
+    if args.data_path != DIGITS and not os.path.exists(args.data_path):
+        parser.error(f"--data-path {args.data_path} does not exist")
+    if args.stage == "gan":
+        for flag in ("init", "real_data"):
+            if not getattr(args, flag):
+                parser.error(f"--stage gan needs --{flag.replace('_', '-')}")
+        if not os.path.isfile(args.init):
+            parser.error(f"--init {args.init} does not exist")
+        if args.real_data != DIGITS and not os.path.isdir(args.real_data):
+            parser.error(f"--real-data {args.real_data} does not exist")
+
+
+# ---------------------------------------------------------------------------- main loop
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    task = TASKS[args.stage](args, device)
+
+    if args.resume:
+        experiment_dir = args.resume
+        checkpoint = read_checkpoint(checkpoint_paths(experiment_dir)[-1])
+    else:
+        experiment_dir = new_experiment_dir(args) if rank == 0 else None
+        if dist.is_initialized():
+            shared = [experiment_dir]
+            dist.broadcast_object_list(shared)
+            experiment_dir = shared[0]
+        checkpoint = getattr(task, "init_checkpoint", None)
+    if rank == 0:
+        os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
+    barrier()
+    logger = create_logger(experiment_dir, rank)
+
+    model = task.model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    start_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        opt.load_state_dict(checkpoint["opt"])
+        if args.resume:
+            start_step = checkpoint["step"]
+            if "disc" in checkpoint:
+                task.discriminator.load_state_dict(checkpoint["disc"])
+                task.disc_opt.load_state_dict(checkpoint["disc_opt"])
+        for group in opt.param_groups:  # the flags decide, also for a run initialised from another stage
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    del checkpoint
+    if hasattr(task, "init_checkpoint"):
+        del task.init_checkpoint
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    forward_model = torch.compile(ddp) if args.compile else ddp
+    discriminator = getattr(task, "discriminator", None)
+    ddp_disc = (DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
+                if discriminator is not None and dist.is_initialized() else discriminator)
+    bf16 = autocast(device, args.precision)
+    record = dict(vars(args), **task.record)
+    logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                f"{len(task.data)} training items, world size {world_size}, experiment {experiment_dir}")
+
+    data = batches(task.data, args, rank, world_size, start_step)
+    real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
+    model.train()
+    running, steps_since_log, last_log = {}, 0, time.time()
+    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=rank != 0,
+               dynamic_ncols=True)
+    for step in bar:
+        seed_step(args.global_seed, step, rank)
+        batch = [t.to(device, non_blocking=True) for t in next(data)]
+        with bf16:
+            loss, logs = task.loss(forward_model, batch, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        update_ema(ema, model, args.ema_decay)
+        logs = dict(logs, loss=loss.detach(), grad_norm=grad_norm)
+        if discriminator is not None:
+            real_batch = [t.to(device, non_blocking=True) for t in next(real_data)]
+            logs["d_loss"] = task.discriminator_step(ddp_disc, real_batch, bf16)
+        for name, value in logs.items():
+            running[name] = running.get(name, 0) + value.detach().float()
+        steps_since_log += 1
+
+        done = step + 1
+        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
+            means = mean_over_ranks({k: v / steps_since_log for k, v in running.items()})
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last "
+                                         f"good checkpoint in {experiment_dir}/checkpoints")
+            speed = steps_since_log / (time.time() - last_log)
+            logger.info(f"step {done:07d} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()))
+                        + f" steps/s={speed:.2f}")
+            bar.set_postfix(loss=f"{means['loss']:.4g}")
+            running, steps_since_log, last_log = {}, 0, time.time()
+        if done % args.ckpt_every == 0 or done == args.iterations:
+            if rank == 0:
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": done, "args": record}
+                if discriminator is not None:
+                    state.update(disc=discriminator.state_dict(), disc_opt=task.disc_opt.state_dict())
+                path = os.path.join(experiment_dir, "checkpoints", f"{done:07d}.pt")
+                save_checkpoint(path, state)
+                logger.info(f"saved {path}")
+            barrier()
+        if rank == 0 and (done % args.sample_every == 0 or done == args.iterations):
+            save_samples(task, ema, args, os.path.join(experiment_dir, "samples", f"{done:07d}.png"), device)
+    bar.close()
+    logger.info("done")
+    cleanup_distributed()
+    return experiment_dir
+
+
+@torch.no_grad()
+def save_samples(task, ema, args, path, device):
+    """A grid from the EMA weights, on fixed noise and labels (two per class, up to 32 images)."""
+    config = ema.dit_config if isinstance(ema, ARD) else ema.config
+    shape = (config["in_channels"], config["input_size"], config["input_size"])
+    count = min(32, 2 * config["num_classes"])
+    generator = torch.Generator().manual_seed(args.global_seed)
+    noise = torch.randn(count, *shape, generator=generator).to(device)
+    labels = (torch.arange(count) % config["num_classes"]).to(device)
+    images = task.autoencoder.decode(task.generate(ema, noise, labels))
+    save_grid(images.clamp(-1, 1), path, nrow=min(8, count), scale=max(1, 64 // images.shape[-1]))
+
+
+if __name__ == "__main__":
+    main()
