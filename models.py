@@ -241,6 +241,8 @@ class DiT(nn.Module):
         """
         if cfg_scale < 1:
             raise ValueError(f"CFG scale must be >= 1, got {cfg_scale}")
+        if self.y_embedder.dropout_prob == 0:
+            raise ValueError("this model was built with class_dropout_prob=0: it has no null class to guide with")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
         n = self.in_channels if guidance_channels is None else min(guidance_channels, self.in_channels)
@@ -280,7 +282,12 @@ def create_dit(model, image_size, latent=True, **kwargs):
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(DiT_models)}")
     if latent and image_size % 8:
         raise ValueError(f"image size {image_size} is not divisible by 8 (the VAE's downsampling factor)")
-    return DiT_models[model](input_size=image_size // 8 if latent else image_size, **kwargs)
+    input_size = image_size // 8 if latent else image_size
+    patch_size = kwargs.get("patch_size", int(model.split("/")[1]))
+    if input_size % patch_size:
+        raise ValueError(f"image size {image_size} gives a {input_size}x{input_size} model input, which is not "
+                         f"divisible by the patch size {patch_size}")
+    return DiT_models[model](input_size=input_size, **kwargs)
 
 
 # ---------------------------------------------------------------------------- checkpoints

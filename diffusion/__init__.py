@@ -21,6 +21,8 @@ def student_timesteps(num_steps, teacher_steps=25, diffusion_steps=1000):
     if not 1 <= num_steps <= teacher_steps:
         raise ValueError(f"student steps must be in [1, {teacher_steps}], got {num_steps}")
     grid = sorted(space_timesteps(diffusion_steps, str(teacher_steps)), reverse=True)
+    if num_steps == teacher_steps:
+        return list(range(teacher_steps)), grid
     steps = [min(range(len(grid)), key=lambda i: abs(grid[i] - (diffusion_steps - 1) * (num_steps - k) / num_steps))
              for k in range(num_steps)]
     if len(set(steps)) != num_steps:

@@ -63,6 +63,8 @@ class GaussianDiffusion:
     def __init__(self, betas):
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
+        if self.num_timesteps < 2:
+            raise ValueError(f"a diffusion process needs at least 2 timesteps, got {self.num_timesteps}")
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
@@ -133,14 +135,17 @@ class GaussianDiffusion:
         alpha_bar = extract(self.alphas_cumprod, t, x.ndim)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.ndim)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        sample = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
-        if eta > 0:
-            nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-            sample = sample + nonzero_mask * sigma * torch.randn_like(x)
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        noise = torch.randn_like(x)  # drawn even at eta=0, so the RNG advances exactly as in DiT
+        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+        return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def _loop_progressive(self, step, model, shape, noise, clip_denoised, model_kwargs, device, progress, **kw):
-        x = noise if noise is not None else torch.randn(*shape, device=device)
+        if noise is None:
+            if device is None and isinstance(model, torch.nn.Module):
+                device = next(model.parameters()).device
+            noise = torch.randn(*shape, device=device)
+        x = noise
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             with torch.no_grad():

@@ -27,7 +27,10 @@ def space_timesteps(num_timesteps, section_counts):
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
+        position = 0.0
+        for _ in range(count):  # accumulated, not multiplied: DiT's rounding near .5
+            kept.append(start + round(position))
+            position += stride
         start += size
     return set(kept)
 
