@@ -47,18 +47,21 @@ def build_meta(args, teacher_info):
         vae=teacher_info["vae"], shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
         solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,
-        boundary_times=times, dtype="float16", seed=args.seed, labels=args.labels,
+        boundary_times=times, dtype="float16", precision=args.precision, seed=args.seed, labels=args.labels,
         num_classes=dit["num_classes"], num_samples=args.num_samples, shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
                 "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
                 "labels": "(n,) class labels", "seeds": "(n,) the seed of each sample's noise"})
 
 
-def check_meta(meta, expected, source):
-    """Raises on the first field of `meta` that differs from `expected`."""
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            raise ValueError(f"{source}: {key} is {meta.get(key)!r}, expected {value!r}")
+def check_meta(meta, expected, source, prefix=""):
+    """Raises on the first field of `meta` that differs from `expected` (nested dicts by field)."""
+    for key, value in json.loads(json.dumps(expected)).items():  # tuples compare as the lists JSON stores
+        found = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(value, dict) and isinstance(found, dict):
+            check_meta(found, value, source, f"{prefix}{key}.")
+        elif found != value:
+            raise ValueError(f"{source}: {prefix}{key} is {found!r}, expected {value!r}")
 
 
 @torch.no_grad()
@@ -87,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=1_200_000)
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=250, help="samples per teacher forward (doubled by CFG)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="samples per teacher forward (doubled by CFG); on GPUs the last bits may depend on it")
     p.add_argument("--num-steps", type=int, default=4, help="student steps K")
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -97,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     args = p.parse_args(argv)
+    if min(args.num_samples, args.shard_size, args.batch_size) < 1:
+        p.error("--num-samples, --shard-size and --batch-size must be positive")
     if args.num_samples % args.shard_size:
         p.error(f"--num-samples {args.num_samples} must be a multiple of --shard-size {args.shard_size}")
     if args.cfg_scale < 1:
@@ -104,22 +110,22 @@ def parse_args(argv=None):
     return args
 
 
-def prepare_output(args, meta):
-    """Writes meta.json or checks it against this run; returns the missing shards."""
-    os.makedirs(args.out, exist_ok=True)
+def missing_shards(directory, meta):
+    return [i for i in range(meta["num_samples"] // meta["shard_size"]) if not os.path.exists(shard_path(directory, i))]
+
+
+def prepare_output(args, meta, missing):
+    """Checks meta.json against this run (or writes it) and that the missing shards fit on disk."""
     meta_path = os.path.join(args.out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             check_meta(json.load(f), meta, f"{meta_path} (from an earlier run with other settings)")
-    missing = [i for i in range(meta["num_samples"] // meta["shard_size"])
-               if not os.path.exists(shard_path(args.out, i))]
     needed, free = len(missing) * shard_bytes(meta), shutil.disk_usage(args.out).free
     print(f"{len(missing)} shards to write, about {needed / 2 ** 30:.2f} GiB ({free / 2 ** 30:.1f} GiB free)")
     if needed > free:
         raise OSError(f"not enough disk space in {args.out}: need {needed / 2 ** 30:.2f} GiB, "
                       f"{free / 2 ** 30:.2f} GiB free")
     save_json(meta, meta_path)
-    return missing
 
 
 def main(argv=None):
@@ -128,10 +134,11 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, teacher_info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
     meta = build_meta(args, teacher_info)
-    missing = prepare_output(args, meta) if rank == 0 else None
+    os.makedirs(args.out, exist_ok=True)
+    missing = missing_shards(args.out, meta)  # listed by every rank before any shard is written
+    if rank == 0:
+        prepare_output(args, meta, missing)
     barrier()
-    if rank != 0:
-        missing = [i for i in range(args.num_samples // args.shard_size) if not os.path.exists(shard_path(args.out, i))]
     model = model.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too
@@ -150,7 +157,7 @@ def main(argv=None):
     bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
-        for shard in mine:
+        for j, shard in enumerate(mine):
             indices = range(shard * args.shard_size, (shard + 1) * args.shard_size)
             noise, labels = index_noise_and_labels(args.seed, indices, meta["shape"], meta["num_classes"], args.labels)
             parts = [solve(noise[i:i + args.batch_size], labels[i:i + args.batch_size])
@@ -162,7 +169,7 @@ def main(argv=None):
                 pending.result()
             path = shard_path(args.out, shard)
             pending = writer.submit(atomic_write, path, lambda tmp, t=tensors: save_file(t, tmp))
-            bar.update(args.shard_size * min(world_size, len(missing)))
+            bar.update(args.shard_size * min(world_size, len(missing) - j * world_size))  # all ranks' shards
         if pending is not None:
             pending.result()
     bar.close()
@@ -222,6 +229,9 @@ class TrajectoryDataset(Dataset):
         return self._handles[shard]
 
     def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} trajectories")
+        index %= len(self)
         f = self._handle(index // self.shard_size)
         row = index % self.shard_size
         state = f.get_slice("state")[row].float()

@@ -3,10 +3,14 @@ import contextlib
 import json
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import make_grid
+
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def init_distributed():
@@ -42,7 +46,8 @@ def cleanup_distributed():
 
 def index_seed(seed, index):
     """The seed of item `index` of a run seeded with `seed`: results never depend on how items
-    are spread over processes and batches."""
+    are spread over processes and batches. (Seeds go through numpy's SeedSequence, which uses
+    all 64 bits; torch's CPU generator would keep only the low 32.)"""
     if not 0 <= seed < 2 ** 31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     return seed * 2 ** 32 + index
@@ -55,9 +60,9 @@ def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform"):
     """
     noise, drawn = [], []
     for i in indices:
-        g = torch.Generator().manual_seed(index_seed(seed, i))
-        noise.append(torch.randn(shape, generator=g))
-        drawn.append(int(torch.randint(num_classes, (), generator=g)) if labels == "uniform" else i % num_classes)
+        rng = np.random.default_rng(index_seed(seed, i))
+        noise.append(torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)))
+        drawn.append(int(rng.integers(num_classes)) if labels == "uniform" else i % num_classes)
     return torch.stack(noise), torch.tensor(drawn, dtype=torch.long)
 
 
@@ -66,6 +71,7 @@ def atomic_write(path, write):
     tmp = f"{path}.tmp"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # some writers (safetensors) create private files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,6 +82,13 @@ def save_json(obj, path):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def save_npz(path, arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     atomic_write(path, write)
 
 
