@@ -9,13 +9,15 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 
 class VirtualBatchNorm(nn.Module):
-    """Batch norm with statistics over groups of `virtual_batch` samples, always from the batch."""
+    """Batch norm with statistics over groups of `virtual_batch` samples, always from the batch
+    (no running averages). A batch that does not split into equal groups is one group."""
 
     def __init__(self, channels, virtual_batch=8, eps=1e-5):
         super().__init__()
@@ -91,7 +93,10 @@ def generator_hinge_loss(logits_fake):
 
 def adaptive_weight(regression_loss, adversarial_loss, last_layer, scale=10.0, max_weight=1e4):
     """λ = ||∇L_reg|| / (||∇L_adv|| + 1e-4) on `last_layer`, clamped to [0, max_weight], times `scale`."""
-    grad_reg = torch.autograd.grad(regression_loss, last_layer, retain_graph=True)[0]
-    grad_adv = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)[0]
-    weight = grad_reg.norm() / (grad_adv.norm() + 1e-4)
+    grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
+                         for loss in (regression_loss, adversarial_loss)])
+    if dist.is_initialized():  # the gradients of the whole batch, so λ does not depend on the world size
+        dist.all_reduce(grads)
+        grads /= dist.get_world_size()
+    weight = grads[0].norm() / (grads[1].norm() + 1e-4)
     return weight.clamp(0, max_weight).detach() * scale

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ard import ARD, distillation_loss, student_kwargs
+from ard import ARD, distillation_loss
 from data import DIGITS, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset
@@ -37,6 +37,8 @@ from utils import atomic_write, autocast, barrier, cleanup_distributed, init_dis
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume")
+# Student settings that --stage gan takes from its --init checkpoint.
+STUDENT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head")
 
 
 # ---------------------------------------------------------------------------- data order
@@ -81,6 +83,8 @@ def seed_step(seed, step, rank):
 class TeacherTask:
     """A DiT trained from scratch: ε-MSE plus the variational term, class dropout for CFG."""
 
+    init_checkpoint = None
+
     def __init__(self, args, device):
         self.data, num_classes, channels = image_dataset(args.data_path, args.image_size)
         latent = args.vae != "none"
@@ -106,6 +110,8 @@ class TeacherTask:
 
 class DistillationTask:
     """ARD regression on teacher trajectories, teacher-forced (the paper's main stage)."""
+
+    init_checkpoint = None
 
     def __init__(self, args, device, teacher=None, teacher_info=None):
         if teacher is None:
@@ -138,9 +144,8 @@ class AdversarialTask(DistillationTask):
         init_args = init.get("args", {})
         if init_args.get("stage") not in ("ard", "gan"):
             raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {init_args.get('stage')!r})")
-        for key, value in student_kwargs(init_args).items():
-            setattr(args, key, value)
-        args.target, args.teacher = init_args["target"], init_args["teacher"]
+        for key in STUDENT_FLAGS + ("teacher",):
+            setattr(args, key, init_args[key])
         teacher, teacher_info = load_teacher(args.teacher, init_args["model"], init_args["image_size"],
                                              init_args["vae"])
         super().__init__(args, device, teacher, teacher_info)
@@ -218,6 +223,8 @@ def save_checkpoint(path, state):
 
 def create_logger(experiment_dir, rank):
     logger = logging.getLogger("train")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     if rank == 0:
@@ -232,10 +239,13 @@ def create_logger(experiment_dir, rank):
 
 
 def new_experiment_dir(args):
+    """results/NNN-stage-name with NNN one past the highest existing index; created here."""
     os.makedirs(args.results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
+    indices = [int(os.path.basename(d)[:3]) for d in glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*"))]
     name = args.name or (args.model.replace("/", "-") if args.stage == "teacher" else f"N{args.history_layers}")
-    return os.path.join(args.results_dir, f"{index:03d}-{args.stage}-{name}")
+    path = os.path.join(args.results_dir, f"{max(indices, default=-1) + 1:03d}-{args.stage}-{name}")
+    os.makedirs(path)
+    return path
 
 
 def mean_over_ranks(values):
@@ -250,7 +260,7 @@ def mean_over_ranks(values):
 
 # ---------------------------------------------------------------------------- arguments
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(TASKS), default="ard")
     p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder / 'digits' (teacher)")
@@ -301,26 +311,38 @@ def parse_args(argv=None):
     gan.add_argument("--gan-weight-scale", type=float, default=10.0)
     gan.add_argument("--gan-noise", choices=["none", "uniform"], default="none",
                      help="re-noise real and fake before the feature network: no (t=0) or at uniform random t")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = build_parser()  # the same flags with a marker as every default: what this command line sets
+    unset = object()
+    given.set_defaults(**{k: unset for k in vars(args)})
+    explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if v is not unset}
     if args.resume:
-        args = resumed_args(p, args)
-    check_args(p, args)
+        args = resumed_args(parser, args, explicit)
+    elif args.stage == "gan":
+        from_init = [k for k in STUDENT_FLAGS if k in explicit]
+        if from_init:
+            parser.error(f"--stage gan takes the student's settings from --init; drop --{from_init[0].replace('_', '-')}")
+    check_args(parser, args)
     return args
 
 
-def resumed_args(parser, args):
+def resumed_args(parser, args, explicit):
     """The run's own settings from its latest checkpoint, with only run-control flags changed."""
     paths = checkpoint_paths(args.resume)
     if not paths:
         parser.error(f"--resume {args.resume}: no checkpoints in {args.resume}/checkpoints")
     saved = read_checkpoint(paths[-1])["args"]
-    changed = [k for k, v in vars(args).items()
-               if v != parser.get_default(k) and k not in RUN_CONTROL and saved.get(k) != v]
+    changed = [k for k, v in explicit.items() if k not in RUN_CONTROL and saved.get(k) != v]
     if changed:
         parser.error(f"a resumed run keeps its settings; drop --{changed[0].replace('_', '-')}")
-    merged = {k: saved[k] for k in vars(args) if k in saved}
-    merged.update({k: getattr(args, k) for k in RUN_CONTROL if getattr(args, k) != parser.get_default(k)})
-    return argparse.Namespace(**{**vars(args), **merged})
+    merged = {**vars(args), **{k: saved[k] for k in vars(args) if k in saved}}
+    merged.update({k: v for k, v in explicit.items() if k in RUN_CONTROL})
+    return argparse.Namespace(**merged)
 
 
 def check_args(parser, args):
@@ -347,18 +369,19 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.global_seed)  # the initial weights of new modules
     task = TASKS[args.stage](args, device)
+    checkpoint = read_checkpoint(checkpoint_paths(args.resume)[-1]) if args.resume else task.init_checkpoint
+    start_step = checkpoint["step"] if args.resume else 0
+    data = batches(task.data, args, rank, world_size, start_step)
+    discriminator = getattr(task, "discriminator", None)
+    real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
 
-    if args.resume:
-        experiment_dir = args.resume
-        checkpoint = read_checkpoint(checkpoint_paths(experiment_dir)[-1])
-    else:
-        experiment_dir = new_experiment_dir(args) if rank == 0 else None
-        if dist.is_initialized():
-            shared = [experiment_dir]
-            dist.broadcast_object_list(shared)
-            experiment_dir = shared[0]
-        checkpoint = getattr(task, "init_checkpoint", None)
+    experiment_dir = args.resume or (new_experiment_dir(args) if rank == 0 else None)
+    if dist.is_initialized():
+        shared = [experiment_dir]
+        dist.broadcast_object_list(shared)
+        experiment_dir = shared[0]
     if rank == 0:
         os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
@@ -369,25 +392,20 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    start_step = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
-        if args.resume:
-            start_step = checkpoint["step"]
-            if "disc" in checkpoint:
-                task.discriminator.load_state_dict(checkpoint["disc"])
-                task.disc_opt.load_state_dict(checkpoint["disc_opt"])
+        if "disc_heads" in checkpoint:
+            task.discriminator.heads.load_state_dict(checkpoint["disc_heads"])
+            task.disc_opt.load_state_dict(checkpoint["disc_opt"])
         for group in opt.param_groups:  # the flags decide, also for a run initialised from another stage
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     del checkpoint
-    if hasattr(task, "init_checkpoint"):
-        del task.init_checkpoint
+    task.init_checkpoint = None
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     forward_model = torch.compile(ddp) if args.compile else ddp
-    discriminator = getattr(task, "discriminator", None)
     ddp_disc = (DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
                 if discriminator is not None and dist.is_initialized() else discriminator)
     bf16 = autocast(device, args.precision)
@@ -395,8 +413,6 @@ def main(argv=None):
     logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                 f"{len(task.data)} training items, world size {world_size}, experiment {experiment_dir}")
 
-    data = batches(task.data, args, rank, world_size, start_step)
-    real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
     model.train()
     running, steps_since_log, last_log = {}, 0, time.time()
     bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=rank != 0,
@@ -423,8 +439,9 @@ def main(argv=None):
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
             means = mean_over_ranks({k: v / steps_since_log for k, v in running.items()})
             if not math.isfinite(means["loss"]):
-                raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last "
-                                         f"good checkpoint in {experiment_dir}/checkpoints")
+                saved = checkpoint_paths(experiment_dir)
+                raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "
+                                         f"checkpoint {saved[-1] if saved else '(none written yet)'}")
             speed = steps_since_log / (time.time() - last_log)
             logger.info(f"step {done:07d} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()))
                         + f" steps/s={speed:.2f}")
@@ -434,8 +451,8 @@ def main(argv=None):
             if rank == 0:
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": done, "args": record}
-                if discriminator is not None:
-                    state.update(disc=discriminator.state_dict(), disc_opt=task.disc_opt.state_dict())
+                if discriminator is not None:  # the frozen features are the teacher's: not saved again
+                    state.update(disc_heads=discriminator.heads.state_dict(), disc_opt=task.disc_opt.state_dict())
                 path = os.path.join(experiment_dir, "checkpoints", f"{done:07d}.pt")
                 save_checkpoint(path, state)
                 logger.info(f"saved {path}")

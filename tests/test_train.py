@@ -1,0 +1,796 @@
+"""train.py (stages teacher / ard / gan) and gan.py on tiny models and 8x8 data (CPU, offline).
+
+The expensive artefacts are made once per module: a tiny teacher trained on the digits, two
+trajectory sets extracted from it, one in-process ARD run and one GAN run, and one set of
+two-process (torchrun, gloo) runs. The other tests compare against them or start from them.
+"""
+import glob
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ard
+import extract_trajectories as et
+import gan
+import models
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Depth 2, width 32, 2 heads, patch 2 on 8x8 images (16 tokens), pixel space.
+TINY = ["--image-size", "8", "--vae", "none", "--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32",
+        "--num-heads", "2"]
+QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1"]
+# 32 trajectories and a global batch of 8: 4 steps per epoch, so 6 steps cross an epoch boundary
+# (and a run resumed after step 3 crosses it after resuming).
+TRAJ_SAMPLES, BATCH = 32, 8
+K = 4
+CKPT_KEYS = {"model", "ema", "opt", "step", "args"}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is much faster than two, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ckpt(experiment, step):
+    return os.path.join(experiment, "checkpoints", f"{step:07d}.pt")
+
+
+def ckpt_steps(experiment):
+    """Steps of the files named like checkpoints (digits + .pt) in an experiment."""
+    return sorted(int(os.path.basename(p)[:-3]) for p in train.checkpoint_paths(experiment))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def log_steps(experiment):
+    """[(step, {name: value})] of the step lines of log.txt."""
+    rows = []
+    with open(os.path.join(experiment, "log.txt")) as f:
+        for line in f:
+            m = re.search(r"\] step (\d+) (.*)$", line)
+            if m:
+                rows.append((int(m.group(1)), {k: float(v) for k, v in re.findall(r"(\S+?)=(\S+)", m.group(2))}))
+    return rows
+
+
+def experiments(results):
+    return sorted(glob.glob(os.path.join(str(results), "[0-9][0-9][0-9]-*")))
+
+
+def assert_same(a, b, where="state"):
+    """Bit-identical nested state (dicts, lists, tensors, numbers)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{where} differs (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_same_training_state(a, b):
+    """model, EMA, optimiser(s) and step of two checkpoints are bit-identical."""
+    assert set(a) == set(b)
+    for key in sorted(set(a) - {"args"}):
+        assert_same(a[key], b[key], key)
+
+
+def tensors_close(a, b, rtol, atol):
+    return all(torch.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a)
+
+
+def ard_argv(teacher_ckpt, traj, results, *extra):
+    return ["--stage", "ard", "--teacher", teacher_ckpt, "--data-path", traj, "--history-layers", "1",
+            "--global-batch-size", str(BATCH), "--results-dir", str(results), *QUIET, *map(str, extra)]
+
+
+def gan_argv(init, traj, results, *extra):
+    return ["--stage", "gan", "--init", init, "--data-path", traj, "--real-data", "digits",
+            "--global-batch-size", str(BATCH), "--results-dir", str(results), *QUIET, *map(str, extra)]
+
+
+def teacher_argv(results, *extra, data="digits"):
+    return ["--stage", "teacher", "--data-path", data, *TINY, "--global-batch-size", "16", "--sample-steps", "2",
+            "--results-dir", str(results), *QUIET, *map(str, extra)]
+
+
+def run(argv, seed=0):
+    """train.main in this process from a fixed ambient RNG state (see test_init_follows_global_seed)."""
+    torch.manual_seed(seed)
+    return train.main([str(a) for a in argv])
+
+
+def torchrun(script, args, timeout=300):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ---------------------------------------------------------------------------- shared artefacts
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny teacher trained from scratch on the digits for 4 steps (checkpoints at 2 and 4)."""
+    results = tmp_path_factory.mktemp("teacher")
+    experiment = run(teacher_argv(results, "--iterations", 4, "--ckpt-every", 2))
+    return experiment
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(teacher):
+    return ckpt(teacher, 4)
+
+
+@pytest.fixture(scope="module")
+def traj(teacher_ckpt, tmp_path_factory):
+    """32 trajectories, K=4, in 2 shards."""
+    out = str(tmp_path_factory.mktemp("traj") / "traj")
+    et.main(["--ckpt", teacher_ckpt, "--out", out, "--num-samples", str(TRAJ_SAMPLES), "--shard-size", "16",
+             "--batch-size", "16", "--teacher-steps", "8"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def traj16(teacher_ckpt, tmp_path_factory):
+    """16 trajectories (one shard) for the overfitting test."""
+    out = str(tmp_path_factory.mktemp("traj16") / "traj")
+    et.main(["--ckpt", teacher_ckpt, "--out", out, "--num-samples", "16", "--shard-size", "16",
+             "--batch-size", "16", "--teacher-steps", "8"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def ard_run(teacher_ckpt, traj, tmp_path_factory):
+    """6 uninterrupted ARD steps in one process (checkpoints at 3 and 6)."""
+    return run(ard_argv(teacher_ckpt, traj, tmp_path_factory.mktemp("ard"), "--iterations", 6, "--ckpt-every", 3))
+
+
+@pytest.fixture(scope="module")
+def gan_run(ard_run, traj, tmp_path_factory):
+    """4 GAN steps from the ARD run's final checkpoint, warm-up 1 step (checkpoints at 2 and 4)."""
+    return run(gan_argv(ckpt(ard_run, 6), traj, tmp_path_factory.mktemp("gan"), "--iterations", 4,
+                        "--ckpt-every", 2, "--gan-warmup", 1))
+
+
+DRIVER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+import train, utils
+# One gloo process group for all the runs: train.main's own set-up and tear-down would create a
+# new group per run, and re-creating gloo groups in one process is flaky. Everything else in
+# train.main runs as under `torchrun train.py`.
+group = utils.init_distributed()
+train.init_distributed = lambda: group
+train.cleanup_distributed = lambda: None
+for argv in json.load(open(sys.argv[1])):
+    torch.manual_seed(0)  # a fresh process's state does not matter, see test_init_follows_global_seed
+    train.main(argv)
+utils.cleanup_distributed()
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
+    """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
+    torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
+    3 steps + resume to 6, and a GAN run."""
+    base = tmp_path_factory.mktemp("ddp")
+    torchrun(os.path.join(ROOT, "train.py"), teacher_argv(base / "teacher", "--iterations", 2, "--ckpt-every", 1))
+    runs = [
+        ard_argv(teacher_ckpt, traj, base / "ard6", "--iterations", 6, "--ckpt-every", 3),
+        ard_argv(teacher_ckpt, traj, base / "ard3", "--iterations", 3, "--ckpt-every", 3),
+        None,  # the resume, filled in below
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
+        ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+    ]
+    runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
+    (base / "driver.py").write_text(DRIVER)
+    (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
+    torchrun(str(base / "driver.py"), [str(base / "runs.json")])
+    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2")}
+    assert all(len(v) == 1 for v in out.values()), out
+    return {name: v[0] for name, v in out.items()}
+
+
+# ---------------------------------------------------------------------------- every stage runs
+
+def check_checkpoint(path, stage, step, extra_keys=()):
+    state = load(path)  # weights_only=True: plain containers and tensors only
+    assert set(state) == CKPT_KEYS | set(extra_keys)
+    assert state["step"] == step
+    assert type(state["args"]) is dict and state["args"]["stage"] == stage
+    json.dumps(state["args"])  # plain values only
+    assert set(state["model"]) == set(state["ema"])
+    assert state["opt"]["state"], "optimiser state is empty"
+    return state
+
+
+def test_teacher_stage_one_process(teacher):
+    assert os.path.basename(teacher).startswith("000-teacher-")
+    assert ckpt_steps(teacher) == [2, 4]
+    state = check_checkpoint(ckpt(teacher, 4), "teacher", 4)
+    assert state["args"]["dit"]["depth"] == 2 and state["args"]["dit"]["hidden_size"] == 32
+    assert os.path.isfile(os.path.join(teacher, "samples", "0000004.png"))
+    assert [s for s, _ in log_steps(teacher)] == [1, 2, 3, 4]
+    # the teacher actually trained: weights moved from step 2 to step 4
+    a, b = load(ckpt(teacher, 2)), load(ckpt(teacher, 4))
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # and the checkpoint is usable as a teacher
+    net, info = models.load_teacher(ckpt(teacher, 4))
+    assert info["dit"] == state["args"]["dit"]
+
+
+def test_ard_stage_one_process(ard_run, teacher_ckpt):
+    assert ckpt_steps(ard_run) == [3, 6]
+    state = check_checkpoint(ckpt(ard_run, 6), "ard", 6)
+    assert state["args"]["num_steps"] == K and state["args"]["history_layers"] == 1
+    assert os.path.isfile(os.path.join(ard_run, "samples", "0000006.png"))
+    student, args = ard.load_student(ckpt(ard_run, 6))
+    assert isinstance(student, ard.ARD) and args["teacher"] == teacher_ckpt
+    rows = log_steps(ard_run)
+    assert [s for s, _ in rows] == list(range(1, 7))
+    assert all({"loss", "grad_norm", "stage0", "stage3"} <= set(r) for _, r in rows)
+
+
+def test_gan_stage_one_process(gan_run):
+    assert ckpt_steps(gan_run) == [2, 4]
+    check_checkpoint(ckpt(gan_run, 4), "gan", 4, extra_keys=("disc_heads", "disc_opt"))
+
+
+def test_teacher_stage_two_processes(ddp):
+    assert ckpt_steps(ddp["teacher"]) == [1, 2]
+    check_checkpoint(ckpt(ddp["teacher"], 2), "teacher", 2)
+    with open(os.path.join(ddp["teacher"], "log.txt")) as f:
+        assert "world size 2" in f.read()
+
+
+def test_ard_stage_two_processes(ddp):
+    assert ckpt_steps(ddp["ard6"]) == [3, 6]
+    check_checkpoint(ckpt(ddp["ard6"], 6), "ard", 6)
+    with open(os.path.join(ddp["ard6"], "log.txt")) as f:
+        assert "world size 2" in f.read()
+
+
+def test_gan_stage_two_processes(ddp):
+    assert ckpt_steps(ddp["gan"]) == [3]
+    check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=("disc_heads", "disc_opt"))
+    weights = [r["gan_weight"] for _, r in log_steps(ddp["gan"])]
+    assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+
+
+def test_two_processes_match_one_process(ddp, ard_run):
+    """Same global batch, split over 2 ranks: the same training up to float rounding."""
+    one, two = load(ckpt(ard_run, 6)), load(ckpt(ddp["ard6"], 6))
+    assert tensors_close(one["model"], two["model"], rtol=1e-4, atol=1e-6)
+    assert tensors_close(one["ema"], two["ema"], rtol=1e-4, atol=1e-6)
+    assert not all(torch.equal(one["model"][k], load(ckpt(ard_run, 3))["model"][k]) for k in one["model"])
+    # the logged losses are the global batch's: the mean over ranks of the local means
+    for (s1, r1), (s2, r2) in zip(log_steps(ard_run), log_steps(ddp["ard6"])):
+        assert s1 == s2 and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+        assert r1["stage3"] == pytest.approx(r2["stage3"], rel=1e-4)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------- the ARD loss overfits
+
+def test_ard_loss_falls_tenfold_when_overfitting(teacher_ckpt, traj16, tmp_path):
+    """16 trajectories, the whole set in every batch, lr 3e-3: the loss falls > 10x in 100 steps."""
+    steps = 100
+    experiment = run(["--stage", "ard", "--teacher", teacher_ckpt, "--data-path", traj16, "--history-layers", "1",
+                      "--global-batch-size", "16", "--iterations", steps, "--lr", "3e-3", "--ckpt-every", steps,
+                      "--results-dir", tmp_path, *QUIET])
+    rows = log_steps(experiment)
+    assert len(rows) == steps
+    first, last = rows[0][1]["loss"], rows[-1][1]["loss"]
+    assert last < first / 10, (first, last)
+
+    # the same from the weights: the teacher-initialised student against the trained one, on all 16
+    data = et.TrajectoryDataset(traj16)
+    stages, targets, y = (torch.stack(t) for t in zip(*[data[i] for i in range(len(data))]))
+    state = load(ckpt(experiment, steps))
+    args = state["args"]
+
+    def dataset_loss(weights):
+        student = ard.ARD(models.DiT(**args["dit"]), **ard.student_kwargs(args))
+        student.load_state_dict(weights)
+        with torch.no_grad():
+            return ard.distillation_loss(student(stages, y), targets)[0].item()
+
+    initial = ard.ARD(models.load_teacher(teacher_ckpt)[0], **ard.student_kwargs(args)).state_dict()
+    before, after = dataset_loss(initial), dataset_loss(state["model"])
+    assert before == pytest.approx(first, rel=1e-3)  # the log keeps 4 significant digits
+    assert after < before / 10, (before, after)
+
+
+# ---------------------------------------------------------------------------- resume is bit-identical
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """12 RGB images (10x12, centre-cropped to 8x8) in 2 class folders: with a global batch of 4
+    an epoch is 3 steps, and random flips are on (the default for image folders)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+        for i in range(6):
+            pixels = torch.randint(0, 256, (10, 12, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("stage, workers", [("teacher", 0), ("ard", 0), ("ard", 2), ("gan", 0)])
+def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj, ard_run, image_folder, tmp_path):
+    if stage == "teacher":
+        argv = lambda results: teacher_argv(results, "--global-batch-size", 4, data=image_folder)  # noqa: E731
+    elif stage == "ard":
+        argv = lambda results: ard_argv(teacher_ckpt, traj, results)  # noqa: E731
+    else:
+        argv = lambda results: gan_argv(ckpt(ard_run, 6), traj, results, "--gan-warmup", 2)  # noqa: E731
+    extra = ["--num-workers", workers]
+    whole = run(argv(tmp_path / "whole") + ["--iterations", 6, "--ckpt-every", 6] + extra)
+    part = run(argv(tmp_path / "part") + ["--iterations", 3, "--ckpt-every", 3] + extra)
+    assert ckpt_steps(part) == [3]
+    assert run(["--resume", part, "--iterations", 6]) == part
+    assert ckpt_steps(part) == [3, 6]
+    a, b = load(ckpt(whole, 6)), load(ckpt(part, 6))
+    assert_same_training_state(a, b)
+    assert a["step"] == b["step"] == 6
+    if stage == "gan":
+        assert "disc_heads" in a and "disc_opt" in a
+    # the resumed run logged steps 4..6 only, after the first run's 1..3
+    assert [s for s, _ in log_steps(part)] == [1, 2, 3, 4, 5, 6]
+    # and steps 4..6 really changed the weights (the comparison is not vacuous)
+    c = load(ckpt(part, 3))
+    assert any(not torch.equal(c["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_resume_is_bit_identical_two_processes(ddp):
+    resumed = ddp["ard3"]
+    assert ckpt_steps(resumed) == [3, 6]
+    assert_same_training_state(load(ckpt(ddp["ard6"], 6)), load(ckpt(resumed, 6)))
+    assert_same_training_state(load(ckpt(ddp["ard6"], 3)), load(ckpt(resumed, 3)))
+    assert [s for s, _ in log_steps(resumed)] == [1, 2, 3, 4, 5, 6]
+    # the GAN stage too (student, EMA, both optimisers, discriminator), resumed after the warm-up
+    assert ckpt_steps(ddp["gan2"]) == [2, 3]
+    assert_same_training_state(load(ckpt(ddp["gan"], 3)), load(ckpt(ddp["gan2"], 3)))
+
+
+def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2, "--lr", "5e-4",
+                         "--max-grad-norm", "0.5", "--ema-decay", "0.9"))
+    run(["--resume", first, "--iterations", 4, "--log-every", 2])
+    state = load(ckpt(first, 4))
+    args = state["args"]
+    assert (args["lr"], args["max_grad_norm"], args["ema_decay"]) == (5e-4, 0.5, 0.9)
+    assert (args["iterations"], args["log_every"], args["history_layers"]) == (4, 2, 1)
+    assert [g["lr"] for g in state["opt"]["param_groups"]] == [5e-4]
+    assert [s for s, _ in log_steps(first)] == [1, 2, 4]
+    # the parsed arguments of a resume are the checkpoint's, with only run-control flags changed
+    args = train.parse_args(["--resume", first, "--iterations", "10"])
+    assert (args.stage, args.lr, args.data_path, args.iterations, args.log_every) == ("ard", 5e-4, traj, 10, 2)
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--history-layers", "2"), ("--stage", "teacher"),
+                                         ("--global-batch-size", "16")])
+def test_resume_with_a_changed_setting_stops(ard_run, flag, value, capsys):
+    before = ckpt_steps(ard_run)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", ard_run, flag, value, "--iterations", "8"])
+    assert e.value.code == 2
+    assert f"drop {flag}" in capsys.readouterr().err
+    assert ckpt_steps(ard_run) == before
+
+
+def test_resume_with_a_setting_changed_to_its_default_stops(teacher_ckpt, traj, tmp_path):
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1, "--lr", "5e-4"))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", first, "--lr", "1e-4"])  # 1e-4 is the default
+
+
+def test_new_run_never_reuses_an_experiment_dir(teacher_ckpt, traj, tmp_path):
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
+    second = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2))
+    shutil.rmtree(first)
+    third = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
+    assert third != second
+    assert ckpt_steps(second) == [2]
+
+
+def test_resume_without_checkpoints_stops(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path)])
+    assert "no checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["teacher", "gan"])
+def test_init_follows_global_seed(stage, ard_run, traj, tmp_path):
+    """Two runs with the same flags (same --global-seed) from different ambient RNG states."""
+    if stage == "teacher":
+        argv = lambda results: teacher_argv(results, "--iterations", 1)  # noqa: E731
+    else:
+        argv = lambda results: gan_argv(ckpt(ard_run, 6), traj, results, "--iterations", 1)  # noqa: E731
+    a, b = run(argv(tmp_path / "a"), seed=1), run(argv(tmp_path / "b"), seed=2)
+    assert_same_training_state(load(ckpt(a, 1)), load(ckpt(b, 1)))
+
+
+# ---------------------------------------------------------------------------- adversarial fine-tuning
+
+def test_gan_updates_discriminator_and_student(gan_run, ard_run, teacher_ckpt):
+    init, mid, end = load(ckpt(ard_run, 6)), load(ckpt(gan_run, 2)), load(ckpt(gan_run, 4))
+    # the student, its EMA and its optimiser start from the ARD checkpoint and move
+    changed = [k for k in init["model"] if not torch.equal(init["model"][k], end["model"][k])]
+    assert any(k.startswith("heads.") for k in changed) and any(k.startswith("blocks.") for k in changed)
+    assert any(not torch.equal(init["ema"][k], end["ema"][k]) for k in init["ema"])
+    assert end["opt"]["state"][0]["step"] == init["opt"]["state"][0]["step"] + 4
+    # every discriminator head moves between steps 2 and 4; the frozen features (the teacher) are not saved
+    heads = list(end["disc_heads"])
+    for i in range(2):
+        moved = [k for k in heads if k.startswith(f"{i}.") and not torch.equal(mid["disc_heads"][k], end["disc_heads"][k])]
+        assert any("parametrizations" in k for k in moved) and any("cmap" in k for k in moved), moved
+    assert not any(k.startswith("features") for k in heads)
+    # the discriminator's optimiser holds exactly the heads' parameters (not the spectral-norm vectors)
+    assert len(end["disc_opt"]["state"]) == len([k for k in heads if not k.endswith(("_u", "_v"))])
+
+
+def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, traj, tmp_path):
+    rows = log_steps(gan_run)
+    assert [s for s, _ in rows] == [1, 2, 3, 4]
+    weights = [r["gan_weight"] for _, r in rows]
+    assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+    for _, r in rows:
+        assert {"reg", "g_adv", "d_loss", "loss"} <= set(r)
+        assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r["g_adv"], rel=1e-3, abs=1e-3)
+
+    warm = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "warm", "--iterations", 3, "--ckpt-every", 3,
+                        "--gan-warmup", 1000))
+    rows = log_steps(warm)
+    assert len(rows) == 3 and all(r["gan_weight"] == 0 and r["loss"] == r["reg"] for _, r in rows)
+    cold = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "cold", "--iterations", 1, "--ckpt-every", 1,
+                        "--gan-warmup", 0))
+    assert log_steps(cold)[0][1]["gan_weight"] > 0
+
+
+def test_gan_noise_option_runs(ard_run, traj, tmp_path):
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 1, "--ckpt-every", 1,
+                              "--gan-noise", "uniform", "--gan-warmup", 0))
+    assert load(ckpt(experiment, 1))["args"]["gan_noise"] == "uniform"
+    assert math.isfinite(log_steps(experiment)[0][1]["d_loss"])
+
+
+def test_adaptive_weight_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    reg = (x @ w.t()).pow(2).mean()
+    adv = -(x @ w.t()).sin().mean()
+    g_reg = torch.autograd.grad(reg, w, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, w, retain_graph=True)[0]
+    expected = g_reg.norm() / (g_adv.norm() + 1e-4) * 10
+    weight = gan.adaptive_weight(reg, adv, w)
+    assert weight.requires_grad is False
+    assert weight.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gan.adaptive_weight(reg, adv, w, scale=3.0).item() == pytest.approx(expected.item() * 0.3, rel=1e-6)
+    # the graph is kept for the backward of reg + weight * adv
+    (reg + weight * adv).backward()
+    assert torch.allclose(w.grad, g_reg + weight * g_adv)
+
+    # clamped to [0, max_weight] before the scale: an adversarial loss without gradient
+    w.grad = None
+    reg = (x @ w.t()).pow(2).mean()
+    flat = (w * 0).sum()
+    assert gan.adaptive_weight(reg, flat, w).item() == pytest.approx(1e4 * 10)
+    assert gan.adaptive_weight(reg, flat, w, max_weight=7.0, scale=2.0).item() == pytest.approx(14.0)
+    adv = -(x @ w.t()).sin().mean()
+    assert gan.adaptive_weight((w * 0).sum(), adv, w).item() == 0
+
+
+def test_hinge_losses():
+    real = torch.tensor([[2.0, 0.5], [-1.0, 1.0]])
+    fake = torch.tensor([[-2.0, 0.0], [0.5, -0.5]])
+    # relu(1 - real): 0, 0.5, 2, 0 -> 0.625; relu(1 + fake): 0, 1, 1.5, 0.5 -> 0.75
+    assert gan.discriminator_hinge_loss(real, fake).item() == pytest.approx(0.625 + 0.75)
+    assert gan.generator_hinge_loss(fake).item() == pytest.approx(0.5)  # -mean(-2, 0, 0.5, -0.5)
+    # a confident discriminator has zero loss
+    assert gan.discriminator_hinge_loss(torch.full((3,), 1.5), torch.full((3,), -1.5)).item() == 0
+
+
+@pytest.mark.parametrize("batch, group", [(16, 8), (8, 8), (24, 8), (4, 4), (12, 6)])
+def test_virtual_batch_norm_normalises_each_virtual_batch(batch, group):
+    torch.manual_seed(0)
+    norm = gan.VirtualBatchNorm(3, virtual_batch=8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    x = torch.randn(batch, 3, 5) * 3 + torch.arange(batch).view(-1, 1, 1)  # groups differ in mean
+    out = norm(x)
+    for start in range(0, batch, group):
+        g, o = x[start:start + group], out[start:start + group]
+        mean = g.mean(dim=(0, 2), keepdim=True)
+        var = g.var(dim=(0, 2), unbiased=False, keepdim=True)
+        expected = (g - mean) / torch.sqrt(var + 1e-5) * norm.weight[:, None] + norm.bias[:, None]
+        assert torch.allclose(o, expected, atol=1e-5)
+    # statistics come from the batch in eval mode too (no running averages)
+    assert torch.equal(norm.eval()(x), out)
+    # a sample's output depends only on its own virtual batch
+    if batch > group:
+        y = x.clone()
+        y[-1] += 100
+        assert torch.equal(norm(y)[:group], out[:group])
+
+
+def test_discriminator_shapes_and_frozen_features():
+    teacher = models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=10)
+    disc = gan.Discriminator(teacher)
+    x, t, y = torch.randn(8, 1, 8, 8, requires_grad=True), torch.zeros(8, dtype=torch.long), torch.arange(8)
+    logits = disc(x, t, y)
+    assert logits.shape == (2, 8, 16)  # (blocks, B, tokens)
+    gan.generator_hinge_loss(logits).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients flow through the frozen features
+    assert all(p.grad is None for p in disc.features.parameters())
+    assert all(p.grad is not None for p in disc.heads.parameters())
+    assert not disc.train().features.training
+
+
+# ---------------------------------------------------------------------------- crashes and NaNs
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher_ckpt, traj, tmp_path,
+                                                                 monkeypatch):
+    """torch.save writes part of checkpoint 4 and the run dies (an exception, so atomic_write's
+    clean-up runs); checkpoint 2 stays loadable and --resume continues from it."""
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        if str(f).endswith("0000004.pt.tmp"):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            with open(f, "wb") as out:
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 2))
+    monkeypatch.setattr(torch, "save", real_save)
+    (experiment,) = experiments(tmp_path)
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
+    assert load(ckpt(experiment, 2))["step"] == 2
+    run(["--resume", experiment])
+    assert ckpt_steps(experiment) == [2, 4, 6]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
+KILLED_RUN = """
+import io, os, sys
+import torch
+torch.set_num_threads(1)
+import train
+real_save = torch.save
+
+
+def dying_save(obj, f, *args, **kwargs):
+    if str(f).endswith("0000004.pt.tmp"):  # half of checkpoint 4 on disk, then killed
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os._exit(9)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = dying_save
+torch.manual_seed(0)
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher_ckpt, traj, tmp_path):
+    """A run (its own process) is killed with os._exit (no clean-up) half-way through writing
+    checkpoint 4: the partial file keeps its temporary name, checkpoint 2 loads, and --resume
+    ignores the leftover and continues exactly like an uninterrupted run."""
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    argv = [str(a) for a in ard_argv(teacher_ckpt, traj, tmp_path / "results", "--iterations", 6, "--ckpt-every", 2)]
+    proc = subprocess.run([sys.executable, str(script), *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    tmp_path = tmp_path / "results"
+    (experiment,) = experiments(tmp_path)
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt.tmp"]
+    assert ckpt_steps(experiment) == [2]
+    assert load(ckpt(experiment, 2))["step"] == 2
+    with pytest.raises(Exception):
+        load(os.path.join(experiment, "checkpoints", "0000004.pt.tmp"))
+    assert run(["--resume", experiment]) == experiment
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt", "0000006.pt"]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
+def poison_loss(monkeypatch, from_call, value=float("nan")):
+    """train.distillation_loss returns `value` from its `from_call`-th call (1-based) on."""
+    calls = []
+    real = train.distillation_loss
+
+    def poisoned(prediction, target):
+        calls.append(1)
+        loss, per_stage = real(prediction, target)
+        return (loss * value if len(calls) >= from_call else loss), per_stage
+
+    monkeypatch.setattr(train, "distillation_loss", poisoned)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_loss_stops_with_the_last_good_checkpoint(teacher_ckpt, traj, tmp_path, monkeypatch, value):
+    poison_loss(monkeypatch, from_call=3, value=value)
+    with pytest.raises(FloatingPointError) as e:
+        run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 2))
+    (experiment,) = experiments(tmp_path)
+    assert os.path.join(experiment, "checkpoints") in str(e.value)
+    assert "step 3" in str(e.value)
+    assert ckpt_steps(experiment) == [2]
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
+    assert [s for s, _ in log_steps(experiment)] == [1, 2]
+    # the last good checkpoint is intact and finite
+    state = load(ckpt(experiment, 2))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_between_log_steps_is_caught_before_the_next_checkpoint(teacher_ckpt, traj, tmp_path, monkeypatch):
+    """Logging every 1000 steps: a NaN at step 3 is still caught before checkpoint 4 is written."""
+    poison_loss(monkeypatch, from_call=3)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 2, "--log-every", 1000))
+    (experiment,) = experiments(tmp_path)
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
+
+
+def test_diverging_learning_rate_stops_the_run(teacher, tmp_path):
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        run(teacher_argv(tmp_path, "--iterations", 5, "--ckpt-every", 1, "--lr", "1e30"))
+    (experiment,) = experiments(tmp_path)
+    good = ckpt_steps(experiment)
+    assert good and good == list(range(1, len(good) + 1)) and len(good) < 5
+    for step in good:
+        assert all(torch.isfinite(v).all() for v in load(ckpt(experiment, step))["model"].values())
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def assert_nothing_ran(results):
+    """No experiment got as far as a training step or a checkpoint."""
+    for experiment in experiments(results):
+        assert ckpt_steps(experiment) == []
+        assert not os.path.exists(os.path.join(experiment, "log.txt")) or log_steps(experiment) == []
+
+
+def expect_usage_error(argv, capsys, message):
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_trajectories_of_another_student_config(teacher_ckpt, traj, tmp_path):
+    with pytest.raises(ValueError, match=r"num_steps is 4, expected 2"):
+        run(ard_argv(teacher_ckpt, traj, tmp_path, "--num-steps", 2, "--iterations", 2))
+    assert experiments(tmp_path) == []
+
+
+def tiny_teacher_checkpoint(path, claimed=None, **config):
+    """A teacher checkpoint in our format; `claimed` overrides the architecture it records."""
+    net = models.DiT(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                               num_classes=10), **config})
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "opt": {}, "step": 0,
+                "args": {"stage": "teacher", "dit": {**net.config, **(claimed or {})}, "image_size": 8,
+                         "vae": "none"}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("config, message", [(dict(depth=3), "depth"), (dict(hidden_size=64), "hidden_size")])
+def test_teacher_of_another_config(traj, tmp_path, config, message):
+    other = tiny_teacher_checkpoint(tmp_path / "other.pt", **config)
+    with pytest.raises(ValueError, match=rf"meta.json: dit\.{message} is"):
+        run(ard_argv(other, traj, tmp_path / "results", "--iterations", 2))
+    assert experiments(tmp_path / "results") == []
+
+
+def test_teacher_weights_not_matching_its_config(traj, tmp_path):
+    bad = tiny_teacher_checkpoint(tmp_path / "bad.pt", claimed=dict(hidden_size=32), hidden_size=64)
+    with pytest.raises(ValueError, match="shape mismatch") as e:
+        run(ard_argv(bad, traj, tmp_path / "results", "--iterations", 2))
+    assert "bad.pt" in str(e.value)
+    assert experiments(tmp_path / "results") == []
+
+
+def test_missing_teacher(traj, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        run(ard_argv(str(tmp_path / "nope.pt"), traj, tmp_path, "--iterations", 2))
+    assert experiments(tmp_path) == []
+
+
+def test_batch_not_divisible_by_world_size(teacher_ckpt, traj, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--global-batch-size", 3), capsys,
+                       "--global-batch-size 3 is not divisible by the world size 2")
+    assert experiments(tmp_path) == []
+
+
+def test_batch_larger_than_the_data(teacher_ckpt, traj, tmp_path):
+    with pytest.raises(ValueError, match="fewer than the global batch 64"):
+        run(ard_argv(teacher_ckpt, traj, tmp_path, "--global-batch-size", 64, "--iterations", 2))
+    assert_nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "ard", "gan"])
+def test_missing_data_path(stage, teacher_ckpt, ard_run, tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    argv = {"teacher": teacher_argv(tmp_path, data=missing), "ard": ard_argv(teacher_ckpt, missing, tmp_path),
+            "gan": gan_argv(ckpt(ard_run, 6), missing, tmp_path)}[stage]
+    expect_usage_error(argv, capsys, f"--data-path {missing} does not exist")
+    assert experiments(tmp_path) == []
+
+
+def test_no_data_path(capsys, tmp_path):
+    expect_usage_error(["--stage", "teacher", "--results-dir", tmp_path], capsys, "--data-path is required")
+
+
+@pytest.mark.parametrize("drop, message", [("--init", "--stage gan needs --init"),
+                                           ("--real-data", "--stage gan needs --real-data")])
+def test_gan_needs_init_and_real_data(drop, message, ard_run, traj, tmp_path, capsys):
+    argv = gan_argv(ckpt(ard_run, 6), traj, tmp_path)
+    i = argv.index(drop)
+    expect_usage_error(argv[:i] + argv[i + 2:], capsys, message)
+    assert experiments(tmp_path) == []
+
+
+def test_gan_with_missing_inputs(ard_run, traj, tmp_path, capsys):
+    expect_usage_error(gan_argv(str(tmp_path / "none.pt"), traj, tmp_path), capsys, "does not exist")
+    argv = gan_argv(ckpt(ard_run, 6), traj, tmp_path)
+    argv[argv.index("--real-data") + 1] = str(tmp_path / "no-images")
+    expect_usage_error(argv, capsys, "--real-data")
+    assert experiments(tmp_path) == []
+
+
+def test_gan_from_a_teacher_checkpoint(teacher_ckpt, traj, tmp_path):
+    with pytest.raises(ValueError, match="not an ARD checkpoint"):
+        run(gan_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1))
+    assert experiments(tmp_path) == []
