@@ -1,0 +1,93 @@
+"""Sample N images from a teacher or an ARD student into ADM's .npz, for FID evaluation.
+
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-ard-N6/checkpoints/0300000.pt \\
+        --num-fid-samples 50000 --out samples/ard-N6.npz
+
+Image i comes from its own seed (global seed, i), so the result does not depend on the number
+of processes or the batch size. Work is done in chunks of --chunk-size images, each saved
+as it completes; a re-run keeps them and makes only the missing ones.
+"""
+import argparse
+import os
+import shutil
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import load_autoencoder
+from sample import add_generator_args, generator_from_args
+from utils import autocast, barrier, cleanup_distributed, index_noise_and_labels, init_distributed, save_npz, to_uint8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generator_args(p)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--num-fid-samples", type=int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=1000, help="images per saved unit of work")
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    args = p.parse_args(argv)
+    if args.cfg_scale < 1:
+        p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
+    if not args.out.endswith(".npz"):
+        p.error(f"--out must end in .npz, got {args.out}")
+    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.chunk_size < 1:
+        p.error("--num-fid-samples, --per-proc-batch-size and --chunk-size must be positive")
+    return args
+
+
+def chunk_path(parts_dir, index):
+    return os.path.join(parts_dir, f"chunk_{index:05d}.npz")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.set_grad_enabled(False)
+    generate, network, info = generator_from_args(args)
+    network.to(device)
+    autoencoder = load_autoencoder(info["vae"]).to(device)
+    dit = info["dit"]
+    shape = (dit["in_channels"], dit["input_size"], dit["input_size"])
+    bf16 = autocast(device, args.precision)
+
+    parts_dir = args.out[: -len(".npz")] + ".parts"
+    if rank == 0:
+        os.makedirs(parts_dir, exist_ok=True)
+    barrier()
+    num_chunks = -(-args.num_fid_samples // args.chunk_size)
+    missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(parts_dir, c))]
+    barrier()  # every rank has listed the chunks before any is written
+    bar = tqdm(total=len(missing) * args.chunk_size, unit="img", disable=rank != 0)
+    for chunk in missing[rank::world_size]:
+        indices = range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
+        images, labels = [], []
+        for start in range(indices.start, indices.stop, args.per_proc_batch_size):
+            batch = range(start, min(start + args.per_proc_batch_size, indices.stop))
+            noise, y = index_noise_and_labels(args.global_seed, batch, shape, dit["num_classes"], args.labels)
+            with bf16:
+                samples = generate(noise.to(device), y.to(device))
+            images.append(to_uint8(autoencoder.decode(samples.float()).clamp(-1, 1)))
+            labels.append(y.numpy())
+            bar.update(len(batch) * min(world_size, len(missing)))
+        arrays = dict(arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
+        save_npz(chunk_path(parts_dir, chunk), arrays)
+    bar.close()
+    barrier()
+    if rank == 0:
+        chunks = [np.load(chunk_path(parts_dir, c)) for c in range(num_chunks)]
+        arrays = {key: np.concatenate([c[key] for c in chunks]) for key in ("arr_0", "arr_1")}
+        save_npz(args.out, arrays)
+        shutil.rmtree(parts_dir)
+        print(f"{info['kind']} ({info['num_steps']} steps): {arrays['arr_0'].shape[0]} images of "
+              f"{arrays['arr_0'].shape[1:]} in {args.out}")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

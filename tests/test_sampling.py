@@ -1,0 +1,156 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import sample_ddp
+import utils
+from ard import ARD, load_student
+from models import DiT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_teacher():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A teacher and a student checkpoint in train.py's format."""
+    root = tmp_path_factory.mktemp("ckpts")
+    teacher = tiny_teacher()
+    common = dict(dit=teacher.config, image_size=8, vae="none")
+    teacher_path, student_path = str(root / "teacher.pt"), str(root / "student.pt")
+    torch.save({"model": teacher.state_dict(), "ema": teacher.state_dict(), "opt": {}, "step": 0,
+                "args": dict(common, stage="teacher")}, teacher_path)
+    student = ARD(teacher, num_steps=4, history_layers=1)
+    torch.save({"model": student.state_dict(), "ema": student.state_dict(), "opt": {}, "step": 0,
+                "args": dict(common, stage="ard", **student.settings)}, student_path)
+    return teacher_path, student_path
+
+
+def test_sample_writes_the_requested_grid_for_teacher_and_student(checkpoints, tmp_path):
+    for ckpt in checkpoints:
+        out = tmp_path / "grid.png"
+        sample.main(["--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps", "5", "--class-labels", "1", "2", "3",
+                     "--out", str(out)])
+        # a row of three 8x8 images with 2-pixel padding, enlarged 8x
+        assert Image.open(out).size == ((3 * (8 + 2) + 2) * 8, (8 + 2 + 2) * 8)
+
+
+def test_sample_rejects_bad_labels_and_guidance(checkpoints, tmp_path):
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", checkpoints[0], "--class-labels", "10", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", checkpoints[0], "--cfg-scale", "0.5", "--out", str(tmp_path / "x.png")])
+
+
+def test_student_generator_returns_the_last_stage(checkpoints):
+    generate, student, info = sample.load_generator(checkpoints[1])
+    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    assert info["kind"] == "student" and info["num_steps"] == 4
+    torch.testing.assert_close(generate(noise, y), load_student(checkpoints[1])[0].sample(noise, y)[:, -1])
+
+
+def test_teacher_generator_with_guidance_one_is_the_plain_solve(checkpoints):
+    generate, teacher, info = sample.load_generator(checkpoints[0], sampler="ddim", steps=5, cfg_scale=1.0)
+    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    from diffusion import create_diffusion
+    expected = create_diffusion("5").ddim_sample_loop(teacher, noise.shape, noise, clip_denoised=False,
+                                                      model_kwargs=dict(y=y))
+    torch.testing.assert_close(generate(noise, y), expected)
+
+
+def ddp_args(ckpt, out, *extra):
+    return ["--ckpt", ckpt, "--num-fid-samples", "30", "--chunk-size", "8", "--per-proc-batch-size", "3",
+            "--sampler", "ddim", "--num-sampling-steps", "4", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_npz(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "one.npz"
+    sample_ddp.main(ddp_args(checkpoints[1], out))
+    return np.load(out)
+
+
+def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
+    images, labels = reference_npz["arr_0"], reference_npz["arr_1"]
+    assert images.shape == (30, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.shape == (30,) and labels.max() < 10
+    noise, expected_labels = utils.index_noise_and_labels(0, range(30), (1, 8, 8), 10, "uniform")
+    np.testing.assert_array_equal(labels, expected_labels.numpy())
+    student = load_student(checkpoints[1])[0]
+    expected = utils.to_uint8(student.sample(noise[:3], expected_labels[:3])[:, -1].clamp(-1, 1))
+    np.testing.assert_array_equal(images[:3], expected)
+
+
+def test_sample_ddp_two_processes_equal_one(reference_npz, checkpoints, tmp_path):
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "sample_ddp.py"), *ddp_args(checkpoints[1], out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    two = np.load(out)
+    np.testing.assert_array_equal(two["arr_0"], reference_npz["arr_0"])
+    np.testing.assert_array_equal(two["arr_1"], reference_npz["arr_1"])
+
+
+def test_sample_ddp_batch_size_and_chunking_do_not_change_images(reference_npz, checkpoints, tmp_path):
+    out = tmp_path / "other.npz"
+    args = ddp_args(checkpoints[1], out)
+    args[args.index("--per-proc-batch-size") + 1] = "7"
+    args[args.index("--chunk-size") + 1] = "11"
+    sample_ddp.main(args)
+    np.testing.assert_allclose(np.load(out)["arr_0"].astype(int), reference_npz["arr_0"].astype(int), atol=1)
+
+
+def test_sample_ddp_resumes_an_interrupted_run(reference_npz, checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "resumed.npz"
+    written = []
+    real_save = sample_ddp.save_npz
+
+    def save_two_then_die(path, arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_save(path, arrays)
+        written.append(path)
+
+    monkeypatch.setattr(sample_ddp, "save_npz", save_two_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.main(ddp_args(checkpoints[1], out))
+    kept = {path: os.stat(path).st_mtime_ns for path in written}
+    assert not out.exists() and len(kept) == 2
+
+    made = []
+    monkeypatch.setattr(sample_ddp, "save_npz", lambda path, arrays: (made.append(path), real_save(path, arrays)))
+    sample_ddp.main(ddp_args(checkpoints[1], out))
+    assert not set(made) & set(kept), "completed chunks were made again"
+    assert len(made) == 3  # 4 chunks of 8 for 30 images, the final .npz excluded
+    resumed = np.load(out)
+    np.testing.assert_array_equal(resumed["arr_0"], reference_npz["arr_0"])
+    np.testing.assert_array_equal(resumed["arr_1"], reference_npz["arr_1"])
+
+
+def test_balanced_labels_cycle_through_classes(checkpoints, tmp_path):
+    out = tmp_path / "balanced.npz"
+    sample_ddp.main(ddp_args(checkpoints[0], out, "--labels", "balanced", "--num-sampling-steps", "2"))
+    np.testing.assert_array_equal(np.load(out)["arr_1"], np.arange(30) % 10)
+
+
+@pytest.mark.parametrize("extra, message", [(["--cfg-scale", "0.9"], "cfg-scale"), (["--chunk-size", "0"], "positive")])
+def test_sample_ddp_rejects_bad_flags(checkpoints, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "x.npz", *extra))
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "x.png"))
