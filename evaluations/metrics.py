@@ -1,0 +1,99 @@
+"""The metrics of ADM's evaluator on precomputed features: FID/sFID from Gaussian statistics,
+Inception Score from class probabilities, and k-NN precision/recall."""
+import warnings
+
+import numpy as np
+import torch
+from scipy import linalg
+from scipy.special import xlogy
+
+
+def gaussian_statistics(features):
+    """(mean, covariance) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), computed as ADM's evaluator does."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonal of both covariances")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrt(S1 S2)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(a):
+    with warnings.catch_warnings():  # singular products are handled by the caller (ADM passes disp=False)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
+def softmax(logits):
+    logits = np.asarray(logits, dtype=np.float64)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def inception_score(probs, split_size=5000):
+    """Mean over contiguous splits of exp(E_x KL(p(y|x) || p(y))), from class probabilities (N, C)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        # xlogy: a probability of exactly 0 contributes 0 (ADM's formula would give nan there).
+        kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def _squared_distances(a, b):
+    """Pairwise squared Euclidean distances between the rows of a and b."""
+    d = a.square().sum(1, keepdim=True) - 2 * a @ b.t() + b.square().sum(1)
+    return d.clamp_(min=0)
+
+
+def knn_radii(features, k=3, block_size=10000):
+    """Squared distance of each point to its k-th nearest neighbour, itself excluded (ADM takes entry k
+    of its sorted distance row, whose entry 0 is the point itself). Only (block, block) distances are
+    held at a time: a running k+1 smallest is merged over column blocks."""
+    if len(features) <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {len(features)}")
+    radii = []
+    for rows in features.split(block_size):
+        nearest = torch.full((len(rows), k + 1), float("inf"), device=features.device)
+        for cols in features.split(block_size):
+            candidates = torch.cat([nearest, _squared_distances(rows, cols)], dim=1)
+            nearest = candidates.topk(k + 1, dim=1, largest=False).values
+        radii.append(nearest[:, k])
+    return torch.cat(radii)
+
+
+def precision_recall(ref_features, sample_features, k=3, block_size=10000, device=None):
+    """ADM's k-NN precision and recall: precision is the fraction of samples inside at least one
+    reference ball, recall the fraction of reference points inside at least one sample ball, each ball
+    centred on a point with its k-th nearest neighbour (within its own set) on the boundary. ADM computes
+    the distances in float16 when they fit; float32 here, which can differ only at near-exact ties."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    sample = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
+    ref_radii, sample_radii = knn_radii(ref, k, block_size), knn_radii(sample, k, block_size)
+    sample_covered = torch.zeros(len(sample), dtype=torch.bool, device=device)
+    ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    for i, ref_block in zip(range(0, len(ref), block_size), ref.split(block_size)):
+        for j, sample_block in zip(range(0, len(sample), block_size), sample.split(block_size)):
+            d = _squared_distances(ref_block, sample_block)
+            sample_covered[j:j + block_size] |= (d <= ref_radii[i:i + block_size, None]).any(0)
+            ref_covered[i:i + block_size] |= (d <= sample_radii[None, j:j + block_size]).any(1)
+    return sample_covered.double().mean().item(), ref_covered.double().mean().item()

@@ -1,0 +1,336 @@
+"""The evaluation package: the FID Inception (layout, outputs, weight checks), the metrics against
+closed forms and brute force, the evaluator CLI on tiny .npz files, and the digits mode."""
+import contextlib
+import io
+import math
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluations import evaluator, inception, metrics
+from evaluations.digits import digits_uint8, load_digits_classifier, train_digits_classifier
+from evaluations.npz import open_images
+
+
+@pytest.fixture(scope="module")
+def random_state_dict():
+    """A random FID Inception state dict in pytorch-fid's key layout, scaled (He init) so that different
+    images still give different features after 90-odd layers."""
+    state_dict = inception.build_fid_inception().state_dict()
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in state_dict.items():
+        if name.endswith("weight") and tensor.dim() > 1:
+            tensor.normal_(0, math.sqrt(2 / tensor[0].numel()), generator=gen)
+        elif name.endswith("running_var"):
+            tensor.uniform_(0.5, 1.5, generator=gen)
+        elif name.endswith(("running_mean", "bias")):
+            tensor.normal_(0, 0.1, generator=gen)
+    return state_dict
+
+
+@pytest.fixture(scope="module")
+def weights_path(random_state_dict, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "inception_random.pth"
+    torch.save(random_state_dict, path)
+    return str(path)
+
+
+def random_images(n, size, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- Inception
+
+def tf1_resize_reference(image, size):
+    """TF1 resize_bilinear(align_corners=False) written out pixel by pixel, in float64."""
+    h, w = image.shape
+    out = np.zeros((size, size))
+    for i in range(size):
+        y = i * h / size
+        y0, dy = int(np.floor(y)), y - np.floor(y)
+        for j in range(size):
+            x = j * w / size
+            x0, dx = int(np.floor(x)), x - np.floor(x)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * dx
+            bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * dx
+            out[i, j] = top + (bottom - top) * dy
+    return out
+
+
+def test_resize_follows_tf1_rule():
+    image = torch.rand(1, 1, 5, 7) * 255
+    ours = inception.resize_like_tf1(image, size=13)[0, 0].double().numpy()
+    np.testing.assert_allclose(ours, tf1_resize_reference(image[0, 0].double().numpy(), 13), atol=1e-3)
+    # The quirk matters: torch's half-pixel bilinear resize is a different image.
+    torch_resized = F.interpolate(image, size=(13, 13), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert np.abs(torch_resized - ours).max() > 1
+    same_size = torch.rand(2, 3, 299, 299) * 255
+    assert torch.equal(inception.resize_like_tf1(same_size), same_size)
+
+
+def test_inception_outputs(weights_path):
+    model = inception.load_inception(weights_path)
+    images = torch.tensor(random_images(3, 64, seed=0)).permute(0, 3, 1, 2).float()
+    captured = {}
+    model.net.Mixed_6d.branch1x1.register_forward_hook(lambda module, inp, out: captured.setdefault("conv", out))
+    with torch.no_grad():
+        out = model(images)
+    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
+    # sFID features: the first 7 channels of mixed_6/conv, channels last.
+    expected_spatial = captured["conv"][:, :7].permute(0, 2, 3, 1).reshape(3, -1)
+    torch.testing.assert_close(out["spatial"], expected_spatial, rtol=0, atol=0)
+    # IS logits: pool_3 times the fc weight, without the (non-zero) bias.
+    fc = model.net.fc
+    assert fc.bias.abs().sum() > 0
+    torch.testing.assert_close(out["logits"], out["pool"] @ fc.weight.t())
+    assert (out["pool"][0] - out["pool"][1]).abs().max() > 1e-3  # different images, different features
+
+
+def test_inception_weights_without_batchnorm_counters(random_state_dict, tmp_path):
+    path = tmp_path / "no_counters.pth"
+    torch.save({k: v for k, v in random_state_dict.items() if not k.endswith("num_batches_tracked")}, path)
+    model = inception.load_inception(str(path))
+    torch.testing.assert_close(model.net.fc.weight, random_state_dict["fc.weight"], rtol=0, atol=0)
+
+
+def test_inception_wrong_layout_is_named(random_state_dict, tmp_path):
+    missing = dict(random_state_dict)
+    del missing["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"missing keys: Mixed_7c\.branch_pool\.conv\.weight"):
+        inception.load_inception(str(tmp_path / "missing.pth"))
+    reshaped = {**random_state_dict, "fc.weight": torch.zeros(1000, 2048)}
+    torch.save(reshaped, tmp_path / "reshaped.pth")
+    with pytest.raises(ValueError, match=r"wrong shapes: fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+        inception.load_inception(str(tmp_path / "reshaped.pth"))
+
+
+def test_inception_hash_in_name_is_checked(weights_path, tmp_path):
+    claimed = tmp_path / "pt_inception-2015-12-05-deadbeef.pth"
+    os.link(weights_path, claimed)
+    with pytest.raises(ValueError, match="its name says deadbeef"):
+        inception.load_inception(str(claimed))
+
+
+def test_inception_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = os.path.join(str(tmp_path), "checkpoints", inception.WEIGHTS_NAME)
+    with pytest.raises(FileNotFoundError, match=f"at {expected} or pass --inception-weights"):
+        inception.load_inception()
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_fid_of_a_set_with_itself_is_zero():
+    features = np.random.default_rng(0).normal(size=(500, 32))
+    mu, sigma = metrics.gaussian_statistics(features)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    var1, var2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    closed_form = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    fid = metrics.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
+    assert fid == pytest.approx(closed_form, rel=1e-10)
+
+
+def test_fid_refuses_a_large_imaginary_part():
+    with pytest.raises(ValueError, match="imaginary component"):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+
+
+def test_inception_score_bounds_and_splits():
+    assert metrics.inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0)
+    one_hot = np.eye(4)[np.arange(12000) % 4]  # splits of 5000, 5000, 2000: each spread evenly
+    assert metrics.inception_score(one_hot) == pytest.approx(4.0)
+    halves = np.eye(4)[np.r_[np.arange(100) % 2, 2 + np.arange(100) % 2]]
+    assert metrics.inception_score(halves, split_size=200) == pytest.approx(4.0)
+    assert metrics.inception_score(halves, split_size=100) == pytest.approx(2.0)  # contiguous splits
+
+
+def brute_force_precision_recall(ref, sample, k=3):
+    def distances(a, b):
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    ref_radii = np.sort(distances(ref, ref), axis=1)[:, k]  # column 0 is the point itself
+    sample_radii = np.sort(distances(sample, sample), axis=1)[:, k]
+    cross = distances(ref, sample)
+    precision = np.mean((cross <= ref_radii[:, None]).any(axis=0))
+    recall = np.mean((cross <= sample_radii[None, :]).any(axis=1))
+    return precision, recall, ref_radii
+
+
+@pytest.mark.parametrize("block_size", [7, 16, 10000])
+def test_precision_recall_matches_brute_force(block_size):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(60, 5))
+    sample = rng.normal(size=(45, 5)) * 1.5 + 0.5
+    precision, recall, ref_radii = brute_force_precision_recall(ref, sample)
+    assert 0 < precision < 1 and 0 < recall < 1
+    radii = metrics.knn_radii(torch.tensor(ref, dtype=torch.float32), block_size=block_size)
+    np.testing.assert_allclose(radii.sqrt().numpy(), ref_radii, rtol=1e-4)
+    assert metrics.precision_recall(ref, sample, block_size=block_size, device="cpu") == (precision, recall)
+
+
+# ---------------------------------------------------------------- evaluator CLI
+
+@pytest.fixture(scope="module")
+def npz_files(tmp_path_factory):
+    """A VIRTUAL_imagenet-style reference (images plus stored statistics, here all zero) and samples."""
+    root = tmp_path_factory.mktemp("npz")
+    paths = {"ref": str(root / "ref.npz"), "samples": str(root / "samples.npz")}
+    zero_stats = {"mu": np.zeros(2048), "sigma": np.zeros((2048, 2048)),
+                  "mu_s": np.zeros(2023), "sigma_s": np.zeros((2023, 2023))}
+    np.savez(paths["ref"], arr_0=random_images(6, 32, seed=1), arr_1=np.arange(6), **zero_stats)
+    np.savez(paths["samples"], arr_0=random_images(5, 32, seed=2))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cli_run(npz_files, weights_path):
+    """The evaluator's stdout (run in-process: a subprocess would add seconds of imports)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        evaluator.main([npz_files["ref"], npz_files["samples"], "--inception-weights", weights_path,
+                        "--batch-size", "4", "--device", "cpu"])
+    return stdout.getvalue()
+
+
+def test_cli_prints_the_five_metrics(cli_run, npz_files, weights_path):
+    lines = cli_run.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    printed = {k: float(v) for k, v in (line.split(": ") for line in lines)}
+    # Recompute from the network's outputs: against the stored all-zero reference statistics,
+    # FID = ||mu||^2 + tr(sigma) of the samples' features (the reference images only set precision/recall).
+    model = inception.load_inception(weights_path)
+    cpu = torch.device("cpu")
+    acts = evaluator.extract_features(open_images(npz_files["samples"]), model, 4, cpu, progress=False)
+    ref_acts = evaluator.extract_features(open_images(npz_files["ref"]), model, 4, cpu, progress=False)
+    for label, name in [("FID", "pool"), ("sFID", "spatial")]:
+        mu, sigma = metrics.gaussian_statistics(acts[name])
+        assert printed[label] == pytest.approx(mu @ mu + np.trace(sigma), rel=1e-5)
+    assert printed["Inception Score"] == pytest.approx(metrics.inception_score(metrics.softmax(acts["logits"])))
+    precision, recall = metrics.precision_recall(ref_acts["pool"], acts["pool"], device="cpu")
+    assert (printed["Precision"], printed["Recall"]) == (precision, recall)
+
+
+def test_reference_statistics_are_computed_cached_and_reused(weights_path, tmp_path):
+    ref_path = str(tmp_path / "ref.npz")
+    np.savez(ref_path, arr_0=random_images(4, 16, seed=3))
+    cpu = torch.device("cpu")
+    stats = evaluator.inception_reference(open_images(ref_path), inception.load_inception(weights_path), 4,
+                                          cpu, progress=False)
+    with np.load(evaluator.stats_cache_path(ref_path)) as f:
+        assert f["pool"].shape == (4, 2048) and f["sigma"].shape == (2048, 2048)
+        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023)
+        np.testing.assert_array_equal(f["mu"], stats["mu"])
+
+    class MustNotRun(torch.nn.Module):
+        weights_sha256 = inception.sha256_of(weights_path)
+
+        def forward(self, images):
+            raise AssertionError("the reference was recomputed instead of read from its cache")
+
+    cached = evaluator.inception_reference(open_images(ref_path), MustNotRun(), 4, cpu, progress=False)
+    np.testing.assert_array_equal(cached["sigma_s"], stats["sigma_s"])
+    other_weights = MustNotRun()
+    other_weights.weights_sha256 = "other"
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluator.inception_reference(open_images(ref_path), other_weights, 4, cpu, progress=False)
+    later = os.path.getmtime(evaluator.stats_cache_path(ref_path)) + 10
+    os.utime(ref_path, (later, later))  # the reference changed after its statistics were cached
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluator.inception_reference(open_images(ref_path), MustNotRun(), 4, cpu, progress=False)
+
+
+def test_npz_images_are_streamed_in_batches(tmp_path):
+    images = random_images(7, 5, seed=4)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    np.savez(tmp_path / "fortran.npz", arr_0=np.asfortranarray(images))
+    for name in ("compressed.npz", "fortran.npz"):
+        batches = list(open_images(str(tmp_path / name)).batches(3))
+        assert [len(batch) for batch in batches] == [3, 3, 1]
+        np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": np.zeros((5, 32, 32, 3), np.uint8)}, "no arr_0 image array"),
+    ({"arr_0": np.zeros((5, 32, 32, 3), np.float32)}, "must be uint8"),
+    ({"arr_0": np.zeros((5, 32, 32), np.uint8)}, r"must be N x H x W x 3"),
+    ({"arr_0": np.zeros((5, 3, 32, 32), np.uint8)}, r"got shape \(5, 3, 32, 32\)"),
+    ({"arr_0": np.zeros((5, 16, 16, 3), np.uint8)},
+     "resolution mismatch: reference images are 32x32, samples are 16x16"),
+])
+def test_cli_rejects_bad_npz_before_any_work(arrays, message, npz_files, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    # A missing weight file would fail later: the npz error must come first.
+    argv = [npz_files["ref"], str(bad), "--inception-weights", str(tmp_path / "absent.pth")]
+    with pytest.raises(SystemExit, match=message):
+        evaluator.main(argv)
+
+
+# ---------------------------------------------------------------- digits mode
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory):
+    """The classifier the digits mode trains when its file is missing."""
+    path = tmp_path_factory.mktemp("digits") / "new" / "classifier.pt"
+    images, _ = digits_uint8()
+    results = evaluator.evaluate(images[:50], images[50:100], "digits", classifier=str(path), progress=False)
+    assert path.exists() and set(results) == {"is", "fid", "precision", "recall"}
+    return str(path)
+
+
+def test_digits_classifier_is_accurate(classifier_path):
+    images, labels = digits_uint8()
+    assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8 and images.max() == 255
+    model = load_digits_classifier(classifier_path)
+    with torch.no_grad():
+        predictions = model(torch.tensor(images[..., :1]).permute(0, 3, 1, 2).float() / 255).argmax(1)
+    assert (predictions.numpy() == labels).mean() > 0.98
+
+
+def test_digits_classifier_training_is_deterministic(tmp_path):
+    first, again, other = (train_digits_classifier(str(tmp_path / f"{name}.pt"), seed=seed, epochs=1).state_dict()
+                           for name, seed in [("first", 0), ("again", 0), ("other", 1)])
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["head.weight"], other["head.weight"])
+    saved = torch.load(tmp_path / "first.pt", weights_only=True)
+    assert all(torch.equal(first[k], saved[k]) for k in first)
+
+
+def test_digits_mode_end_to_end(classifier_path, tmp_path, capsys):
+    images, _ = digits_uint8()
+    np.savez(tmp_path / "digits.npz", arr_0=images[:300])
+    evaluator.main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--features", "digits",
+                    "--classifier", classifier_path, "--device", "cpu"])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "Precision", "Recall"]
+    assert "no sFID" in captured.err
+    values = {k: float(v) for k, v in (line.split(": ") for line in lines)}
+    assert abs(values["FID"]) < 1e-6 and values["Precision"] == 1.0 and values["Recall"] == 1.0
+    assert values["Inception Score"] > 8  # confident predictions spread over the 10 classes
+
+
+def test_digits_mode_separates_real_digits_from_noise(classifier_path):
+    images, _ = digits_uint8()
+    noise = np.repeat(np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8), 3, axis=-1)
+    real = evaluator.evaluate(images[:300], images[300:600], "digits", classifier=classifier_path,
+                              device="cpu", progress=False)
+    fake = evaluator.evaluate(images[:300], noise, "digits", classifier=classifier_path,
+                              device="cpu", progress=False)
+    assert "sfid" not in real
+    assert fake["fid"] > 5 * real["fid"]
+    assert real["precision"] > 0.5 and real["recall"] > 0.5
+    assert fake["precision"] < 0.1 and fake["recall"] < 0.1
