@@ -4,14 +4,19 @@ Blocks take a conditioning tensor of shape (B, D) as in DiT, or (B, S, D) for a 
 made of S equal groups of tokens, each with its own conditioning: the ARD student uses
 this to compute adaLN once per stage instead of once per token.
 """
+import json
 import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from timm.layers import Mlp, PatchEmbed
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from utils import atomic_write
 
 OFFICIAL_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
@@ -323,13 +328,24 @@ def download_official(name):
 
 
 def read_checkpoint(path):
-    """Everything stored at `path`: a training checkpoint dict or a bare state dict (.pt or .safetensors)."""
+    """Everything stored at `path`: a training checkpoint dict or a bare state dict (.pt), or a
+    .safetensors state dict; one written by `export_ema` reads as {"ema", "args"}."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+        return {"ema": tensors, "args": json.loads(metadata["args"])} if "args" in metadata else tensors
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def export_ema(checkpoint_path, out_path, half=False):
+    """The EMA weights of a training checkpoint as .safetensors, with its args as metadata, for
+    sharing; `half` stores floating-point tensors in float16."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in checkpoint["ema"].items()}
+    atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={"args": json.dumps(checkpoint["args"])}))
 
 
 def find_model(name):

@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="default: DiT's eight ImageNet classes, or every class once for smaller label sets")
+    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
     p.add_argument("--out", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv=None):
     with autocast(device, args.precision):
         samples = generate(noise, y)
     images = load_autoencoder(info["vae"]).to(device).decode(samples.float())
-    save_grid(images.clamp(-1, 1), args.out, nrow=min(len(labels), 8), scale=max(1, 64 // images.shape[-1]))
+    save_grid(images.clamp(-1, 1), args.out, nrow=min(len(labels), args.nrow), scale=max(1, 64 // images.shape[-1]))
     print(f"{info['kind']} ({info['num_steps']} steps): {len(labels)} images in {args.out}")
 
 

@@ -31,12 +31,13 @@ from data import DIGITS, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import create_dit, load_autoencoder, load_teacher, read_checkpoint
+from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
 from utils import atomic_write, autocast, barrier, cleanup_distributed, init_distributed, save_grid
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
-RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume")
+RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
+               "export", "export_half")
 # Student settings that --stage gan takes from its --init checkpoint.
 STUDENT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head")
 
@@ -267,6 +268,9 @@ def build_parser():
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None, help="suffix of the experiment directory")
     p.add_argument("--resume", default=None, help="experiment directory to continue from its latest checkpoint")
+    p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
+                   help="write CKPT's EMA weights and settings to OUT (.safetensors) and exit")
+    p.add_argument("--export-half", action="store_true", help="with --export: store float16")
     run = p.add_argument_group("optimisation")
     run.add_argument("--iterations", type=int, default=300_000)
     run.add_argument("--global-batch-size", type=int, default=64)
@@ -321,6 +325,8 @@ def parse_args(argv=None):
     unset = object()
     given.set_defaults(**{k: unset for k in vars(args)})
     explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if v is not unset}
+    if args.export:
+        return args
     if args.resume:
         args = resumed_args(parser, args, explicit)
     elif args.stage == "gan":
@@ -367,6 +373,10 @@ def check_args(parser, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        export_ema(*args.export, half=args.export_half)
+        print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
+        return args.export[1]
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
