@@ -72,6 +72,7 @@ def generator_from_args(args, progress=False):
                           args.cfg_scale, args.guidance_channels, progress)
 
 
+@torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generator_args(p)
@@ -87,7 +88,6 @@ def main(argv=None):
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
 
     torch.manual_seed(args.seed)
-    torch.set_grad_enabled(False)
     device = torch.device(args.device)
     generate, network, info = generator_from_args(args, progress=True)
     network.to(device)

@@ -44,11 +44,11 @@ def chunk_path(parts_dir, index):
     return os.path.join(parts_dir, f"chunk_{index:05d}.npz")
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.set_grad_enabled(False)
     generate, network, info = generator_from_args(args)
     network.to(device)
     autoencoder = load_autoencoder(info["vae"]).to(device)
