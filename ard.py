@@ -53,7 +53,8 @@ class ARD(nn.Module):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if not 0 <= history_layers <= depth:
-            raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, got {history_layers}")
+            raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, "
+                             f"got {history_layers}")
         if stage_times is None:
             stage_times = student_timesteps(num_steps, teacher_steps)[1]
         stage_times = [int(t) for t in stage_times]

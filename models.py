@@ -210,7 +210,8 @@ class DiT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         self.apply(xavier)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5)))
+        grid_size = int(self.x_embedder.num_patches ** 0.5)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid_size))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -344,7 +345,8 @@ def export_ema(checkpoint_path, out_path, half=False):
     """The EMA weights of a training checkpoint as .safetensors, with its args as metadata, for
     sharing; `half` stores floating-point tensors in float16."""
     checkpoint = read_checkpoint(checkpoint_path)
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in checkpoint["ema"].items()}
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+               for k, v in checkpoint["ema"].items()}
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={"args": json.dumps(checkpoint["args"])}))
 
 

@@ -13,7 +13,6 @@ an uninterrupted one.
 import argparse
 import copy
 import glob
-import json
 import logging
 import math
 import os
@@ -70,8 +69,8 @@ class StepBatches(Sampler):
 def batches(dataset, args, rank, world_size, start_step, seed_offset=0):
     sampler = StepBatches(len(dataset), args.global_batch_size, rank, world_size, args.global_seed + seed_offset,
                           start_step)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
     return iter(loader)
 
 
@@ -231,7 +230,8 @@ def create_logger(experiment_dir, rank):
     if rank == 0:
         logger.setLevel(logging.INFO)
         formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(experiment_dir, "log.txt"))):
+        log_file = logging.FileHandler(os.path.join(experiment_dir, "log.txt"))
+        for handler in (logging.StreamHandler(sys.stdout), log_file):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:
@@ -332,7 +332,8 @@ def parse_args(argv=None):
     elif args.stage == "gan":
         from_init = [k for k in STUDENT_FLAGS if k in explicit]
         if from_init:
-            parser.error(f"--stage gan takes the student's settings from --init; drop --{from_init[0].replace('_', '-')}")
+            parser.error("--stage gan takes the student's settings from --init; "
+                         f"drop --{from_init[0].replace('_', '-')}")
     check_args(parser, args)
     return args
 

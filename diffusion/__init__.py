@@ -2,6 +2,8 @@
 from .gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from .respace import SpacedDiffusion, space_timesteps
 
+__all__ = ["GaussianDiffusion", "SpacedDiffusion", "create_diffusion", "space_timesteps", "student_timesteps"]
+
 
 def create_diffusion(timestep_respacing, noise_schedule="linear", diffusion_steps=1000):
     """DiT's entry point: `create_diffusion("")` for training, `create_diffusion("250")` or
