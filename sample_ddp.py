@@ -63,9 +63,12 @@ def main(argv=None):
     num_chunks = -(-args.num_fid_samples // args.chunk_size)
     missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(parts_dir, c))]
     barrier()  # every rank has listed the chunks before any is written
-    bar = tqdm(total=len(missing) * args.chunk_size, unit="img", disable=rank != 0)
-    for chunk in missing[rank::world_size]:
-        indices = range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
+    def chunk_indices(chunk):
+        return range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
+
+    bar = tqdm(total=sum(len(chunk_indices(c)) for c in missing), unit="img", disable=rank != 0)
+    for j, chunk in enumerate(missing[rank::world_size]):
+        indices = chunk_indices(chunk)
         images, labels = [], []
         for start in range(indices.start, indices.stop, args.per_proc_batch_size):
             batch = range(start, min(start + args.per_proc_batch_size, indices.stop))
@@ -74,7 +77,7 @@ def main(argv=None):
                 samples = generate(noise.to(device), y.to(device))
             images.append(to_uint8(autoencoder.decode(samples.float()).clamp(-1, 1)))
             labels.append(y.numpy())
-            bar.update(len(batch) * min(world_size, len(missing)))
+            bar.update(len(batch) * min(world_size, len(missing) - j * world_size))  # all ranks' progress
         arrays = dict(arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
         save_npz(chunk_path(parts_dir, chunk), arrays)
     bar.close()
