@@ -3,7 +3,7 @@
     python benchmark.py                                     # DiT-XL/2 256², K=4, N=6, bf16, on a GPU
     python benchmark.py --compile                           # the same with torch.compile
     python benchmark.py --model DiT-S/2 --depth 2 --hidden-size 64 --num-heads 2 --image-size 64 \
-        --train-batch 2 --sample-batches 1 2 --extract-batch 2 --teacher-steps 4 --device cpu --precision fp32 --repeats 1
+        --train-batch 2 --sample-batches 1 2 --extract-batch 2 --teacher-steps 4 --device cpu --precision fp32
 
 Prints one table: GFLOPs per image (DiT's multiply-accumulate convention), training
 samples/s with model-FLOPs utilisation and peak memory, K-step sampling latency for 1 and

@@ -181,9 +181,10 @@ def main(argv=None):
     students = [(n, "state") for n in sorted({0, 1, ard_n, depth // 2, depth})]
     if args.full:
         students += [(0, "x0"), (ard_n, "x0")]
-    flags = ["--data-path", trajectories, "--teacher", teacher, "--num-steps", K, "--global-batch-size", args.batch_size,
-             "--iterations", args.iterations, "--lr", "1e-3", "--ema-decay", 0.995, "--log-every", 250,
-             "--ckpt-every", args.iterations, "--sample-every", args.iterations, "--num-workers", 0]
+    flags = ["--data-path", trajectories, "--teacher", teacher, "--num-steps", K,
+             "--global-batch-size", args.batch_size, "--iterations", args.iterations, "--lr", "1e-3",
+             "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every", args.iterations,
+             "--sample-every", args.iterations, "--num-workers", 0]
     checkpoints = {(n, target): train_once(os.path.join(out, "runs"), "ard", f"N{n}-{target}",
                                            [*flags, "--history-layers", n, "--target", target])
                    for n, target in students}

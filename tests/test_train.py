@@ -460,7 +460,8 @@ def test_gan_updates_discriminator_and_student(gan_run, ard_run, teacher_ckpt):
     # every discriminator head moves between steps 2 and 4; the frozen features (the teacher) are not saved
     heads = list(end["disc_heads"])
     for i in range(2):
-        moved = [k for k in heads if k.startswith(f"{i}.") and not torch.equal(mid["disc_heads"][k], end["disc_heads"][k])]
+        moved = [k for k in heads
+                 if k.startswith(f"{i}.") and not torch.equal(mid["disc_heads"][k], end["disc_heads"][k])]
         assert any("parametrizations" in k for k in moved) and any("cmap" in k for k in moved), moved
     assert not any(k.startswith("features") for k in heads)
     # the discriminator's optimiser holds exactly the heads' parameters (not the spectral-norm vectors)
