@@ -81,21 +81,25 @@ def student_label(n, target):
     return ("step distillation (N=0)" if n == 0 else f"ARD (N={n})") + ("" if target == "state" else ", x0 target")
 
 
-def ms_per_image(ckpt, steps, count, repeats=3):
-    """Wall time per image of generating `count` images in one batch on this machine (best of 3)."""
-    generate = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)[0]
-    noise, y = index_noise_and_labels(2, range(count), (1, 8, 8), 10)
+def ms_per_image(ckpt, steps, count, device, repeats=3):
+    """Wall time per image of generating `count` images in one batch (best of 3)."""
+    generate, network, _ = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)
+    network.to(device)
+    noise, y = (t.to(device) for t in index_noise_and_labels(2, range(count), (1, 8, 8), 10))
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
             generate(noise, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return 1000 * min(times) / count
 
 
 def measure(rows, out, args):
     """Samples, metrics, a grid and the speed of every row; returns the table and the FIDs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = os.path.join(out, "reference.npz")
     images, labels = digits_uint8()
     save_npz(reference, dict(arr_0=images, arr_1=labels))
@@ -108,7 +112,7 @@ def measure(rows, out, args):
         metrics = evaluate(reference, npz, features="digits", classifier=os.path.join(out, "digits_classifier.pt"),
                            progress=False)
         fids[row["label"]] = metrics["fid"]
-        speed = ms_per_image(row["ckpt"], row["steps"], min(200, args.num_images))
+        speed = ms_per_image(row["ckpt"], row["steps"], min(200, args.num_images), device)
         table.append([row["label"], row["steps"], f"{metrics['fid']:.2f}", f"{metrics['precision']:.3f}",
                       f"{metrics['recall']:.3f}", f"{row['cost'] * 1e3:.2f}", f"{speed:.3f}"])
         run("sample.py", sample.main, ["--ckpt", row["ckpt"], "--out", os.path.join(out, f"grid_{row['key']}.png"),
@@ -207,7 +211,8 @@ def main(argv=None):
         json.dump(errors, f, indent=1)
 
     distill_gap, ard_gap = (fids[student_label(n, "state")] - teacher_fid for n in (0, ard_n))
-    header = ["model", "steps", "FID", "precision", "recall", "MFLOPs/img", "ms/img (this CPU)"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this CPU"
+    header = ["model", "steps", "FID", "precision", "recall", "MFLOPs/img", f"ms/img ({device})"]
     report = "\n".join([
         f"Digits, K={K}, {args.num_images} samples per model against the 1,797 digits, features of a digits "
         f"classifier. Teacher: {TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students: {args.iterations} steps "
