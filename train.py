@@ -94,13 +94,13 @@ class TeacherTask:
                                 num_classes=num_classes, class_dropout_prob=args.class_dropout, **overrides)
         self.autoencoder = load_autoencoder(args.vae).to(device)
         self.diffusion = create_diffusion("")
-        self.flip = args.random_flip if args.random_flip is not None else args.data_path != DIGITS
+        self.flip = flips_images(args, args.data_path)
         self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae)
         self.sample_steps, self.cfg_scale = args.sample_steps, args.sample_cfg_scale
 
     def loss(self, model, batch, step):
         images, y = batch
-        x = self.autoencoder.encode(random_flip(images) if self.flip else images)
+        x = encode_images(self.autoencoder, images, self.flip)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
         return self.diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean(), {}
 
@@ -151,19 +151,18 @@ class AdversarialTask(DistillationTask):
         super().__init__(args, device, teacher, teacher_info)
         self.init_checkpoint = init
         self.real, _, _ = image_dataset(args.real_data, teacher_info["image_size"])
-        self.flip = args.random_flip if args.random_flip is not None else args.real_data != DIGITS
+        self.flip = flips_images(args, args.real_data)
         self.discriminator = Discriminator(teacher).to(device)
         self.disc_opt = torch.optim.AdamW(self.discriminator.heads.parameters(), lr=args.disc_lr, weight_decay=0,
                                           fused=device.type == "cuda")
         self.gan_noise, self.warmup, self.gan_scale = args.gan_noise, args.gan_warmup, args.gan_weight_scale
-        self.num_timesteps = create_diffusion("").num_timesteps
         self.noiser = create_diffusion("")
 
     def features_input(self, x):
         """The discriminator's input and time: clean at t=0, or re-noised at a uniform random t."""
         if self.gan_noise == "none":
             return x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        t = torch.randint(0, self.noiser.num_timesteps, (x.shape[0],), device=x.device)
         return self.noiser.q_sample(x, t), t
 
     def loss(self, model, batch, step):
@@ -186,7 +185,7 @@ class AdversarialTask(DistillationTask):
     def discriminator_step(self, discriminator, real_batch, bf16):
         images, real_labels = real_batch
         with torch.no_grad():
-            real = self.autoencoder.encode(random_flip(images) if self.flip else images)
+            real = encode_images(self.autoencoder, images, self.flip)
         with bf16:
             logits_real = discriminator(*self.features_input(real), real_labels)
             logits_fake = discriminator(*self.features_input(self.fake), self.fake_labels)
@@ -201,6 +200,22 @@ TASKS = {"teacher": TeacherTask, "ard": DistillationTask, "gan": AdversarialTask
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def flips_images(args, path):
+    """--random-flip if given; else on for image folders, off for the digits (a mirrored 2 is no digit)."""
+    return args.random_flip if args.random_flip is not None else path != DIGITS
+
+
+def encode_images(autoencoder, images, flip):
+    return autoencoder.encode(random_flip(images) if flip else images)
+
+
+def distributed(module, device):
+    """The module in DDP under torchrun, as it is otherwise."""
+    if not dist.is_initialized():
+        return module
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
 
 def unwrap(model):
     model = model.module if isinstance(model, DDP) else model
@@ -415,10 +430,9 @@ def main(argv=None):
     del checkpoint
     task.init_checkpoint = None
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    ddp = distributed(model, device)
     forward_model = torch.compile(ddp) if args.compile else ddp
-    ddp_disc = (DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
-                if discriminator is not None and dist.is_initialized() else discriminator)
+    ddp_disc = distributed(discriminator, device) if discriminator is not None else None
     bf16 = autocast(device, args.precision)
     record = dict(vars(args), **task.record)
     logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
