@@ -350,10 +350,14 @@ def export_ema(checkpoint_path, out_path, half=False):
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={"args": json.dumps(checkpoint["args"])}))
 
 
+def open_checkpoint(name):
+    """read_checkpoint of an official checkpoint name (downloaded if needed) or a local file."""
+    return read_checkpoint(download_official(name) if name in OFFICIAL_CHECKPOINTS else name)
+
+
 def find_model(name):
     """State dict for an official checkpoint name or a local file (our checkpoints give their EMA)."""
-    path = download_official(name) if name in OFFICIAL_CHECKPOINTS else name
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(name)
     return checkpoint["ema"] if "ema" in checkpoint else checkpoint
 
 
@@ -363,8 +367,7 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     Our checkpoints carry their architecture; for official ones and bare state dicts it comes
     from `model` and `image_size`. The description is what downstream files record.
     """
-    path = download_official(ckpt) if ckpt in OFFICIAL_CHECKPOINTS else ckpt
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(ckpt)
     if "args" in checkpoint:
         args = checkpoint["args"]
         if args.get("stage") != "teacher":

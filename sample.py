@@ -21,8 +21,6 @@ DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
 def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_channels=3, progress=False):
     """generate(noise, labels) -> samples, by DDIM or DDPM on a uniformly respaced grid."""
-    if cfg_scale < 1:
-        raise ValueError(f"CFG scale must be >= 1, got {cfg_scale}")
     diffusion = create_diffusion(str(steps))
     loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
 
