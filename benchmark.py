@@ -2,12 +2,14 @@
 
     python benchmark.py                                     # DiT-XL/2 256², K=4, N=6, bf16, on a GPU
     python benchmark.py --compile                           # the same with torch.compile
+    python benchmark.py --compile --attention flex          # FlexAttention block mask in the history blocks
     python benchmark.py --model DiT-S/2 --depth 2 --hidden-size 64 --num-heads 2 --image-size 64 \
         --train-batch 2 --sample-batches 1 2 --extract-batch 2 --teacher-steps 4 --device cpu --precision fp32
 
-Prints one table: GFLOPs per image (DiT's multiply-accumulate convention), training
-samples/s with model-FLOPs utilisation and peak memory, K-step sampling latency for 1 and
-32 images, and the teacher's trajectory-extraction rate against its bare forward rate.
+Prints one table, each row as soon as it is measured: GFLOPs per image (DiT's
+multiply-accumulate convention), training samples/s with model-FLOPs utilisation and peak
+memory, K-step sampling latency for 1 and 32 images, and the teacher's trajectory-extraction
+rate against its bare forward rate.
 Weights are random: speed does not depend on them.
 """
 import argparse
@@ -82,6 +84,8 @@ def sampling_ms(model, batch, args, device, bf16):
 def extraction_rates(teacher, batch, args, device, bf16):
     """(trajectories/s of the DDIM+CFG solve, the same rate implied by bare teacher forwards)."""
     teacher.eval()
+    if args.compile:
+        teacher.forward = torch.compile(teacher.forward)  # as extract_trajectories.py --compile does
     S = args.teacher_steps
     steps, _ = student_timesteps(args.num_steps, S)
     meta = dict(cfg_scale=1.5, boundary_steps=steps)
@@ -118,6 +122,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="the students' history blocks")
+    p.add_argument("--parts", nargs="+", choices=["train", "sample", "extract"], default=["train", "sample", "extract"],
+                   help="what to measure (compiling every part of DiT-XL/2 takes minutes)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     args = p.parse_args(argv)
@@ -129,31 +136,35 @@ def main(argv=None):
     teacher = create_dit(args.model, args.image_size, **overrides).to(device)
     config = teacher.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{args.model} {args.image_size}², K={args.num_steps}, {args.precision}, compile={args.compile}, on {name}")
+    print(f"{args.model} {args.image_size}², K={args.num_steps}, {args.precision}, compile={args.compile}, "
+          f"attention={args.attention}, torch {torch.__version__}, on {name}", flush=True)
 
-    rows = [("teacher (1 step)", gflops(config), None)]
-    for N in sorted({0, args.history_layers}):
-        rows.append((f"ARD N={N}" + (" (step distillation)" if N == 0 else ""),
-                     gflops(config, args.num_steps, N), ARD(teacher, args.num_steps, N).to(device)))
     header = ["model", "GFLOPs/img", "train img/s", "MFU", "peak GB", *(f"{b} img ms" for b in args.sample_batches)]
-    table = []
-    for label, cost, student in rows:
-        if student is None:
-            table.append([label, f"{cost:.1f}", *["-"] * (len(header) - 2)])
-            continue
-        rate, memory = training_rate(student, args.train_batch, args, device, bf16)
-        mfu = rate * 3 * 2 * cost * 1e9 / (args.peak_tflops * 1e12)  # fwd + bwd = 3 forwards; 2 FLOPs per MAC
-        latencies = [f"{sampling_ms(student, b, args, device, bf16):.1f}" for b in args.sample_batches]
-        table.append([label, f"{cost:.1f}", f"{rate:.1f}", f"{100 * mfu:.1f}%", f"{memory:.1f}", *latencies])
+    print_row(header)
+    print_row(["---"] * len(header))
+    print_row(["teacher (1 step)", f"{gflops(config):.1f}", *["-"] * (len(header) - 2)])
+    costs = {}
+    for N in sorted({0, args.history_layers}):
+        costs[N] = gflops(config, args.num_steps, N)
+        student = ARD(teacher, args.num_steps, N, attention=args.attention).to(device)
+        cells = ["-"] * 3
+        if "train" in args.parts:
+            rate, memory = training_rate(student, args.train_batch, args, device, bf16)
+            mfu = rate * 3 * 2 * costs[N] * 1e9 / (args.peak_tflops * 1e12)  # fwd + bwd = 3 forwards; 2 FLOPs a MAC
+            cells = [f"{rate:.1f}", f"{100 * mfu:.1f}%", f"{memory:.1f}"]
+        latencies = [f"{sampling_ms(student, b, args, device, bf16):.1f}" if "sample" in args.parts else "-"
+                     for b in args.sample_batches]
+        print_row([f"ARD N={N}" + (" (step distillation)" if N == 0 else ""), f"{costs[N]:.1f}", *cells, *latencies])
         del student
-    widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *table]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
-    print(f"history overhead at sampling: {100 * (rows[-1][1] / rows[1][1] - 1):.2f}% FLOPs")
-    solve, bare = extraction_rates(teacher, args.extract_batch, args, device, bf16)
-    print(f"trajectory extraction ({args.teacher_steps} steps, CFG, batch {args.extract_batch}): {solve:.2f} traj/s, "
-          f"{100 * solve / bare:.1f}% of the bare forward rate ({bare:.2f} traj/s)")
+    print(f"history overhead at sampling: {100 * (costs[args.history_layers] / costs[0] - 1):.2f}% FLOPs")
+    if "extract" in args.parts:
+        solve, bare = extraction_rates(teacher, args.extract_batch, args, device, bf16)
+        print(f"trajectory extraction ({args.teacher_steps} steps, CFG, batch {args.extract_batch}): "
+              f"{solve:.2f} traj/s, {100 * solve / bare:.1f}% of the bare forward rate ({bare:.2f} traj/s)")
 
+
+def print_row(cells):
+    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -95,20 +95,26 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
+        # A buffer rather than computed per call: a compiled graph then has no CPU work (CUDA graphs need that).
+        self.register_buffer("freqs", self.frequencies(frequency_embedding_size), persistent=False)
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
+    def frequencies(dim, max_period=10000):
+        """Computed on the CPU, like DiT, so the values are the same bits on every device."""
         half = dim // 2
-        # Computed on the CPU and moved, like DiT, so the values are the same bits on every device.
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000, freqs=None):
+        freqs = TimestepEmbedder.frequencies(dim, max_period) if freqs is None else freqs
+        args = t[:, None].float() * freqs.float().to(t.device)[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freqs=self.freqs))
 
 
 class LabelEmbedder(nn.Module):
