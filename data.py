@@ -1,4 +1,5 @@
-"""Image data: class-labelled image folders (DiT/ADM preprocessing) and the embedded digits."""
+"""Image data: class-labelled image folders (DiT/ADM preprocessing) and two embedded datasets:
+scikit-learn's digits and procedural shapes."""
 import os
 
 import numpy as np
@@ -8,6 +9,9 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
 DIGITS = "digits"
+SHAPES = "shapes"
+SHAPE_NAMES = ("disc", "square", "triangle", "diamond", "ring")
+SHAPES_TRAIN_SEED, SHAPES_TRAIN_COUNT = 0, 20_000
 
 
 def center_crop_arr(image, image_size):
@@ -33,6 +37,68 @@ def load_digits(image_size=8):
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
+def render_shapes(count, seed, image_size=16, supersample=2, chunk=1000):
+    """Procedural 16x16 RGB images with coarse-to-fine structure: uint8 (count, H, W, 3) and labels.
+
+    Coarse: a smooth two-colour background gradient, and a shape's kind, position, size and
+    rotation. Fine: in classes 5-9 the shape is filled with stripes of a 2-3 pixel period at a
+    random angle. Class = kind + 5 * striped, kinds in SHAPE_NAMES. Anti-aliased by rendering
+    `supersample` times larger and averaging. Deterministic given (count, seed).
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2 * len(SHAPE_NAMES), count)
+    draws = dict(cx=rng.uniform(5.5, 10.5, count), cy=rng.uniform(5.5, 10.5, count),
+                 radius=rng.uniform(3.5, 5.5, count), angle=rng.uniform(0, 2 * np.pi, count),
+                 stripe_angle=rng.uniform(0, np.pi, count), period=rng.uniform(2.2, 3.2, count),
+                 gradient_angle=rng.uniform(0, 2 * np.pi, count))
+    background = rng.uniform(0.0, 0.45, (count, 2, 3))
+    colour = rng.uniform(0.55, 1.0, (count, 3)) * (rng.random((count, 3)) < 0.7) + rng.uniform(0, 0.2, (count, 3))
+    images = [render_chunk(labels[i:i + chunk], {k: v[i:i + chunk] for k, v in draws.items()},
+                           background[i:i + chunk], colour[i:i + chunk], image_size, supersample)
+              for i in range(0, count, chunk)]
+    return np.concatenate(images), labels
+
+
+def render_chunk(labels, draws, background, colour, image_size, supersample):
+    d = {k: v.astype(np.float32)[:, None, None] for k, v in draws.items()}
+    kind, striped = labels % len(SHAPE_NAMES), labels >= len(SHAPE_NAMES)
+    size = image_size * supersample
+    y, x = (np.mgrid[:size, :size].astype(np.float32) + 0.5) / supersample * (16 / image_size)
+    dx, dy = x - d["cx"], y - d["cy"]
+    cos, sin = np.cos(d["angle"]), np.sin(d["angle"])
+    u, v = (dx * cos + dy * sin) / d["radius"], (dy * cos - dx * sin) / d["radius"]
+    r2 = u ** 2 + v ** 2
+    inside = np.zeros(u.shape, dtype=bool)
+    for index, shape in enumerate([
+            lambda: r2 <= 1,
+            lambda: np.maximum(abs(u), abs(v)) <= 0.75,
+            lambda: (v >= -0.6) & (v <= 1) & (abs(u) <= 0.65 * (1 - v)),
+            lambda: abs(u) + abs(v) <= 1,
+            lambda: (r2 <= 1) & (r2 >= 0.4)]):
+        rows = kind == index
+        inside[rows] = shape()[rows]
+    phase = x * np.cos(d["stripe_angle"]) + y * np.sin(d["stripe_angle"])
+    dark = striped[:, None, None] & (np.sin(2 * np.pi * phase / d["period"]) > 0)
+    along = ((x - 8) * np.cos(d["gradient_angle"]) + (y - 8) * np.sin(d["gradient_angle"])) / 16 + 0.5
+    back = background[:, 0, None, None] * (1 - along[..., None]) + background[:, 1, None, None] * along[..., None]
+    shape_colour = np.where(dark[..., None], 0.35, 1.0) * colour[:, None, None]
+    image = np.where(inside[..., None], shape_colour, back)
+    image = image.reshape(len(labels), image_size, supersample, image_size, supersample, 3).mean(axis=(2, 4))
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def load_shapes(image_size=16):
+    """The shapes training set (SHAPES_TRAIN_COUNT images, seed SHAPES_TRAIN_SEED): images in
+    [-1, 1] of shape (N, 3, 16, 16) and labels (N,)."""
+    if image_size != 16:
+        raise ValueError(f"the shapes are 16x16 images; got --image-size {image_size}")
+    images, labels = render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, torch.from_numpy(labels)
+
+
+EMBEDDED = {DIGITS: (load_digits, 10, 1), SHAPES: (load_shapes, 2 * len(SHAPE_NAMES), 3)}
+
+
 class CenterCropFolder(Dataset):
     """DiT's ImageFolder convention (one sub-folder per class), RGB images in [-1, 1]."""
 
@@ -51,12 +117,13 @@ class CenterCropFolder(Dataset):
 
 
 def image_dataset(path, image_size):
-    """(dataset of (image in [-1, 1], label), number of classes, channels) for "digits" or a folder."""
-    if path == DIGITS:
-        images, labels = load_digits(image_size)
-        return TensorDataset(images, labels), 10, 1
+    """(dataset of (image in [-1, 1], label), number of classes, channels) for an embedded dataset
+    ("digits", "shapes") or an image folder."""
+    if path in EMBEDDED:
+        load, num_classes, channels = EMBEDDED[path]
+        return TensorDataset(*load(image_size)), num_classes, channels
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no image folder at {path!r} (or use --data-path {DIGITS})")
+        raise FileNotFoundError(f"no image folder at {path!r} (or use --data-path {' or '.join(EMBEDDED)})")
     dataset = CenterCropFolder(path, image_size)
     return dataset, len(dataset.folder.classes), 3
 

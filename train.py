@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ard import ARD, distillation_loss
-from data import DIGITS, image_dataset, random_flip
+from data import DIGITS, EMBEDDED, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
@@ -279,7 +279,7 @@ def mean_over_ranks(values):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(TASKS), default="ard")
-    p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder / 'digits' (teacher)")
+    p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder, 'digits' or 'shapes' (teacher)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None, help="suffix of the experiment directory")
     p.add_argument("--resume", default=None, help="experiment directory to continue from its latest checkpoint")
@@ -324,7 +324,7 @@ def build_parser():
     ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
     gan = p.add_argument_group("adversarial fine-tuning")
     gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
-    gan.add_argument("--real-data", help="image folder or 'digits'")
+    gan.add_argument("--real-data", help="image folder, 'digits' or 'shapes'")
     gan.add_argument("--disc-lr", type=float, default=1e-3)
     gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with adversarial weight 0")
     gan.add_argument("--gan-weight-scale", type=float, default=10.0)
@@ -373,7 +373,7 @@ def check_args(parser, args):
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
     if not args.data_path:
         parser.error("--data-path is required")
-    if args.data_path != DIGITS and not os.path.exists(args.data_path):
+    if args.data_path not in EMBEDDED and not os.path.exists(args.data_path):
         parser.error(f"--data-path {args.data_path} does not exist")
     if args.stage == "gan":
         for flag in ("init", "real_data"):
@@ -381,7 +381,7 @@ def check_args(parser, args):
                 parser.error(f"--stage gan needs --{flag.replace('_', '-')}")
         if not os.path.isfile(args.init):
             parser.error(f"--init {args.init} does not exist")
-        if args.real_data != DIGITS and not os.path.isdir(args.real_data):
+        if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
 
 

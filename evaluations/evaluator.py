@@ -3,6 +3,7 @@ against a reference batch, both ADM-style .npz files (`arr_0`: uint8 N x H x W x
 
     python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz
     python -m evaluations.evaluator digits_ref.npz samples.npz --features digits --classifier digits_cls.pt
+    python -m evaluations.evaluator shapes_ref.npz samples.npz --features shapes --classifier shapes_cls.pt
 
 A reference batch's stored mu/sigma/mu_s/sigma_s are used when present (its images still give the
 precision/recall manifold); otherwise they are computed once and cached next to it as REF.stats.npz.
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .digits import load_digits_features
+from .small import DATASETS, load_small_features
 from .inception import load_inception
 from .metrics import frechet_distance, gaussian_statistics, inception_score, precision_recall, softmax
 from .npz import open_images, stored_statistics
@@ -100,26 +101,29 @@ def inception_reference(ref, net, batch_size, device, progress):
 
 def check_inputs(ref, samples, features, classifier):
     """Every error that can be found without running a network."""
-    if features not in ("inception", "digits"):
-        raise ValueError(f"features must be 'inception' or 'digits', got {features!r}")
+    if features != "inception" and features not in DATASETS:
+        raise ValueError(f"features must be 'inception' or one of {', '.join(map(repr, DATASETS))}, got {features!r}")
     if ref.shape[1:3] != samples.shape[1:3]:
         raise ValueError(f"resolution mismatch: reference images are {ref.shape[1]}x{ref.shape[2]}, "
                          f"samples are {samples.shape[1]}x{samples.shape[2]}")
     for images in (ref, samples):
         if images.shape[0] <= K_NEAREST:
             raise ValueError(f"{images.name}: {images.shape[0]} images; precision/recall needs more than {K_NEAREST}")
-    if features == "digits":
+    if features in DATASETS:
         if classifier is None:
-            raise ValueError("digits features need a classifier path (--classifier PATH; trained there if missing)")
-        if samples.shape[1:3] != (8, 8):
-            raise ValueError(f"digits features need 8x8 images, got {samples.shape[1]}x{samples.shape[2]}")
+            raise ValueError(f"{features} features need a classifier path (--classifier PATH; trained there if "
+                             "missing)")
+        size = DATASETS[features][2]
+        if samples.shape[1:3] != (size, size):
+            raise ValueError(f"{features} features need {size}x{size} images, got "
+                             f"{samples.shape[1]}x{samples.shape[2]}")
 
 
 def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
              batch_size=250, device=None, progress=True):
     """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
-    {"is", "fid", "sfid", "precision", "recall"}; with features="digits" the digits classifier at
-    `classifier` replaces Inception and there is no "sfid"."""
+    {"is", "fid", "sfid", "precision", "recall"}; with features="digits" or "shapes" that dataset's
+    classifier at `classifier` replaces Inception and there is no "sfid"."""
     ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
     check_inputs(ref, samples, features, classifier)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -128,14 +132,14 @@ def evaluate(ref, samples, features="inception", inception_weights=None, classif
             net = load_inception(inception_weights, device)
             ref_stats = inception_reference(ref, net, batch_size, device, progress)
         else:
-            net = load_digits_features(classifier, device)
+            net = load_small_features(classifier, features, device)
             ref_stats = statistics(extract_features(ref, net, batch_size, device, progress, "reference"))
         acts = extract_features(samples, net, batch_size, device, progress, "samples")
         precision, recall = precision_recall(ref_stats["pool"], acts["pool"], K_NEAREST, device=device)
     sample_stats = statistics(acts)
     results = {"is": inception_score(softmax(acts["logits"]))}
     for name, mu, sigma in [("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")]:
-        if mu in sample_stats:  # no spatial statistics (sFID) in the digits mode
+        if mu in sample_stats:  # no spatial statistics (sFID) in the small-data modes
             results[name] = frechet_distance(sample_stats[mu], sample_stats[sigma], ref_stats[mu], ref_stats[sigma])
     return {**results, "precision": precision, "recall": recall}
 
@@ -144,11 +148,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optionally mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images)")
-    parser.add_argument("--features", choices=["inception", "digits"], default="inception",
-                        help="digits: the small-data mode; FID, precision/recall and the Inception Score use "
-                             "the digits classifier, and sFID (no spatial features) is not printed")
+    parser.add_argument("--features", choices=["inception", *DATASETS], default="inception",
+                        help="digits, shapes: the small-data modes; FID, precision/recall and the Inception Score "
+                             "use that dataset's classifier, and sFID (no spatial features) is not printed")
     parser.add_argument("--inception-weights", help="pytorch-fid's weight file (default: downloaded and cached)")
-    parser.add_argument("--classifier", help="digits classifier state dict (trained and saved here if missing)")
+    parser.add_argument("--classifier", help="small-data classifier state dict (trained and saved here if missing)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -157,8 +161,9 @@ def main(argv=None):
                            args.classifier, args.batch_size, args.device)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    if args.features == "digits":
-        print("digits features: no sFID; the Inception Score is the digits classifier's", file=sys.stderr)
+    if args.features in DATASETS:
+        print(f"{args.features} features: no sFID; the Inception Score is the {args.features} classifier's",
+              file=sys.stderr)
     for key, label in LABELS.items():
         if key in results:
             print(f"{label}: {results[key]}")

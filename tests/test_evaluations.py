@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluations import evaluator, inception, metrics
-from evaluations.digits import digits_uint8, load_digits_classifier, train_digits_classifier
+from evaluations.small import digits_uint8, load_classifier, reference_images, train_classifier
 from evaluations.npz import open_images
 
 
@@ -294,14 +294,14 @@ def classifier_path(tmp_path_factory):
 def test_digits_classifier_is_accurate(classifier_path):
     images, labels = digits_uint8()
     assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8 and images.max() == 255
-    model = load_digits_classifier(classifier_path)
+    model = load_classifier(classifier_path)
     with torch.no_grad():
         predictions = model(torch.tensor(images[..., :1]).permute(0, 3, 1, 2).float() / 255).argmax(1)
     assert (predictions.numpy() == labels).mean() > 0.98
 
 
 def test_digits_classifier_training_is_deterministic(tmp_path):
-    first, again, other = (train_digits_classifier(str(tmp_path / f"{name}.pt"), seed=seed, epochs=1).state_dict()
+    first, again, other = (train_classifier(str(tmp_path / f"{name}.pt"), seed=seed, epochs=1).state_dict()
                            for name, seed in [("first", 0), ("again", 0), ("other", 1)])
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["head.weight"], other["head.weight"])
