@@ -218,6 +218,8 @@ def distributed(module, device):
 
 
 def unwrap(model):
+    """The module itself, from inside torch.compile and DDP (compile wraps DDP in train.py)."""
+    model = getattr(model, "_orig_mod", model)
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import ard
 import extract_trajectories as et
@@ -566,6 +567,19 @@ def test_discriminator_shapes_and_frozen_features():
     assert all(p.grad is None for p in disc.features.parameters())
     assert all(p.grad is not None for p in disc.heads.parameters())
     assert not disc.train().features.training
+
+
+# ---------------------------------------------------------------------------- wrappers
+
+def test_unwrap_sees_through_compile_and_ddp():
+    """train.py compiles the DDP wrapper: unwrap peels both (a DDP shell, no process group needed)."""
+    net = torch.nn.Linear(2, 2)
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)
+    torch.nn.Module.__init__(ddp)
+    ddp.module = net
+    assert train.unwrap(torch.compile(ddp)) is net
+    assert train.unwrap(ddp) is net and train.unwrap(torch.compile(net)) is net and train.unwrap(net) is net
+
 
 
 # ---------------------------------------------------------------------------- crashes and NaNs
