@@ -174,6 +174,14 @@ class ARD(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
+@torch.no_grad()
+def student_fed_stages(student, stages, y):
+    """Stage inputs (B, K, C, H, W) fed the student's own outputs: x_T from `stages`, then the first
+    K-1 outputs of its KV-cached `sample` from that x_T (no gradient), in the dtype of `stages`."""
+    rollout = student.sample(stages[:, 0], y)
+    return torch.cat([stages[:, :1], rollout[:, :-1].to(stages.dtype)], dim=1)
+
+
 def distillation_loss(prediction, target):
     """Mean over stages of the per-stage MSE (equal weights); also returns the (K,) per-stage values."""
     per_stage = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(0, 2, 3, 4))

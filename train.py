@@ -9,6 +9,14 @@
 Every step is a pure function of (checkpoint, seed, step): batches come from a per-epoch
 permutation and the RNG is reseeded per step and rank, so a resumed run is bit-identical to
 an uninterrupted one.
+
+Student-fed inputs (ard and gan): `--student-fed P` feeds a step, with probability P, the
+student's own rollouts as stage inputs instead of the teacher's points: x_T, then the first
+K-1 outputs of its KV-cached `sample` from that x_T with the current weights (no gradient);
+the targets stay the teacher's. `--student-fed-ramp S` raises P linearly from 0 over the
+first S steps. The choice depends on (--global-seed, step) alone, so it is the same on every
+rank and after a resume. P = 0 (the default) is the paper's pure teacher forcing; a fed step
+costs one K-step sample more.
 """
 import argparse
 import copy
@@ -19,13 +27,14 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ard import ARD, distillation_loss
+from ard import ARD, distillation_loss, student_fed_stages
 from data import DIGITS, EMBEDDED, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset
@@ -78,6 +87,17 @@ def seed_step(seed, step, rank):
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
 
 
+def student_fed_probability(step, probability, ramp):
+    """--student-fed's probability at `step`: linear from 0 over the first `ramp` steps, then `probability`."""
+    return probability * min(1.0, step / ramp) if ramp else probability
+
+
+def feeds_student(seed, step, probability, ramp=0):
+    """Whether training step `step` is student-fed: one uniform draw from a generator of its own,
+    seeded by (seed, step) alone, so every rank and every resume decides alike."""
+    return np.random.default_rng([seed, step]).random() < student_fed_probability(step, probability, ramp)
+
+
 # ---------------------------------------------------------------------------- tasks
 
 class TeacherTask:
@@ -109,7 +129,8 @@ class TeacherTask:
 
 
 class DistillationTask:
-    """ARD regression on teacher trajectories, teacher-forced (the paper's main stage)."""
+    """ARD regression on teacher trajectories, teacher-forced (the paper's main stage) or
+    student-fed on a share of the steps (--student-fed)."""
 
     init_checkpoint = None
 
@@ -126,11 +147,21 @@ class DistillationTask:
         self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
                            **self.model.settings)
+        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+
+    def stage_inputs(self, model, batch, step):
+        """(stages, targets, y, fed): the batch, its stage inputs replaced by the online student's own
+        rollout from the same x_T when this step is student-fed."""
+        stages, targets, y = batch
+        fed = feeds_student(self.seed, step, self.student_fed, self.student_fed_ramp)
+        if fed:
+            stages = student_fed_stages(unwrap(model), stages, y)
+        return stages, targets, y, fed
 
     def loss(self, model, batch, step):
-        stages, targets, y = batch
+        stages, targets, y, fed = self.stage_inputs(model, batch, step)
         loss, per_stage = distillation_loss(model(stages, y), targets)
-        return loss, {f"stage{k}": v for k, v in enumerate(per_stage)}
+        return loss, distillation_logs(per_stage, fed)
 
     def generate(self, ema, noise, y):
         return ema.sample(noise, y)[:, -1]
@@ -166,7 +197,7 @@ class AdversarialTask(DistillationTask):
         return self.noiser.q_sample(x, t), t
 
     def loss(self, model, batch, step):
-        stages, targets, y = batch
+        stages, targets, y, fed = self.stage_inputs(model, batch, step)
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)
         self.fake, self.fake_labels = prediction[:, -1].detach(), y
@@ -178,7 +209,7 @@ class AdversarialTask(DistillationTask):
         else:
             last_layer = unwrap(model).heads[-1].linear.weight
             weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
-        logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
+        logs = distillation_logs(per_stage, fed)
         return regression + weight * adversarial, dict(logs, reg=regression.detach(), g_adv=adversarial.detach(),
                                                        gan_weight=weight)
 
@@ -218,8 +249,16 @@ def distributed(module, device):
 
 
 def unwrap(model):
+    """The module itself, from inside torch.compile and DDP (compile wraps DDP in train.py)."""
+    model = getattr(model, "_orig_mod", model)
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)
+
+
+def distillation_logs(per_stage, fed):
+    """Each stage's loss and whether the step was student-fed (1) or teacher-forced (0)."""
+    logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
+    return dict(logs, fed=torch.tensor(float(fed), device=per_stage.device))
 
 
 @torch.no_grad()
@@ -322,6 +361,12 @@ def build_parser():
     ard.add_argument("--target", choices=["state", "x0"], default="state")
     ard.add_argument("--shared-head", action="store_true")
     ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
+    ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",
+                     help="probability that a step feeds the stages after x_T the student's own rollout (its "
+                          "KV-cached sample, no gradient) instead of the teacher's points; targets stay the "
+                          "teacher's (ard and gan; default 0: teacher forcing, the paper's)")
+    ard.add_argument("--student-fed-ramp", type=int, default=0, metavar="S",
+                     help="raise the --student-fed probability linearly from 0 over the first S steps")
     gan = p.add_argument_group("adversarial fine-tuning")
     gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
     gan.add_argument("--real-data", help="image folder, 'digits' or 'shapes'")
@@ -383,6 +428,20 @@ def check_args(parser, args):
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
+    check_student_fed(parser, args)
+
+
+def check_student_fed(parser, args):
+    if not 0 <= args.student_fed <= 1:
+        parser.error(f"--student-fed must be in [0, 1], got {args.student_fed}")
+    if args.student_fed_ramp < 0:
+        parser.error(f"--student-fed-ramp must be >= 0, got {args.student_fed_ramp}")
+    if args.student_fed_ramp and not args.student_fed:
+        parser.error("--student-fed-ramp needs --student-fed > 0")
+    if args.student_fed and args.stage == "teacher":
+        parser.error("--student-fed applies to --stage ard and gan (a student's rollouts), not teacher")
+    if args.student_fed and args.stage == "ard" and args.num_steps < 2:
+        parser.error("--student-fed needs --num-steps >= 2 (one step has no input after x_T)")
 
 
 # ---------------------------------------------------------------------------- main loop

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ard import ARD, MASKS, distillation_loss, gflops, stage_mask
+from ard import ARD, MASKS, distillation_loss, gflops, stage_mask, student_fed_stages
 from models import DiT
 
 K = 4
@@ -75,6 +75,20 @@ def test_cached_sampling_equals_teacher_forcing_on_own_outputs(teacher, mask, hi
     assert sampled.shape == (3, K, 2, 8, 8)
     stages = torch.cat([noise[:, None], sampled[:, :-1]], dim=1)
     torch.testing.assert_close(student(stages, y), sampled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("history_layers", [0, 2])
+def test_student_fed_stages_are_the_students_own_rollout(teacher, history_layers):
+    """x_T, then the student's own free-running outputs; fed them, the teacher-forced forward
+    reproduces the rollout it came from (the explicit rollout: sample, then forward)."""
+    student = ARD(teacher, num_steps=K, history_layers=history_layers).train()
+    stages, y = inputs()
+    fed = student_fed_stages(student, stages, y)
+    rollout = student.sample(stages[:, 0], y)
+    assert torch.equal(fed[:, 0], stages[:, 0])
+    assert torch.equal(fed[:, 1:], rollout[:, :-1])
+    assert not fed.requires_grad
+    torch.testing.assert_close(student(fed, y), rollout, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask", MASKS)

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import ard
 import extract_trajectories as et
@@ -34,6 +35,8 @@ QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1"]
 TRAJ_SAMPLES, BATCH = 32, 8
 K = 4
 CKPT_KEYS = {"model", "ema", "opt", "step", "args"}
+# Half the steps student-fed: with --global-seed 0, steps 1-6 mix both kinds on either side of step 3.
+FED_HALF = ["--student-fed", "0.5"]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -205,7 +208,7 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, and a GAN run."""
+    3 steps + resume to 6, a GAN run, and the same ARD runs student-fed (--student-fed 0.5)."""
     base = tmp_path_factory.mktemp("ddp")
     torchrun(os.path.join(ROOT, "train.py"), teacher_argv(base / "teacher", "--iterations", 2, "--ckpt-every", 1))
     runs = [
@@ -215,12 +218,15 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
         ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+        ard_argv(teacher_ckpt, traj, base / "fed6", *FED_HALF, "--iterations", 6, "--ckpt-every", 6),
+        ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, "--iterations", 3, "--ckpt-every", 3),
+        ["--resume", str(base / "fed3" / "000-ard-N1"), "--iterations", "6"],
     ]
     runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
-    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2")}
+    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2", "fed6", "fed3")}
     assert all(len(v) == 1 for v in out.values()), out
     return {name: v[0] for name, v in out.items()}
 
@@ -352,12 +358,14 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
-@pytest.mark.parametrize("stage, workers", [("teacher", 0), ("ard", 0), ("ard", 2), ("gan", 0)])
+@pytest.mark.parametrize("stage, workers", [("teacher", 0), ("ard", 0), ("ard", 2), ("ard-fed", 0), ("gan", 0)])
 def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj, ard_run, image_folder, tmp_path):
     if stage == "teacher":
         argv = lambda results: teacher_argv(results, "--global-batch-size", 4, data=image_folder)  # noqa: E731
     elif stage == "ard":
         argv = lambda results: ard_argv(teacher_ckpt, traj, results)  # noqa: E731
+    elif stage == "ard-fed":
+        argv = lambda results: ard_argv(teacher_ckpt, traj, results, *FED_HALF)  # noqa: E731
     else:
         argv = lambda results: gan_argv(ckpt(ard_run, 6), traj, results, "--gan-warmup", 2)  # noqa: E731
     extra = ["--num-workers", workers]
@@ -371,6 +379,10 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
     assert a["step"] == b["step"] == 6
     if stage == "gan":
         assert "disc_heads" in a and "disc_opt" in a
+    if stage == "ard-fed":  # student-fed and teacher-forced steps both before and after the resume
+        assert b["args"]["student_fed"] == 0.5
+        fed = [r["fed"] for _, r in log_steps(part)]
+        assert set(fed[:3]) == set(fed[3:]) == {0, 1}, fed
     # the resumed run logged steps 4..6 only, after the first run's 1..3
     assert [s for s, _ in log_steps(part)] == [1, 2, 3, 4, 5, 6]
     # and steps 4..6 really changed the weights (the comparison is not vacuous)
@@ -389,6 +401,19 @@ def test_resume_is_bit_identical_two_processes(ddp):
     assert_same_training_state(load(ckpt(ddp["gan"], 3)), load(ckpt(ddp["gan2"], 3)))
 
 
+def test_student_fed_resume_is_bit_identical_two_processes(ddp):
+    assert_same_training_state(load(ckpt(ddp["fed6"], 6)), load(ckpt(ddp["fed3"], 6)))
+    assert [r["fed"] for _, r in log_steps(ddp["fed6"])] == [r["fed"] for _, r in log_steps(ddp["fed3"])]
+
+
+def test_student_fed_two_processes_match_one_process(ddp, teacher_ckpt, traj, tmp_path):
+    """Every rank makes the same per-step choice and rolls out its own part of the batch."""
+    one = run(ard_argv(teacher_ckpt, traj, tmp_path, *FED_HALF, "--iterations", 6, "--ckpt-every", 6))
+    a, b = load(ckpt(one, 6)), load(ckpt(ddp["fed6"], 6))
+    assert tensors_close(a["model"], b["model"], rtol=1e-4, atol=1e-6)
+    assert [r["fed"] for _, r in log_steps(one)] == [r["fed"] for _, r in log_steps(ddp["fed6"])]
+
+
 def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
     first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2, "--lr", "5e-4",
                          "--max-grad-norm", "0.5", "--ema-decay", "0.9"))
@@ -405,7 +430,8 @@ def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--history-layers", "2"), ("--stage", "teacher"),
-                                         ("--global-batch-size", "16")])
+                                         ("--global-batch-size", "16"), ("--student-fed", "0.5"),
+                                         ("--student-fed-ramp", "10")])
 def test_resume_with_a_changed_setting_stops(ard_run, flag, value, capsys):
     before = ckpt_steps(ard_run)
     with pytest.raises(SystemExit) as e:
@@ -566,6 +592,113 @@ def test_discriminator_shapes_and_frozen_features():
     assert all(p.grad is None for p in disc.features.parameters())
     assert all(p.grad is not None for p in disc.heads.parameters())
     assert not disc.train().features.training
+
+
+# ---------------------------------------------------------------------------- student-fed inputs
+
+def record_forward_calls(monkeypatch):
+    """[(stages, y, weights)] of every ARD.forward call, the weights as they were at the call."""
+    calls = []
+    real_forward = ard.ARD.forward
+
+    def recording(self, stages, y):
+        weights = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        calls.append((stages.detach().clone(), y.clone(), weights))
+        return real_forward(self, stages, y)
+
+    monkeypatch.setattr(ard.ARD, "forward", recording)
+    return calls
+
+
+def teacher_batch(traj, step):
+    """(stages, targets, labels) from the trajectories at `step` of a one-process run with --global-seed 0."""
+    data = et.TrajectoryDataset(traj)
+    indices = next(iter(train.StepBatches(len(data), BATCH, rank=0, world_size=1, seed=0, start_step=step)))
+    return [torch.stack(t) for t in zip(*[data[i] for i in indices])]
+
+
+@pytest.mark.parametrize("stage, probability", [("ard", 0), ("ard", 1), ("gan", 1)])
+def test_stage_inputs_are_the_teachers_or_the_students_own_rollout(stage, probability, teacher_ckpt, traj, ard_run,
+                                                                   tmp_path, monkeypatch):
+    """--student-fed 0: the teacher's points, exactly. --student-fed 1: x_T, then the rollout
+    (KV-cached sample) of the student's weights at that very step; targets stay the teacher's."""
+    calls = record_forward_calls(monkeypatch)
+    argv = (ard_argv(teacher_ckpt, traj, tmp_path) if stage == "ard" else
+            gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--gan-warmup", 1))
+    experiment = run(argv + ["--iterations", 3, "--ckpt-every", 3, "--student-fed", probability])
+    args = load(ckpt(experiment, 3))["args"]
+    assert len(calls) == 3 and args["student_fed"] == probability
+    for step, (stages, y, weights) in enumerate(calls):
+        teacher_stages, targets, labels = teacher_batch(traj, step)
+        assert torch.equal(y, labels) and torch.equal(stages[:, 0], teacher_stages[:, 0])
+        if probability == 0:
+            assert torch.equal(stages, teacher_stages)
+            continue
+        student = ard.ARD(models.DiT(**args["dit"]), **ard.student_kwargs(args))
+        student.load_state_dict(weights)
+        rollout = student.sample(stages[:, 0], y)
+        assert torch.equal(stages[:, 1:], rollout[:, :-1]), f"step {step}"
+        assert not torch.equal(stages[:, 1:], teacher_stages[:, 1:])
+        logged = log_steps(experiment)[step][1]
+        loss = ard.distillation_loss(rollout, targets)[0].item()  # fed its rollout, forward reproduces it
+        assert logged["reg" if stage == "gan" else "loss"] == pytest.approx(loss, rel=1e-3)
+    assert not torch.equal(calls[0][2]["blocks.0.attn.qkv.weight"], calls[2][2]["blocks.0.attn.qkv.weight"])
+    assert [r["fed"] for _, r in log_steps(experiment)] == [probability] * 3
+
+
+def test_student_fed_choice_is_a_function_of_seed_and_step():
+    steps = range(4000)
+    choices = [train.feeds_student(0, s, 0.3) for s in steps]
+    torch.manual_seed(123)  # neither the global RNG nor anything else enters
+    assert [train.feeds_student(0, s, 0.3) for s in steps] == choices
+    assert sum(choices) / len(choices) == pytest.approx(0.3, abs=0.03)
+    assert [train.feeds_student(1, s, 0.3) for s in steps] != choices
+    assert not any(train.feeds_student(0, s, 0.0) for s in steps)
+    assert all(train.feeds_student(0, s, 1.0) for s in steps)
+    # one draw per step: the steps fed at 0.3 are among those fed at 0.6
+    assert all(train.feeds_student(0, s, 0.6) for s in steps if choices[s])
+
+
+def test_student_fed_ramp():
+    probability = train.student_fed_probability
+    assert [probability(s, 0.5, ramp=100) for s in (0, 25, 50, 100, 1000)] == pytest.approx([0, 0.125, 0.25, 0.5, 0.5])
+    assert probability(0, 0.5, ramp=0) == 0.5
+    # over a ramp of 2000 steps, a quarter of the steps at P=0.5
+    fed = sum(train.feeds_student(7, s, 0.5, ramp=2000) for s in range(2000))
+    assert fed / 2000 == pytest.approx(0.25, abs=0.03)
+    assert not any(train.feeds_student(7, s, 0.5, ramp=2000) for s in range(20))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--student-fed", "1.5"], "--student-fed must be in [0, 1], got 1.5"),
+    (["--student-fed", "-0.1"], "--student-fed must be in [0, 1], got -0.1"),
+    (["--student-fed", "nan"], "--student-fed must be in [0, 1], got nan"),
+    (["--student-fed", "0.5", "--student-fed-ramp", "-1"], "--student-fed-ramp must be >= 0, got -1"),
+    (["--student-fed-ramp", "100"], "--student-fed-ramp needs --student-fed > 0"),
+    (["--student-fed", "0.5", "--num-steps", "1"], "--student-fed needs --num-steps >= 2"),
+])
+def test_bad_student_fed_flags(extra, message, teacher_ckpt, traj, tmp_path, capsys):
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, *extra), capsys, message)
+    assert experiments(tmp_path) == []
+
+
+def test_student_fed_teacher_stage_stops(tmp_path, capsys):
+    expect_usage_error(teacher_argv(tmp_path, "--student-fed", 0.5), capsys,
+                       "--student-fed applies to --stage ard and gan")
+    assert experiments(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- wrappers
+
+def test_unwrap_sees_through_compile_and_ddp():
+    """train.py compiles the DDP wrapper: unwrap peels both (a DDP shell, no process group needed)."""
+    net = torch.nn.Linear(2, 2)
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)
+    torch.nn.Module.__init__(ddp)
+    ddp.module = net
+    assert train.unwrap(torch.compile(ddp)) is net
+    assert train.unwrap(ddp) is net and train.unwrap(torch.compile(net)) is net and train.unwrap(net) is net
+
 
 
 # ---------------------------------------------------------------------------- crashes and NaNs
