@@ -1,13 +1,20 @@
-"""The embedded default: ARD on scikit-learn's handwritten digits, end to end on a CPU.
+"""The embedded default: ARD end to end on small embedded datasets on a CPU, and the study of when
+the trajectory's history helps.
 
-    python demo.py            # students with N = 0, 1, depth/2, depth: table, grids, plots (~6 min, 2 CPU cores)
-    python demo.py --full     # adds the state/x0 comparison (~3 min more)
+    python demo.py                     # digits: step distillation against ARD under two recipes (~9 min, 2 cores)
+    python demo.py --dataset shapes    # the same on procedural 16x16 RGB shapes
+    python demo.py --study             # the study: both datasets, N, target, K=2, 2 seeds (prints its time first)
+
+Recipes. "teacher-forced" is the paper's: every stage input is the teacher's trajectory point.
+"student-fed" is ours: from a linear ramp over the first half of training up to probability 0.5,
+a step feeds the student's own free-running outputs as the inputs after x_T (train.py
+--student-fed), so it is trained on the errors it will make when it generates.
 
 Every stage is one of the project's own scripts, run with the command line printed before it:
-a tiny DiT teacher on 8x8 digits in pixel space (shipped in assets/, or trained with
---teacher train), 25-step DDIM trajectories with CFG, K=4 students (train.py), samples
-(sample_ddp.py, sample.py) and the evaluator, with a small digits classifier in place of
-Inception. Finished stages are reused when the demo runs again into the same --out.
+a tiny DiT teacher in pixel space (shipped in assets/, or trained with --teacher train), 25-step
+DDIM trajectories with CFG, K-step students (train.py), samples (sample_ddp.py, sample.py) and the
+evaluator in the features of a small classifier of the dataset in place of Inception. Finished
+runs are reused when the demo runs again into the same --out, so an interrupted study resumes.
 """
 import argparse
 import glob
@@ -15,8 +22,10 @@ import json
 import os
 import shlex
 import time
+from dataclasses import dataclass
 
 import matplotlib
+import numpy as np
 import torch
 
 matplotlib.use("Agg")
@@ -27,21 +36,59 @@ import sample  # noqa: E402
 import sample_ddp  # noqa: E402
 import train  # noqa: E402
 from ard import gflops, load_student  # noqa: E402
-from evaluations.digits import digits_uint8  # noqa: E402
 from evaluations.evaluator import evaluate  # noqa: E402
+from evaluations.small import reference_images  # noqa: E402
 from extract_trajectories import TrajectoryDataset  # noqa: E402
-from utils import index_noise_and_labels, save_npz  # noqa: E402
+from utils import index_noise_and_labels, save_json, save_npz  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHIPPED_TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
-K = 4
 TEACHER_STEPS = 25
 CFG_SCALE = 1.5
-# The shipped teacher: `python demo.py --teacher train` runs exactly this, then exports it (float16).
-TEACHER_FLAGS = ["--data-path", "digits", "--image-size", 8, "--vae", "none", "--model", "DiT-S/2", "--depth", 4,
-                 "--hidden-size", 64, "--num-heads", 4, "--global-batch-size", 128, "--iterations", 4000,
-                 "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--ckpt-every", 4000,
-                 "--sample-every", 4000, "--num-workers", 0]
+STUDENT_FED_PROB = 0.5
+RECIPES = ("teacher-forced", "student-fed")
+SMALL_DIT = ["--vae", "none", "--depth", 4, "--hidden-size", 64, "--num-heads", 4, "--global-batch-size", 128,
+             "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--num-workers", 0]
+# The shipped teachers: `python demo.py --dataset D --teacher train` runs exactly this, then exports it (float16).
+DATASETS = {
+    "digits": dict(image_size=8, teacher_flags=["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2",
+                                                "--iterations", 4000, *SMALL_DIT]),
+    "shapes": dict(image_size=16, teacher_flags=["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4",
+                                                 "--iterations", 3000, *SMALL_DIT]),
+}
+MINUTES_PER_STUDENT = 1.3  # 1000 steps of batch 64, samples and metrics, on two CPU cores
+
+
+@dataclass(frozen=True)
+class Student:
+    K: int
+    N: int
+    target: str
+    recipe: str
+
+    @property
+    def key(self):
+        return f"K{self.K}-N{self.N}-{self.target}-{self.recipe}"
+
+    def label(self):
+        name = "step distillation (N=0)" if self.N == 0 else f"ARD (N={self.N})"
+        return name + ("" if self.target == "state" else ", x0 target")
+
+
+def paper_history_layers(depth):
+    """The paper's best N=6 of 28 blocks, in proportion (at least 1)."""
+    return max(1, round(depth * 6 / 28))
+
+
+def demo_grid(depth, K=4):
+    return [Student(K, n, "state", recipe) for recipe in RECIPES for n in sorted({0, paper_history_layers(depth), depth})]
+
+
+def study_grid(depth):
+    """The study's axes: N from 0 to depth, the x0 target, and K=2, each under both recipes."""
+    ard_n = paper_history_layers(depth)
+    return ([Student(4, n, "state", r) for r in RECIPES for n in sorted({0, 1, ard_n, depth // 2, depth})]
+            + [Student(4, n, "x0", r) for r in RECIPES for n in (0, ard_n)]
+            + [Student(2, n, "state", r) for r in RECIPES for n in (0, ard_n)])
 
 
 def run(script, main, argv):
@@ -61,31 +108,94 @@ def train_once(results_dir, stage, name, flags):
     return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
 
 
-def shipped_teacher(out):
-    """Trains the demo's teacher and exports it as assets/ holds it."""
-    ckpt = train_once(os.path.join(out, "runs"), "teacher", "digits", TEACHER_FLAGS)
-    exported = os.path.join(out, "digits_teacher.safetensors")
+def trained_teacher(dataset, out):
+    """Trains the dataset's teacher and exports it as assets/ holds it."""
+    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, DATASETS[dataset]["teacher_flags"])
+    exported = os.path.join(out, f"{dataset}_teacher.safetensors")
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
 
 
-def extract(teacher, out, num_samples, seed):
-    run("extract_trajectories.py", extract_trajectories.main, [
-        "--ckpt", teacher, "--out", out, "--num-samples", num_samples, "--shard-size", min(num_samples, 1024),
-        "--batch-size", 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE,
-        "--seed", seed])
-    return out
+def cached(path, compute):
+    """compute() -> a JSON-able result, stored at `path` and read from there on later runs."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    save_json(result, path)
+    return result
 
 
-def student_label(n, target):
-    return ("step distillation (N=0)" if n == 0 else f"ARD (N={n})") + ("" if target == "state" else ", x0 target")
+class Experiment:
+    """One dataset's teacher, trajectories, students and metrics, all under `out`."""
+
+    def __init__(self, dataset, teacher, out, args):
+        self.dataset, self.teacher, self.out, self.args = dataset, teacher, out, args
+        self.config = sample.load_generator(teacher)[2]["dit"]
+        self.depth = self.config["depth"]
+        os.makedirs(os.path.join(out, "metrics"), exist_ok=True)
+        self.reference = os.path.join(out, "reference.npz")
+        if not os.path.exists(self.reference):
+            images, labels = reference_images(dataset)
+            save_npz(self.reference, dict(arr_0=images, arr_1=labels))
+
+    def trajectories(self, K, held_out=False):
+        name, count, seed = ("held_out", self.args.num_held_out, 1) if held_out else \
+            ("trajectories", self.args.num_trajectories, 0)
+        path = os.path.join(self.out, f"{name}_K{K}")
+        run("extract_trajectories.py", extract_trajectories.main, [
+            "--ckpt", self.teacher, "--out", path, "--num-samples", count, "--shard-size", min(count, 1024),
+            "--batch-size", 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE,
+            "--seed", seed])
+        return path
+
+    def train_student(self, student, seed):
+        fed = [] if student.recipe == "teacher-forced" else \
+            ["--student-fed", STUDENT_FED_PROB, "--student-fed-ramp", self.args.iterations // 2]
+        return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", [
+            "--data-path", self.trajectories(student.K), "--teacher", self.teacher, "--num-steps", student.K,
+            "--history-layers", student.N, "--target", student.target, *fed, "--global-seed", seed,
+            "--global-batch-size", self.args.batch_size, "--iterations", self.args.iterations, "--lr", "1e-3",
+            "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every", self.args.iterations,
+            "--sample-every", self.args.iterations, "--num-workers", 0])
+
+    def metrics(self, key, ckpt, steps, flags):
+        """FID, precision, recall and ms/img of one generator; a grid PNG beside them."""
+        npz = os.path.join(self.out, f"samples_{key}.npz")
+        if not os.path.exists(npz):
+            run("sample_ddp.py", sample_ddp.main, ["--ckpt", ckpt, "--out", npz, "--num-fid-samples",
+                                                   self.args.num_images, "--per-proc-batch-size", 500, *flags])
+        result = evaluate(self.reference, npz, features=self.dataset,
+                          classifier=os.path.join(self.out, "classifier.pt"), progress=False)
+        run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{key}.png"),
+                                       "--class-labels", *list(range(10)) * 4, "--nrow", 10, *flags])
+        return dict(fid=result["fid"], precision=result["precision"], recall=result["recall"],
+                    ms_per_image=ms_per_image(ckpt, steps, min(200, self.args.num_images)))
+
+    def teacher_row(self, steps):
+        flags = ["--sampler", "ddim", "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
+        return cached(os.path.join(self.out, "metrics", f"teacher_ddim{steps}.json"),
+                      lambda: self.metrics(f"teacher_ddim{steps}", self.teacher, steps, flags))
+
+    def student_row(self, student, seed):
+        def compute():
+            ckpt = self.train_student(student, seed)
+            free, forced = stage_errors(ckpt, self.trajectories(student.K, held_out=True))
+            return dict(self.metrics(f"{student.key}-s{seed}", ckpt, student.K, []), free_errors=free,
+                        forced_errors=forced)
+        return cached(os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json"), compute)
+
+    def mflops(self, steps, history_layers=0, guided=False):
+        return 1e3 * gflops(self.config, steps, history_layers) * (2 if guided else 1)  # CFG: two forwards a step
 
 
-def ms_per_image(ckpt, steps, count, device, repeats=3):
+def ms_per_image(ckpt, steps, count, repeats=3):
     """Wall time per image of generating `count` images in one batch (best of 3)."""
-    generate, network, _ = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generate, network, info = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)
     network.to(device)
-    noise, y = (t.to(device) for t in index_noise_and_labels(2, range(count), (1, 8, 8), 10))
+    shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
+    noise, y = (t.to(device) for t in index_noise_and_labels(2, range(count), shape, info["dit"]["num_classes"]))
     times = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -95,29 +205,6 @@ def ms_per_image(ckpt, steps, count, device, repeats=3):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return 1000 * min(times) / count
-
-
-def measure(rows, out, args):
-    """Samples, metrics, a grid and the speed of every row; returns the table and the FIDs."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reference = os.path.join(out, "reference.npz")
-    images, labels = digits_uint8()
-    save_npz(reference, dict(arr_0=images, arr_1=labels))
-    table, fids = [], {}
-    for row in rows:
-        npz = os.path.join(out, f"samples_{row['key']}.npz")
-        if not os.path.exists(npz):
-            run("sample_ddp.py", sample_ddp.main, ["--ckpt", row["ckpt"], "--out", npz, "--num-fid-samples",
-                                                   args.num_images, "--per-proc-batch-size", 500, *row["flags"]])
-        metrics = evaluate(reference, npz, features="digits", classifier=os.path.join(out, "digits_classifier.pt"),
-                           progress=False)
-        fids[row["label"]] = metrics["fid"]
-        speed = ms_per_image(row["ckpt"], row["steps"], min(200, args.num_images), device)
-        table.append([row["label"], row["steps"], f"{metrics['fid']:.2f}", f"{metrics['precision']:.3f}",
-                      f"{metrics['recall']:.3f}", f"{row['cost'] * 1e3:.2f}", f"{speed:.3f}"])
-        run("sample.py", sample.main, ["--ckpt", row["ckpt"], "--out", os.path.join(out, f"grid_{row['key']}.png"),
-                                       "--class-labels", *list(range(10)) * 4, "--nrow", 10, *row["flags"]])
-    return table, fids
 
 
 def stage_errors(ckpt, held_out):
@@ -131,100 +218,136 @@ def stage_errors(ckpt, held_out):
     return [((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced)]
 
 
-def plot_exposure_bias(errors, path):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (label, (free, forced)), color in zip(errors.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        steps = range(1, len(free) + 1)
-        ax.plot(steps, free, "o-", color=color, label=f"{label}, fed its own outputs")
-        ax.plot(steps, forced, "x--", color=color, label=f"{label}, teacher-forced")
-    ax.set(xlabel="student step", ylabel="MSE to the teacher's trajectory", yscale="log", xticks=list(steps),
-           title="Exposure bias: the error of each step")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+# ---------------------------------------------------------------------------- aggregation over seeds
+
+def mean_spread(values, digits=2):
+    """'mean ± half-range' over seeds (the half-range is the spread; one seed has none)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {(values.max() - values.min()) / 2:.{digits}f}"
 
 
-def plot_fid_vs_history(points, teacher_fid, depth, path):
+def gap_ratios(rows, teacher_fid, ard, baseline):
+    """ARD's FID gap to the teacher over step distillation's, per seed that has both."""
+    seeds = sorted(set(rows.get(ard, {})) & set(rows.get(baseline, {})))
+    return [(rows[ard][s]["fid"] - teacher_fid) / (rows[baseline][s]["fid"] - teacher_fid) for s in seeds]
+
+
+def report(experiment, students, seeds, rows):
+    """The results table (mean ± spread over seeds) and the gap-ratio lines, as markdown."""
+    teacher = {steps: experiment.teacher_row(steps) for steps in [TEACHER_STEPS, *sorted({s.K for s in students})]}
+    teacher_fid = teacher[TEACHER_STEPS]["fid"]
+    header = ["model", "recipe", "K", "FID", "precision", "recall", "MFLOPs/img", "ms/img"]
+    table = [[f"teacher, DDIM {steps}", "-", steps, f"{m['fid']:.2f}", f"{m['precision']:.3f}",
+              f"{m['recall']:.3f}", f"{experiment.mflops(steps, guided=True):.2f}", f"{m['ms_per_image']:.3f}"]
+             for steps, m in teacher.items()]
+    for student in students:
+        done = rows.get(student, {})
+        if not done:
+            continue
+        metric = {name: mean_spread([done[s][name] for s in sorted(done)], digits)
+                  for name, digits in (("fid", 2), ("precision", 3), ("recall", 3), ("ms_per_image", 3))}
+        table.append([student.label(), student.recipe, student.K, metric["fid"], metric["precision"],
+                      metric["recall"], f"{experiment.mflops(student.K, student.N):.2f}", metric["ms_per_image"]])
+    lines = [f"{experiment.dataset}: {experiment.args.num_images} samples per model, classifier features; "
+             f"teacher {TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students {experiment.args.iterations} steps of "
+             f"batch {experiment.args.batch_size} on {experiment.args.num_trajectories} trajectories; "
+             f"seeds {', '.join(map(str, seeds))} (mean ± half-range).", "",
+             *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), ""]
+    for student in students:
+        baseline = Student(student.K, 0, student.target, student.recipe)
+        ratios = gap_ratios(rows, teacher_fid, student, baseline) if student.N else []
+        if ratios:
+            lines.append(f"- gap ratio, {student.recipe}, K={student.K}, {student.target}, ARD N={student.N} over "
+                         f"N=0: {mean_spread(ratios)} (the paper: 0.19 at K=4; the claim: at most 0.5)")
+    return "\n".join(lines) + "\n", teacher_fid
+
+
+def plot_fid_vs_history(experiment, students, rows, teacher_fid, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for target, values in points.items():
-        ns = sorted(values)
-        ax.plot(ns, [values[n] for n in ns], "o-", label=f"student, target {target}")
+    for recipe in RECIPES:
+        points = sorted((s.N, [r["fid"] for r in rows[s].values()]) for s in students
+                        if s.recipe == recipe and s.K == 4 and s.target == "state" and rows.get(s))
+        if points:
+            ns, fids = zip(*points)
+            ax.errorbar(ns, [np.mean(f) for f in fids], yerr=[(max(f) - min(f)) / 2 for f in fids], fmt="o-",
+                        capsize=3, label=recipe)
     ax.axhline(teacher_fid, color="gray", ls=":", label=f"teacher, DDIM {TEACHER_STEPS}")
-    ax.set(xlabel=f"history layers N (of {depth})", ylabel="FID (digits features)", xticks=sorted(
-        {n for values in points.values() for n in values}), title=f"FID against N, K={K}")
+    ax.set(xlabel=f"history layers N (of {experiment.depth})", ylabel=f"FID ({experiment.dataset} features)",
+           title=f"{experiment.dataset}: FID against N, K=4")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
+def plot_exposure_bias(experiment, rows, path):
+    """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per recipe."""
+    ard_n = paper_history_layers(experiment.depth)
+    fig, axes = plt.subplots(1, len(RECIPES), figsize=(9, 3.5), sharey=True)
+    for ax, recipe in zip(axes, RECIPES):
+        for n, color in zip((0, ard_n), ("C0", "C1")):
+            done = rows.get(Student(4, n, "state", recipe))
+            if not done:
+                continue
+            free, forced = (np.mean([r[k] for r in done.values()], axis=0) for k in ("free_errors", "forced_errors"))
+            steps = range(1, len(free) + 1)
+            label = Student(4, n, "state", recipe).label()
+            ax.plot(steps, free, "o-", color=color, label=f"{label}, fed its own outputs")
+            ax.plot(steps, forced, "x--", color=color, label=f"{label}, teacher-forced")
+        ax.set(xlabel="student step", yscale="log", xticks=[1, 2, 3, 4], title=f"trained {recipe}")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("MSE to the teacher's trajectory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def run_dataset(dataset, students, seeds, args):
+    out = os.path.join(args.out, dataset)
+    os.makedirs(out, exist_ok=True)
+    teacher = trained_teacher(dataset, out) if args.teacher == "train" else \
+        args.teacher or os.path.join(ROOT, "assets", f"{dataset}_teacher.safetensors")
+    experiment = Experiment(dataset, teacher, out, args)
+    students = students(experiment.depth)
+    rows = {}
+    for seed in seeds:
+        for student in students:
+            rows.setdefault(student, {})[seed] = experiment.student_row(student, seed)
+    text, teacher_fid = report(experiment, students, seeds, rows)
+    plot_fid_vs_history(experiment, students, rows, teacher_fid, os.path.join(out, "fid_vs_history.png"))
+    plot_exposure_bias(experiment, rows, os.path.join(out, "exposure_bias.png"))
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--teacher", default=SHIPPED_TEACHER, help="a teacher checkpoint, or 'train' to train one")
-    p.add_argument("--full", action="store_true", help="also the state/x0 comparison")
+    p.add_argument("--dataset", choices=list(DATASETS), default="digits")
+    p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
+                                                    "(default: the shipped one in assets/)")
+    p.add_argument("--study", action="store_true", help="the whole study: both datasets, every axis, 2 seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0; study: 0 1)")
     p.add_argument("--iterations", type=int, default=1000, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
     p.add_argument("--num-trajectories", type=int, default=4096)
     p.add_argument("--num-held-out", type=int, default=512, help="trajectories for the per-step errors")
     p.add_argument("--num-images", type=int, default=2000, help="samples per model for the metrics")
     args = p.parse_args(argv)
-    started, out = time.time(), args.out
-    if args.full:
-        print("--full: two more students with the x0 target, about 3 more minutes on two CPU cores")
-    os.makedirs(out, exist_ok=True)
-
-    teacher = shipped_teacher(out) if args.teacher == "train" else args.teacher
-    config = sample.load_generator(teacher)[2]["dit"]
-    depth = config["depth"]
-    trajectories = extract(teacher, os.path.join(out, "trajectories"), args.num_trajectories, seed=0)
-    held_out = extract(teacher, os.path.join(out, "held_out"), args.num_held_out, seed=1)
-
-    ard_n = max(1, round(depth * 6 / 28))  # the paper's best N=6 of 28 blocks, in proportion
-    students = [(n, "state") for n in sorted({0, 1, ard_n, depth // 2, depth})]
-    if args.full:
-        students += [(0, "x0"), (ard_n, "x0")]
-    flags = ["--data-path", trajectories, "--teacher", teacher, "--num-steps", K,
-             "--global-batch-size", args.batch_size, "--iterations", args.iterations, "--lr", "1e-3",
-             "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every", args.iterations,
-             "--sample-every", args.iterations, "--num-workers", 0]
-    checkpoints = {(n, target): train_once(os.path.join(out, "runs"), "ard", f"N{n}-{target}",
-                                           [*flags, "--history-layers", n, "--target", target])
-                   for n, target in students}
-
-    teacher_flags = ["--sampler", "ddim", "--cfg-scale", CFG_SCALE, "--num-sampling-steps"]
-    rows = [dict(key=f"teacher_ddim{s}", label=f"teacher, DDIM {s}", ckpt=teacher, steps=s, flags=[*teacher_flags, s],
-                 cost=s * 2 * gflops(config)) for s in (TEACHER_STEPS, K)]  # CFG: two forwards a step
-    rows += [dict(key=f"N{n}_{target}", label=student_label(n, target), ckpt=ckpt, steps=K, flags=[],
-                  cost=gflops(config, K, n)) for (n, target), ckpt in checkpoints.items()]
-    table, fids = measure(rows, out, args)
-
-    errors = {student_label(n, t): stage_errors(ckpt, held_out) for (n, t), ckpt in checkpoints.items()}
-    plot_exposure_bias({k: v for k, v in errors.items() if "x0" not in k}, os.path.join(out, "exposure_bias.png"))
-    teacher_fid = fids[f"teacher, DDIM {TEACHER_STEPS}"]
-    points = {}
-    for n, target in checkpoints:
-        points.setdefault(target, {})[n] = fids[student_label(n, target)]
-    plot_fid_vs_history(points, teacher_fid, depth, os.path.join(out, "fid_vs_history.png"))
-    with open(os.path.join(out, "stage_errors.json"), "w") as f:
-        json.dump(errors, f, indent=1)
-
-    distill_gap, ard_gap = (fids[student_label(n, "state")] - teacher_fid for n in (0, ard_n))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this CPU"
-    header = ["model", "steps", "FID", "precision", "recall", "MFLOPs/img", f"ms/img ({device})"]
-    report = "\n".join([
-        f"Digits, K={K}, {args.num_images} samples per model against the 1,797 digits, features of a digits "
-        f"classifier. Teacher: {TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students: {args.iterations} steps "
-        f"of batch {args.batch_size} on {args.num_trajectories} trajectories.", "",
-        *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), "",
-        f"FID gap to the teacher: step distillation {distill_gap:.2f}, ARD (N={ard_n}) {ard_gap:.2f} "
-        f"(ARD's gap / step distillation's: {ard_gap / distill_gap:.2f}; the paper's claim: at most 0.5).", ""])
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(report)
-    print("\n" + report)
-    print(f"demo finished in {(time.time() - started) / 60:.1f} min; in {out}/: results.md, grid_*.png, "
-          "exposure_bias.png, fid_vs_history.png, stage_errors.json")
+    started = time.time()
+    seeds = args.seeds or ([0, 1] if args.study else [0])
+    datasets, grid = (list(DATASETS), study_grid) if args.study else ([args.dataset], demo_grid)
+    runs = sum(len(grid(4)) for _ in datasets) * len(seeds)
+    scale = args.iterations / 1000
+    print(f"{runs} students on {', '.join(datasets)}: about {runs * MINUTES_PER_STUDENT * scale:.0f} minutes "
+          f"on two CPU cores (finished runs in {args.out} are reused)", flush=True)
+    texts = [run_dataset(dataset, grid, seeds, args) for dataset in datasets]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(texts))
+    print("\n" + "\n".join(texts))
+    print(f"finished in {(time.time() - started) / 60:.1f} min; in {args.out}/: results.md and, per dataset, "
+          "grid_*.png, exposure_bias.png, fid_vs_history.png, metrics/*.json")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 import json
 import os
 
+import pytest
 import torch
 from PIL import Image
 
 import demo
 from models import DiT
+
+RECIPES = ("teacher-forced", "student-fed")
 
 
 def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
@@ -16,30 +19,41 @@ def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
     torch.save({"model": net.state_dict(), "ema": net.state_dict(), "opt": {}, "step": 0,
                 "args": {"stage": "teacher", "dit": net.config, "image_size": 8, "vae": "none"}}, teacher)
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--teacher", teacher, "--iterations", "3", "--batch-size", "16",
+    argv = ["--out", str(out), "--teacher", teacher, "--iterations", "4", "--batch-size", "16",
             "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40"]
     demo.main(argv)
 
     report = (out / "results.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "teacher, DDIM 25", "teacher, DDIM 4", "step distillation (N=0)", "ARD (N=1)", "ARD (N=2)"]
+    students = [(name, recipe) for recipe in RECIPES for name in ("step distillation (N=0)", "ARD (N=1)", "ARD (N=2)")]
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
+        ("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *students]
     for row in rows:
-        fid, precision, recall, mflops, ms = (float(c) for c in row.strip("|").split("|")[2:7])
+        fid, precision, recall, mflops, ms = (float(c) for c in row.strip("|").split("|")[3:8])
         assert fid >= 0 and 0 <= precision <= 1 and 0 <= recall <= 1 and mflops > 0 and ms > 0
-    assert "FID gap to the teacher" in report and report in capsys.readouterr().out
-    for key in ("teacher_ddim25", "teacher_ddim4", "N0_state", "N1_state", "N2_state"):
-        assert Image.open(out / f"grid_{key}.png").size[0] > 0
+    ratio_lines = [line for line in report.splitlines() if line.startswith("- gap ratio")]
+    assert len(ratio_lines) == 4 and all(any(r in line for line in ratio_lines) for r in RECIPES)
+    assert report in capsys.readouterr().out
+    digits = out / "digits"
+    for key in ("teacher_ddim25", "teacher_ddim4", *(f"K4-N{n}-state-{r}-s0" for n in (0, 1, 2) for r in RECIPES)):
+        assert Image.open(digits / f"grid_{key}.png").size[0] > 0
     for plot in ("exposure_bias.png", "fid_vs_history.png"):
-        assert Image.open(out / plot).size[0] > 0
-    errors = json.loads((out / "stage_errors.json").read_text())
-    assert set(errors) == {"step distillation (N=0)", "ARD (N=1)", "ARD (N=2)"}
-    assert all(len(free) == len(forced) == 4 for free, forced in errors.values())
+        assert Image.open(digits / plot).size[0] > 0
+    fed = json.loads((digits / "metrics" / "K4-N0-state-student-fed-s0.json").read_text())
+    assert len(fed["free_errors"]) == len(fed["forced_errors"]) == 4
     # the N=0 student's first step is teacher-forced by construction: both errors agree there
-    free, forced = errors["step distillation (N=0)"]
-    assert abs(free[0] - forced[0]) <= 1e-6 * max(1.0, forced[0])
+    assert fed["free_errors"][0] == pytest.approx(fed["forced_errors"][0], rel=1e-6, abs=1e-9)
 
     # a second run reuses every finished stage
-    mtimes = {p: os.stat(p).st_mtime_ns for p in (out / "runs").glob("*/checkpoints/*.pt")}
+    mtimes = {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
     demo.main(argv)
-    assert {p: os.stat(p).st_mtime_ns for p in (out / "runs").glob("*/checkpoints/*.pt")} == mtimes
+    assert {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")} == mtimes
+
+
+def test_mean_spread_and_gap_ratios():
+    assert demo.mean_spread([3.0]) == "3.00"
+    assert demo.mean_spread([1.0, 2.0, 4.0], digits=1) == "2.3 ± 1.5"
+    ard, base = demo.Student(4, 1, "state", "student-fed"), demo.Student(4, 0, "state", "student-fed")
+    rows = {ard: {0: {"fid": 12.0}, 1: {"fid": 14.0}}, base: {0: {"fid": 20.0}, 1: {"fid": 30.0}}}
+    assert demo.gap_ratios(rows, 10.0, ard, base) == [0.2, 0.2]
+    assert demo.gap_ratios({ard: rows[ard]}, 10.0, ard, base) == []
