@@ -2,8 +2,7 @@
 the trajectory's history helps.
 
     python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~9 min, 2 CPU cores)
-    python demo.py --dataset shapes    # the same on procedural 16x16 RGB shapes
-    python demo.py --study             # the study: both datasets, N, target, K=2, 2 seeds (prints its time first)
+    python demo.py --study             # the study: N, target, K=2, 2 seeds (prints its time first)
 
 Recipes. "teacher-forced" is the paper's: every stage input is the teacher's trajectory point.
 "student-fed" is ours: from a linear ramp over the first half of training up to probability 0.5,
@@ -50,10 +49,8 @@ SMALL_DIT = ["--vae", "none", "--depth", 4, "--hidden-size", 64, "--num-heads", 
              "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--num-workers", 0]
 # The shipped teachers: `python demo.py --dataset D --teacher train` runs exactly this, then exports it (float16).
 DATASETS = {
-    "digits": dict(image_size=8, teacher_flags=["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2",
+    "digits": dict(teacher_flags=["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2",
                                                 "--iterations", 4000, *SMALL_DIT]),
-    "shapes": dict(image_size=16, teacher_flags=["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4",
-                                                 "--iterations", 3000, *SMALL_DIT]),
 }
 MINUTES_PER_STUDENT = 1.3  # 1000 steps of batch 64, samples and metrics, on two CPU cores
 
@@ -328,7 +325,7 @@ def main(argv=None):
     p.add_argument("--dataset", choices=list(DATASETS), default="digits")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
-    p.add_argument("--study", action="store_true", help="the whole study: both datasets, every axis, 2 seeds")
+    p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 2 seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0; study: 0 1)")
     p.add_argument("--iterations", type=int, default=1000, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
