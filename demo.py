@@ -48,9 +48,8 @@ RECIPES = ("teacher-forced", "student-fed")
 SMALL_DIT = ["--vae", "none", "--depth", 4, "--hidden-size", 64, "--num-heads", 4, "--global-batch-size", 128,
              "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--num-workers", 0]
 # The shipped teachers: `python demo.py --dataset D --teacher train` runs exactly this, then exports it (float16).
-DATASETS = {
-    "digits": dict(teacher_flags=["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2",
-                                                "--iterations", 4000, *SMALL_DIT]),
+TEACHER_FLAGS = {
+    "digits": ["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2", "--iterations", 4000, *SMALL_DIT],
 }
 MINUTES_PER_STUDENT = 1.3  # 1000 steps of batch 64, samples and metrics, on two CPU cores
 
@@ -108,7 +107,7 @@ def train_once(results_dir, stage, name, flags):
 
 def trained_teacher(dataset, out):
     """Trains the dataset's teacher and exports it as assets/ holds it."""
-    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, DATASETS[dataset]["teacher_flags"])
+    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, TEACHER_FLAGS[dataset])
     exported = os.path.join(out, f"{dataset}_teacher.safetensors")
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
@@ -322,7 +321,7 @@ def run_dataset(dataset, students, seeds, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--dataset", choices=list(DATASETS), default="digits")
+    p.add_argument("--dataset", choices=list(TEACHER_FLAGS), default="digits")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
     p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 2 seeds")
@@ -335,7 +334,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.time()
     seeds = args.seeds or ([0, 1] if args.study else [0])
-    datasets, grid = (list(DATASETS), study_grid) if args.study else ([args.dataset], demo_grid)
+    datasets, grid = (list(TEACHER_FLAGS), study_grid) if args.study else ([args.dataset], demo_grid)
     runs = sum(len(grid(4)) for _ in datasets) * len(seeds)
     scale = args.iterations / 1000
     print(f"{runs} students on {', '.join(datasets)}: about {runs * MINUTES_PER_STUDENT * scale:.0f} minutes "
