@@ -149,18 +149,19 @@ class ARD(nn.Module):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def sample(self, noise, y):
+    def sample(self, noise, y, steps=None):
         """K-step generation from noise (B, C, H, W); returns every stage's output (B, K, C, H, W).
 
         Each step runs only its own L tokens; the lower N blocks keep the keys/values of
         earlier stages, so stage k attends to exactly what the mask lets it see in `forward`.
+        `steps` < K stops after that many stages (and returns only theirs).
         """
         self.check_shape(noise, "noise", with_stages=False)
         K, N, L = self.num_steps, self.history_layers, self.x_embedder.num_patches
         c_all = self.conditioning(y)
         caches = [KVCache(capacity=K * L) for _ in range(N)]
         x_in, outputs = noise, []
-        for k, (first, hidden_between) in enumerate(self.sampling_plan):
+        for k, (first, hidden_between) in enumerate(self.sampling_plan[:steps]):
             # Keys cover stages first..k; a mask is needed only when some stage in between is hidden (M3).
             mask = self.token_mask[k * L:(k + 1) * L, first * L:(k + 1) * L] if hidden_between else None
             for cache in caches:
@@ -178,8 +179,8 @@ class ARD(nn.Module):
 def student_fed_stages(student, stages, y):
     """Stage inputs (B, K, C, H, W) fed the student's own outputs: x_T from `stages`, then the first
     K-1 outputs of its KV-cached `sample` from that x_T (no gradient), in the dtype of `stages`."""
-    rollout = student.sample(stages[:, 0], y)
-    return torch.cat([stages[:, :1], rollout[:, :-1].to(stages.dtype)], dim=1)
+    rollout = student.sample(stages[:, 0], y, steps=student.num_steps - 1)
+    return torch.cat([stages[:, :1], rollout.to(stages.dtype)], dim=1)
 
 
 def distillation_loss(prediction, target):

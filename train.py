@@ -16,7 +16,7 @@ K-1 outputs of its KV-cached `sample` from that x_T with the current weights (no
 the targets stay the teacher's. `--student-fed-ramp S` raises P linearly from 0 over the
 first S steps. The choice depends on (--global-seed, step) alone, so it is the same on every
 rank and after a resume. P = 0 (the default) is the paper's pure teacher forcing; a fed step
-costs one K-step sample more.
+costs one sample of K-1 stages more.
 """
 import argparse
 import copy

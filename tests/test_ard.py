@@ -75,6 +75,7 @@ def test_cached_sampling_equals_teacher_forcing_on_own_outputs(teacher, mask, hi
     assert sampled.shape == (3, K, 2, 8, 8)
     stages = torch.cat([noise[:, None], sampled[:, :-1]], dim=1)
     torch.testing.assert_close(student(stages, y), sampled, rtol=1e-5, atol=1e-5)
+    assert torch.equal(student.sample(noise, y, steps=2), sampled[:, :2])  # stopped after two stages
 
 
 @pytest.mark.parametrize("history_layers", [0, 2])
