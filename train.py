@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -166,6 +167,13 @@ class AdversarialTask(DistillationTask):
         return self.noiser.q_sample(x, t), t
 
     def loss(self, model, batch, step):
+        # The adaptive weight backpropagates through the student more than once (retain_graph): a
+        # compiled student must not donate its saved tensors to the first backward. (The setting
+        # is read when the forward is compiled and again by every retained backward.)
+        with functorch_config.patch(donated_buffer=False):
+            return self.generator_loss(model, batch, step)
+
+    def generator_loss(self, model, batch, step):
         stages, targets, y = batch
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)

@@ -4,6 +4,7 @@ The expensive artefacts are made once per module: a tiny teacher trained on the 
 trajectory sets extracted from it, one in-process ARD run and one GAN run, and one set of
 two-process (torchrun, gloo) runs. The other tests compare against them or start from them.
 """
+import functools
 import glob
 import io
 import json
@@ -484,6 +485,23 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     cold = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "cold", "--iterations", 1, "--ckpt-every", 1,
                         "--gan-warmup", 0))
     assert log_steps(cold)[0][1]["gan_weight"] > 0
+
+
+def compile_with_aot_eager(monkeypatch):
+    """torch.compile through AOTAutograd without Inductor's C++ build: the donated buffers of a
+    compiled backward are AOTAutograd's, shared by every backend, and the test stays fast."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+def test_compiled_gan_runs_past_the_warmup(gan_run, ard_run, traj, tmp_path, monkeypatch):
+    """Step 1 (warm-up) compiles the student's backward; step 2 backpropagates through it three
+    times (the adaptive weight's two gradients, then the loss) and computes what eager does."""
+    compile_with_aot_eager(monkeypatch)
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 2, "--ckpt-every", 2,
+                              "--gan-warmup", 1, "--compile"))
+    assert log_steps(experiment)[1][1]["gan_weight"] > 0
+    compiled, eager = load(ckpt(experiment, 2)), load(ckpt(gan_run, 2))
+    assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
 
 
 def test_gan_noise_option_runs(ard_run, traj, tmp_path):
