@@ -184,7 +184,7 @@ class AdversarialTask(DistillationTask):
         if step < self.warmup:
             weight = torch.zeros((), device=stages.device)
         else:
-            last_layer = unwrap(model).heads[-1].linear.weight
+            last_layer = self.model.heads[-1].linear.weight  # the module itself, however `model` wraps it
             weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
         logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
         return regression + weight * adversarial, dict(logs, reg=regression.detach(), g_adv=adversarial.detach(),
@@ -223,11 +223,6 @@ def distributed(module, device):
     if not dist.is_initialized():
         return module
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
 
 
 @torch.no_grad()

@@ -185,9 +185,10 @@ def gan_run(ard_run, traj, tmp_path_factory):
 
 
 DRIVER = """
-import json, sys
+import functools, json, sys
 import torch
 torch.set_num_threads(1)
+torch.compile = functools.partial(torch.compile, backend="aot_eager")  # see compile_with_aot_eager
 import train, utils
 # One gloo process group for all the runs: train.main's own set-up and tear-down would create a
 # new group per run, and re-creating gloo groups in one process is flaky. Everything else in
@@ -206,7 +207,7 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, and a GAN run."""
+    3 steps + resume to 6, and GAN runs: 3 steps, 2 steps + resume to 3, 2 steps compiled."""
     base = tmp_path_factory.mktemp("ddp")
     torchrun(os.path.join(ROOT, "train.py"), teacher_argv(base / "teacher", "--iterations", 2, "--ckpt-every", 1))
     runs = [
@@ -216,12 +217,14 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
         ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan_compiled", "--iterations", 2, "--ckpt-every", 2,
+                 "--gan-warmup", 1, "--compile"),
     ]
     runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
-    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2")}
+    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2", "gan_compiled")}
     assert all(len(v) == 1 for v in out.values()), out
     return {name: v[0] for name, v in out.items()}
 
@@ -290,6 +293,13 @@ def test_gan_stage_two_processes(ddp):
     check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=("disc_heads", "disc_opt"))
     weights = [r["gan_weight"] for _, r in log_steps(ddp["gan"])]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+
+
+def test_compiled_gan_stage_two_processes(ddp):
+    """torch.compile(DDP(student)) one step past the warm-up computes what DDP(student) does."""
+    compiled, eager = load(ckpt(ddp["gan_compiled"], 2)), load(ckpt(ddp["gan2"], 2))
+    assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
+    assert tensors_close(compiled["disc_heads"], eager["disc_heads"], rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_match_one_process(ddp, ard_run):
