@@ -178,17 +178,15 @@ class AdversarialTask(DistillationTask):
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)
         self.fake, self.fake_labels = prediction[:, -1].detach(), y
+        logs = dict({f"stage{k}": v for k, v in enumerate(per_stage)}, reg=regression.detach())
+        if step < self.warmup:  # weight 0: no pass through the frozen teacher for the generator
+            return regression, dict(logs, gan_weight=torch.zeros((), device=stages.device))
         self.discriminator.heads.requires_grad_(False)
         adversarial = generator_hinge_loss(self.discriminator(*self.features_input(prediction[:, -1]), y))
         self.discriminator.heads.requires_grad_(True)
-        if step < self.warmup:
-            weight = torch.zeros((), device=stages.device)
-        else:
-            last_layer = self.model.heads[-1].linear.weight  # the module itself, however `model` wraps it
-            weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
-        logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
-        return regression + weight * adversarial, dict(logs, reg=regression.detach(), g_adv=adversarial.detach(),
-                                                       gan_weight=weight)
+        last_layer = self.model.heads[-1].linear.weight  # the module itself, however `model` wraps it
+        weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
+        return regression + weight * adversarial, dict(logs, g_adv=adversarial.detach(), gan_weight=weight)
 
     def discriminator_step(self, discriminator, real_batch, bf16):
         images, real_labels = real_batch
@@ -459,13 +457,14 @@ def main(argv=None):
         if discriminator is not None:
             real_batch = [t.to(device, non_blocking=True) for t in next(real_data)]
             logs["d_loss"] = task.discriminator_step(ddp_disc, real_batch, bf16)
-        for name, value in logs.items():
-            running[name] = running.get(name, 0) + value.detach().float()
+        for name, value in logs.items():  # (sum, count): a value may be missing in some steps (GAN warm-up)
+            total, count = running.get(name, (0, 0))
+            running[name] = (total + value.detach().float(), count + 1)
         steps_since_log += 1
 
         done = step + 1
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
-            means = mean_over_ranks({k: v / steps_since_log for k, v in running.items()})
+            means = mean_over_ranks({k: total / count for k, (total, count) in running.items()})
             if not math.isfinite(means["loss"]):
                 saved = checkpoint_paths(experiment_dir)
                 raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "

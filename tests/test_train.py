@@ -484,9 +484,10 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     assert [s for s, _ in rows] == [1, 2, 3, 4]
     weights = [r["gan_weight"] for _, r in rows]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+    assert "g_adv" not in rows[0][1]  # the warm-up does not compute the generator's adversarial loss
     for _, r in rows:
-        assert {"reg", "g_adv", "d_loss", "loss"} <= set(r)
-        assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r["g_adv"], rel=1e-3, abs=1e-3)
+        assert {"reg", "d_loss", "loss"} <= set(r)
+        assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r.get("g_adv", 0), rel=1e-3, abs=1e-3)
 
     warm = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "warm", "--iterations", 3, "--ckpt-every", 3,
                         "--gan-warmup", 1000))
@@ -495,6 +496,28 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     cold = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "cold", "--iterations", 1, "--ckpt-every", 1,
                         "--gan-warmup", 0))
     assert log_steps(cold)[0][1]["gan_weight"] > 0
+
+
+def test_log_line_across_the_warmup_end_averages_each_value_over_its_steps(gan_run, ard_run, traj, tmp_path):
+    """Steps 1 (warm-up) and 2 in one log line: g_adv is step 2's, the loss the mean of both."""
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 2, "--ckpt-every", 2,
+                              "--gan-warmup", 1, "--log-every", 2))
+    [(step, logged)] = log_steps(experiment)
+    first, second = (r for _, r in log_steps(gan_run)[:2])
+    assert step == 2 and logged["g_adv"] == pytest.approx(second["g_adv"], rel=1e-3)
+    assert logged["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-3)
+
+
+def test_warmup_runs_the_frozen_teacher_only_for_the_discriminator(ard_run, traj, tmp_path, monkeypatch):
+    """The adversarial term has weight 0 in the warm-up: no forward (nor backward) through the
+    discriminator for the generator, whose input is the student's output (it requires grad)."""
+    calls = []
+    forward = gan.Discriminator.forward
+    monkeypatch.setattr(gan.Discriminator, "forward", lambda self, x, t, y: (calls.append(x.requires_grad),
+                                                                             forward(self, x, t, y))[1])
+    run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 2))
+    generator, discriminator_real, discriminator_fake = True, False, False
+    assert calls == [discriminator_real, discriminator_fake] * 2 + [generator, discriminator_real, discriminator_fake]
 
 
 def compile_with_aot_eager(monkeypatch):
