@@ -98,6 +98,11 @@ class TeacherTask:
         self.flip = flips_images(args, args.data_path)
         self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae)
         self.sample_steps, self.cfg_scale = args.sample_steps, args.sample_cfg_scale
+        self.notes = []
+        if args.class_dropout == 0 and self.cfg_scale != 1:  # no null class to guide with
+            self.cfg_scale = 1.0
+            self.notes.append(f"--class-dropout 0: the model has no null class, so its sample grids are drawn "
+                              f"without guidance (not --sample-cfg-scale {args.sample_cfg_scale})")
 
     def loss(self, model, batch, step):
         images, y = batch
@@ -113,6 +118,7 @@ class DistillationTask:
     """ARD regression on teacher trajectories, teacher-forced (the paper's main stage)."""
 
     init_checkpoint = None
+    notes = ()
 
     def __init__(self, args, device, teacher=None, teacher_info=None):
         if teacher is None:
@@ -303,7 +309,8 @@ def build_parser():
     run.add_argument("--ckpt-every", type=int, default=10_000)
     run.add_argument("--sample-every", type=int, default=10_000)
     run.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the teacher's sample grids")
-    run.add_argument("--sample-cfg-scale", type=float, default=4.0, help="CFG of the teacher's sample grids")
+    run.add_argument("--sample-cfg-scale", type=float, default=4.0,
+                     help="CFG of the teacher's sample grids (none with --class-dropout 0)")
     arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
     arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt", help="official name or teacher checkpoint")
     arch.add_argument("--model", default="DiT-XL/2")
@@ -438,6 +445,8 @@ def main(argv=None):
     record = dict(vars(args), **task.record)
     logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                 f"{len(task.data)} training items, world size {world_size}, experiment {experiment_dir}")
+    for note in task.notes:
+        logger.info(note)
 
     model.train()
     running, steps_since_log, last_log = {}, 0, time.time()

@@ -257,6 +257,14 @@ def test_teacher_stage_one_process(teacher):
     assert info["dit"] == state["args"]["dit"]
 
 
+def test_teacher_without_class_dropout_samples_its_grid_unguided(tmp_path):
+    """No null class to guide with: the grid is drawn without CFG, and the log says so."""
+    experiment = run(teacher_argv(tmp_path, "--iterations", 1, "--class-dropout", 0))
+    assert os.path.isfile(os.path.join(experiment, "samples", "0000001.png"))
+    with open(os.path.join(experiment, "log.txt")) as f:
+        assert "--class-dropout 0" in f.read()
+
+
 def test_ard_stage_one_process(ard_run, teacher_ckpt):
     assert ckpt_steps(ard_run) == [3, 6]
     state = check_checkpoint(ckpt(ard_run, 6), "ard", 6)
