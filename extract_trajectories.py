@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from diffusion import create_diffusion, student_timesteps
 from models import load_teacher, with_guidance
-from utils import (atomic_write, autocast, barrier, cleanup_distributed, index_noise_and_labels, index_seed,
-                   init_distributed, save_json)
+from utils import (add_distributed_args, atomic_write, autocast, barrier, cleanup_distributed, index_noise_and_labels,
+                   index_seed, init_distributed, save_json)
 
 FORMAT_VERSION = 1
 TARGETS = ("state", "x0")
@@ -100,6 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if min(args.num_samples, args.shard_size, args.batch_size) < 1:
         p.error("--num-samples, --shard-size and --batch-size must be positive")
@@ -130,7 +131,7 @@ def prepare_output(args, meta, missing):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, teacher_info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
     meta = build_meta(args, teacher_info)

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from models import load_autoencoder
 from sample import add_generator_args, generator_from_args
-from utils import autocast, barrier, cleanup_distributed, index_noise_and_labels, init_distributed, save_npz, to_uint8
+from utils import (add_distributed_args, autocast, barrier, cleanup_distributed, index_noise_and_labels,
+                   init_distributed, save_npz, to_uint8)
 
 
 def parse_args(argv=None):
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
     p.add_argument("--out", required=True, help="the .npz to write")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
@@ -47,7 +49,7 @@ def chunk_path(parts_dir, index):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     generate, network, info = generator_from_args(args)
     network.to(device)

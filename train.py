@@ -33,11 +33,12 @@ from extract_trajectories import TrajectoryDataset
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
-from utils import atomic_write, autocast, barrier, cleanup_distributed, init_distributed, save_grid
+from utils import (add_distributed_args, atomic_write, autocast, barrier, cleanup_distributed, init_distributed,
+                   save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half")
+               "export", "export_half", "dist_timeout")
 # Student settings that --stage gan takes from its --init checkpoint.
 STUDENT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head")
 
@@ -293,6 +294,7 @@ def build_parser():
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                    help="write CKPT's EMA weights and settings to OUT (.safetensors) and exit")
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
+    add_distributed_args(p)
     run = p.add_argument_group("optimisation")
     run.add_argument("--iterations", type=int, default=300_000)
     run.add_argument("--global-batch-size", type=int, default=64)
@@ -401,7 +403,7 @@ def main(argv=None):
         export_ema(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
         return args.export[1]
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     task = TASKS[args.stage](args, device)

@@ -1,5 +1,6 @@
 """Small pieces shared by the scripts: distributed set-up, per-index randomness, atomic writes."""
 import contextlib
+import datetime
 import json
 import os
 
@@ -13,12 +14,20 @@ UMASK = os.umask(0)
 os.umask(UMASK)
 
 
-def init_distributed():
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process."""
+def add_distributed_args(parser):
+    """The flags of every torchrun script."""
+    parser.add_argument("--dist-timeout", type=float, default=60,
+                        help="minutes a rank waits for the others (e.g. while rank 0 writes a checkpoint) before "
+                             "the job fails; NCCL's own default is 10")
+
+
+def init_distributed(timeout_minutes):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process.
+    A collective that waits longer than `timeout_minutes` fails the job."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

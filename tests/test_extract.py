@@ -242,7 +242,7 @@ def test_late_rank_splits_the_same_work_list(single, teacher, tmp_path, monkeypa
             shutil.copy(os.path.join(single, shard_name(0)), out)
 
     recorder = Recorder()
-    monkeypatch.setattr(et, "init_distributed", lambda: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(et, "init_distributed", lambda timeout_minutes: (1, 2, torch.device("cpu")))
     monkeypatch.setattr(et, "barrier", barrier)
     monkeypatch.setattr(et, "atomic_write", recorder)
     et.main(argv(teacher[0], out))

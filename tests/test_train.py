@@ -193,8 +193,8 @@ import train, utils
 # One gloo process group for all the runs: train.main's own set-up and tear-down would create a
 # new group per run, and re-creating gloo groups in one process is flaky. Everything else in
 # train.main runs as under `torchrun train.py`.
-group = utils.init_distributed()
-train.init_distributed = lambda: group
+group = utils.init_distributed(timeout_minutes=5)
+train.init_distributed = lambda timeout_minutes: group
 train.cleanup_distributed = lambda: None
 for argv in json.load(open(sys.argv[1])):
     torch.manual_seed(0)  # a fresh process's state does not matter, see test_init_follows_global_seed
