@@ -23,7 +23,7 @@ from tqdm import tqdm
 from diffusion import create_diffusion, student_timesteps
 from models import load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, cleanup_distributed, index_noise_and_labels,
-                   index_seed, init_distributed, save_json)
+                   index_seed, init_distributed, on_rank_zero, save_json)
 
 FORMAT_VERSION = 1
 TARGETS = ("state", "x0")
@@ -137,9 +137,7 @@ def main(argv=None):
     meta = build_meta(args, teacher_info)
     os.makedirs(args.out, exist_ok=True)
     missing = missing_shards(args.out, meta)  # listed by every rank before any shard is written
-    if rank == 0:
-        prepare_output(args, meta, missing)
-    barrier()
+    on_rank_zero(rank, lambda: prepare_output(args, meta, missing))
     model = model.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too

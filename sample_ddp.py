@@ -18,7 +18,7 @@ from tqdm import tqdm
 from models import load_autoencoder
 from sample import add_generator_args, generator_from_args
 from utils import (add_distributed_args, autocast, barrier, cleanup_distributed, index_noise_and_labels,
-                   init_distributed, save_npz, to_uint8)
+                   init_distributed, on_rank_zero, save_npz, to_uint8)
 
 
 def parse_args(argv=None):
@@ -59,9 +59,7 @@ def main(argv=None):
     bf16 = autocast(device, args.precision)
 
     parts_dir = args.out[: -len(".npz")] + ".parts"
-    if rank == 0:
-        os.makedirs(parts_dir, exist_ok=True)
-    barrier()
+    on_rank_zero(rank, lambda: os.makedirs(parts_dir, exist_ok=True))
     num_chunks = -(-args.num_fid_samples // args.chunk_size)
     missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(parts_dir, c))]
     barrier()  # every rank has listed the chunks before any is written

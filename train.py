@@ -33,7 +33,7 @@ from extract_trajectories import TrajectoryDataset
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
-from utils import (add_distributed_args, atomic_write, autocast, barrier, cleanup_distributed, init_distributed,
+from utils import (add_distributed_args, atomic_write, autocast, cleanup_distributed, init_distributed, on_rank_zero,
                    save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
@@ -272,6 +272,14 @@ def new_experiment_dir(args):
     return path
 
 
+def prepare_experiment_dir(args):
+    """The run's directory with its checkpoints/ and samples/: the resumed one, or a new one."""
+    path = args.resume or new_experiment_dir(args)
+    for sub in ("checkpoints", "samples"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    return path
+
+
 def mean_over_ranks(values):
     """{name: tensor} -> {name: float} averaged over ranks, in one all-reduce."""
     names = sorted(values)
@@ -413,15 +421,7 @@ def main(argv=None):
     discriminator = getattr(task, "discriminator", None)
     real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
 
-    experiment_dir = args.resume or (new_experiment_dir(args) if rank == 0 else None)
-    if dist.is_initialized():
-        shared = [experiment_dir]
-        dist.broadcast_object_list(shared)
-        experiment_dir = shared[0]
-    if rank == 0:
-        os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
-    barrier()
+    experiment_dir = on_rank_zero(rank, lambda: prepare_experiment_dir(args))
     logger = create_logger(experiment_dir, rank)
 
     model = task.model.to(device)
@@ -486,7 +486,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
         if done % args.ckpt_every == 0 or done == args.iterations:
-            if rank == 0:
+            def save():
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": done, "args": record}
                 if discriminator is not None:  # the frozen features are the teacher's: not saved again
@@ -494,9 +494,10 @@ def main(argv=None):
                 path = os.path.join(experiment_dir, "checkpoints", f"{done:07d}.pt")
                 save_checkpoint(path, state)
                 logger.info(f"saved {path}")
-            barrier()
-        if rank == 0 and (done % args.sample_every == 0 or done == args.iterations):
-            save_samples(task, ema, args, os.path.join(experiment_dir, "samples", f"{done:07d}.png"), device)
+            on_rank_zero(rank, save)
+        if done % args.sample_every == 0 or done == args.iterations:
+            path = os.path.join(experiment_dir, "samples", f"{done:07d}.png")
+            on_rank_zero(rank, lambda: save_samples(task, ema, args, path, device))
     bar.close()
     logger.info("done")
     cleanup_distributed()

@@ -48,6 +48,25 @@ def barrier():
         dist.barrier()
 
 
+def on_rank_zero(rank, work):
+    """work() on rank 0 only; its result, or the error it raised, reaches every rank. The other
+    ranks then raise rank 0's error at once instead of waiting in a collective that rank 0 never
+    reaches (a hang until the timeout under NCCL)."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:  # raised below, on every rank
+            error = e
+    if dist.is_initialized():
+        shared = [result, error]
+        dist.broadcast_object_list(shared)
+        result, error = shared
+    if error is not None:
+        raise error
+    return result
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -127,13 +127,18 @@ def run(argv, seed=0):
     return train.main([str(a) for a in argv])
 
 
-def torchrun(script, args, timeout=300):
+def torchrun_process(script, args, timeout=300):
+    """`script args` on 2 gloo processes under torchrun: the finished process, failed or not."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script, args, timeout=300):
+    proc = torchrun_process(script, args, timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -702,6 +707,34 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher
     assert run(["--resume", experiment]) == experiment
     assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt", "0000006.pt"]
     assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
+FULL_DISK_RUN = """
+import sys
+import torch
+torch.set_num_threads(1)
+import train
+
+
+def full_disk(obj, f, *args, **kwargs):  # only rank 0 writes checkpoints
+    raise OSError(28, "No space left on device", str(f))
+
+
+torch.save = full_disk
+train.main(sys.argv[1:])
+"""
+
+
+def test_rank0_failing_to_write_a_checkpoint_stops_every_rank(teacher_ckpt, traj, tmp_path):
+    """Rank 1 must not wait in a barrier for a rank 0 that died writing a checkpoint (under NCCL:
+    a hang until the timeout): both stop at once with rank 0's error."""
+    script = tmp_path / "full_disk_run.py"
+    script.write_text(FULL_DISK_RUN)
+    proc = torchrun_process(str(script), ard_argv(teacher_ckpt, traj, tmp_path / "results", "--iterations", 1,
+                                                  "--ckpt-every", 1, "--dist-timeout", 1))
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: OSError: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
 
 
 def poison_loss(monkeypatch, from_call, value=float("nan")):
