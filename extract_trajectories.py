@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from diffusion import create_diffusion, student_timesteps
 from models import load_teacher, with_guidance
-from utils import (add_distributed_args, atomic_write, autocast, barrier, cleanup_distributed, index_noise_and_labels,
-                   index_seed, init_distributed, on_rank_zero, save_json)
+from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
 FORMAT_VERSION = 1
 TARGETS = ("state", "x0")
@@ -52,16 +52,6 @@ def build_meta(args, teacher_info):
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
                 "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
                 "labels": "(n,) class labels", "seeds": "(n,) the seed of each sample's noise"})
-
-
-def check_meta(meta, expected, source, prefix=""):
-    """Raises on the first field of `meta` that differs from `expected` (nested dicts by field)."""
-    for key, value in json.loads(json.dumps(expected)).items():  # tuples compare as the lists JSON stores
-        found = meta.get(key) if isinstance(meta, dict) else None
-        if isinstance(value, dict) and isinstance(found, dict):
-            check_meta(found, value, source, f"{prefix}{key}.")
-        elif found != value:
-            raise ValueError(f"{source}: {prefix}{key} is {found!r}, expected {value!r}")
 
 
 @torch.no_grad()

@@ -106,6 +106,16 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def check_meta(meta, expected, source, prefix=""):
+    """Raises on the first field of `meta` that differs from `expected` (nested dicts by field)."""
+    for key, value in json.loads(json.dumps(expected)).items():  # tuples compare as the lists JSON stores
+        found = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(value, dict) and isinstance(found, dict):
+            check_meta(found, value, source, f"{prefix}{key}.")
+        elif found != value:
+            raise ValueError(f"{source}: {prefix}{key} is {found!r}, expected {value!r}")
+
+
 def save_json(obj, path):
     def write(tmp):
         with open(tmp, "w") as f:
