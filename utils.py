@@ -94,13 +94,25 @@ def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform"):
     return torch.stack(noise), torch.tensor(drawn, dtype=torch.long)
 
 
+def fsync_path(path):
+    """Flushes a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """Calls write(tmp_path) and renames the result to `path`: readers never see a partial file."""
+    """Calls write(tmp_path) and renames the result to `path`: readers never see a partial file,
+    and after a crash, of the process or the machine, `path` holds the old file or the new one."""
     tmp = f"{path}.tmp"
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)  # some writers (safetensors) create private files
+        fsync_path(tmp)  # the data on disk before a name points at them
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))  # the rename on disk
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

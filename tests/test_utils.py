@@ -1,5 +1,6 @@
 """utils.py's distributed set-up and durable writes, and how the torchrun scripts use them."""
 import datetime
+import os
 
 import pytest
 
@@ -35,3 +36,17 @@ def test_torchrun_scripts_set_the_process_group_timeout(script, argv, flag, minu
     with pytest.raises(Stop):
         script.main(argv + flag)
     assert timeouts == [datetime.timedelta(minutes=minutes)]
+
+
+def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
+    """The new file's data reach the disk before its name replaces the old one, and the rename
+    itself after: a machine crash leaves the old file or the complete new one, never an empty one."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", src, dst)), replace(src, dst))[1])
+    path = os.path.join(os.path.realpath(tmp_path), "checkpoint.pt")
+    utils.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"weights"))
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", os.path.dirname(path))]
+    assert open(path, "rb").read() == b"weights"
