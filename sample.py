@@ -70,8 +70,8 @@ def checkpoint_from_args(args):
 
 
 def generator_from_args(args, progress=False):
-    return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler, args.num_sampling_steps,
-                          args.cfg_scale, args.guidance_channels, progress)
+    return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
+                          args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress)
 
 
 @torch.no_grad()

@@ -154,10 +154,10 @@ def must_not_load(*args, **kwargs):
 
 
 @pytest.mark.parametrize("change, field", [
-    (["--cfg-scale", "4.0"], "cfg_scale"), (["--global-seed", "1"], "global_seed"), (["--labels", "balanced"], "labels"),
-    (["--chunk-size", "6"], "chunk_size"), (["--num-fid-samples", "40"], "num_fid_samples"),
-    (["--num-sampling-steps", "8"], "num_sampling_steps"), (["--sampler", "ddpm"], "sampler"),
-    (["--precision", "bf16"], "precision")])
+    (["--cfg-scale", "4.0"], "cfg_scale"), (["--global-seed", "1"], "global_seed"),
+    (["--labels", "balanced"], "labels"), (["--chunk-size", "6"], "chunk_size"),
+    (["--num-fid-samples", "40"], "num_fid_samples"), (["--num-sampling-steps", "8"], "num_sampling_steps"),
+    (["--sampler", "ddpm"], "sampler"), (["--precision", "bf16"], "precision")])
 def test_sample_ddp_refuses_chunks_made_with_other_settings(checkpoints, tmp_path, monkeypatch, change, field):
     """A re-run that would mix images of two settings into one .npz stops, naming the setting,
     before it loads a model; the chunks already made stay as they are."""
