@@ -240,6 +240,20 @@ def checkpoint_paths(experiment_dir):
     return sorted(glob.glob(os.path.join(experiment_dir, "checkpoints", "[0-9]*.pt")))
 
 
+def resume_point(experiment_dir):
+    """(the newest checkpoint of a run that reads, notes naming it and each newer one that does
+    not, cut short by a crash of the machine, say); (None, []) for no run."""
+    notes = []
+    for path in reversed(checkpoint_paths(experiment_dir) if experiment_dir else []):
+        try:
+            checkpoint = read_checkpoint(path)
+        except Exception as e:  # a damaged file fails in the zip reader, the unpickler, ...
+            notes.append(f"skipped {path}: it does not read ({type(e).__name__}: {str(e).splitlines()[0]})")
+            continue
+        return checkpoint, notes + [f"resuming from {path} (step {checkpoint['step']})"]
+    return None, notes
+
+
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -298,7 +312,8 @@ def build_parser():
     p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder / 'digits' (teacher)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None, help="suffix of the experiment directory")
-    p.add_argument("--resume", default=None, help="experiment directory to continue from its latest checkpoint")
+    p.add_argument("--resume", default=None,
+                   help="experiment directory to continue from its newest checkpoint that reads")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                    help="write CKPT's EMA weights and settings to OUT (.safetensors) and exit")
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
@@ -372,11 +387,12 @@ def parse_args(argv=None):
 
 
 def resumed_args(parser, args, explicit):
-    """The run's own settings from its latest checkpoint, with only run-control flags changed."""
-    paths = checkpoint_paths(args.resume)
-    if not paths:
-        parser.error(f"--resume {args.resume}: no checkpoints in {args.resume}/checkpoints")
-    saved = read_checkpoint(paths[-1])["args"]
+    """The run's own settings from its newest readable checkpoint, with only run-control flags changed."""
+    checkpoint, notes = resume_point(args.resume)
+    if checkpoint is None:
+        parser.error(f"--resume {args.resume}: no readable checkpoint in {args.resume}/checkpoints "
+                     + " ".join(f"({note})" for note in notes))
+    saved = checkpoint["args"]
     changed = [k for k, v in explicit.items() if k not in RUN_CONTROL and saved.get(k) != v]
     if changed:
         parser.error(f"a resumed run keeps its settings; drop --{changed[0].replace('_', '-')}")
@@ -414,9 +430,10 @@ def main(argv=None):
     rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
+    resumed, resume_notes = resume_point(args.resume)
     task = TASKS[args.stage](args, device)
-    checkpoint = read_checkpoint(checkpoint_paths(args.resume)[-1]) if args.resume else task.init_checkpoint
-    start_step = checkpoint["step"] if args.resume else 0
+    checkpoint = resumed or task.init_checkpoint
+    start_step = resumed["step"] if resumed else 0
     data = batches(task.data, args, rank, world_size, start_step)
     discriminator = getattr(task, "discriminator", None)
     real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
@@ -437,7 +454,7 @@ def main(argv=None):
             task.disc_opt.load_state_dict(checkpoint["disc_opt"])
         for group in opt.param_groups:  # the flags decide, also for a run initialised from another stage
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    del checkpoint
+    del checkpoint, resumed
     task.init_checkpoint = None
 
     ddp = distributed(model, device)
@@ -447,7 +464,7 @@ def main(argv=None):
     record = dict(vars(args), **task.record)
     logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                 f"{len(task.data)} training items, world size {world_size}, experiment {experiment_dir}")
-    for note in task.notes:
+    for note in [*resume_notes, *task.notes]:
         logger.info(note)
 
     model.train()

@@ -121,6 +121,12 @@ def teacher_argv(results, *extra, data="digits"):
             "--results-dir", str(results), *QUIET, *map(str, extra)]
 
 
+def truncate(path):
+    """Cuts a file to half its length, as a crash of the machine can leave a file just written."""
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
 def run(argv, seed=0):
     """train.main in this process from a fixed ambient RNG state (see test_init_follows_global_seed)."""
     torch.manual_seed(seed)
@@ -212,8 +218,12 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, and GAN runs: 3 steps, 2 steps + resume to 3, 2 steps compiled."""
+    3 steps + resume to 6, a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut short,
+    and GAN runs: 3 steps, 2 steps + resume to 3, 2 steps compiled."""
     base = tmp_path_factory.mktemp("ddp")
+    broken = base / "broken" / os.path.basename(ard_run)
+    shutil.copytree(ard_run, broken)
+    truncate(ckpt(broken, 6))
     torchrun(os.path.join(ROOT, "train.py"), teacher_argv(base / "teacher", "--iterations", 2, "--ckpt-every", 1))
     runs = [
         ard_argv(teacher_ckpt, traj, base / "ard6", "--iterations", 6, "--ckpt-every", 3),
@@ -224,12 +234,14 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
         gan_argv(ckpt(ard_run, 6), traj, base / "gan_compiled", "--iterations", 2, "--ckpt-every", 2,
                  "--gan-warmup", 1, "--compile"),
+        ["--resume", str(broken), "--iterations", "6"],
     ]
     runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
-    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2", "gan_compiled")}
+    out = {name: experiments(base / name)
+           for name in ("teacher", "ard6", "ard3", "gan", "gan2", "gan_compiled", "broken")}
     assert all(len(v) == 1 for v in out.values()), out
     return {name: v[0] for name, v in out.items()}
 
@@ -413,6 +425,17 @@ def test_resume_is_bit_identical_two_processes(ddp):
     assert_same_training_state(load(ckpt(ddp["gan"], 3)), load(ckpt(ddp["gan2"], 3)))
 
 
+def test_resume_falls_back_to_the_newest_checkpoint_that_reads(ddp, ard_run):
+    """Two processes resume a run whose newest checkpoint (6) is cut short: from checkpoint 3, saying
+    so, to the same weights as the uninterrupted run."""
+    with open(os.path.join(ddp["broken"], "log.txt")) as f:
+        log = f.read()
+    assert f"skipped {ckpt(ddp['broken'], 6)}: it does not read" in log
+    assert f"resuming from {ckpt(ddp['broken'], 3)} (step 3)" in log
+    resumed, uninterrupted = load(ckpt(ddp["broken"], 6)), load(ckpt(ard_run, 6))
+    assert tensors_close(resumed["model"], uninterrupted["model"], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
     first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2, "--lr", "5e-4",
                          "--max-grad-norm", "0.5", "--ema-decay", "0.9"))
@@ -458,7 +481,7 @@ def test_resume_without_checkpoints_stops(tmp_path, capsys):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path)])
-    assert "no checkpoints" in capsys.readouterr().err
+    assert "no readable checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["teacher", "gan"])
