@@ -33,6 +33,26 @@ def shard_path(directory, index):
     return os.path.join(directory, f"shard_{index:05d}.safetensors")
 
 
+def shard_shapes(meta):
+    """The tensors of one shard and their shapes."""
+    K, shape, n = meta["num_steps"], tuple(meta["shape"]), meta["shard_size"]
+    return {"state": (n, K + 1, *shape), "x0": (n, K - 1, *shape), "labels": (n,), "seeds": (n,)}
+
+
+def check_shard(path, expected_shapes):
+    """Raises unless the shard at `path` is whole: its header reads, holds `expected_shapes`, and
+    the file is as long as the header says (safetensors checks that on opening; nothing more is read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing shard {path}: re-run extract_trajectories.py to complete it")
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:
+        raise ValueError(f"corrupt or truncated shard {path}: {e}") from None
+    if shapes != expected_shapes:
+        raise ValueError(f"shard {path} holds {shapes}, expected {expected_shapes}")
+
+
 def shard_bytes(meta):
     """Bytes of one full shard's arrays (the header adds a few hundred)."""
     point = 2 * meta["shape"][0] * meta["shape"][1] * meta["shape"][2]  # float16
@@ -102,7 +122,16 @@ def parse_args(argv=None):
 
 
 def missing_shards(directory, meta):
-    return [i for i in range(meta["num_samples"] // meta["shard_size"]) if not os.path.exists(shard_path(directory, i))]
+    """{index: None if absent, else what is wrong with it} of the shards still to write."""
+    missing = {}
+    for i in range(meta["num_samples"] // meta["shard_size"]):
+        try:
+            check_shard(shard_path(directory, i), shard_shapes(meta))
+        except FileNotFoundError:
+            missing[i] = None
+        except ValueError as e:
+            missing[i] = str(e)
+    return missing
 
 
 def prepare_output(args, meta, missing):
@@ -111,6 +140,8 @@ def prepare_output(args, meta, missing):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             check_meta(json.load(f), meta, f"{meta_path} (from an earlier run with other settings)")
+    for damage in filter(None, missing.values()):
+        print(f"{damage}: writing it again")
     needed, free = len(missing) * shard_bytes(meta), shutil.disk_usage(args.out).free
     print(f"{len(missing)} shards to write, about {needed / 2 ** 30:.2f} GiB ({free / 2 ** 30:.1f} GiB free)")
     if needed > free:
@@ -142,7 +173,7 @@ def main(argv=None):
                 return guided(x, t, y).float()
         return solve_trajectories(model_fn, diffusion, noise, labels, meta)
 
-    mine = missing[rank::world_size]
+    mine = list(missing)[rank::world_size]
     bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
@@ -189,24 +220,9 @@ class TrajectoryDataset(Dataset):
         self.directory, self.target = directory, target
         self.shard_size = self.meta["shard_size"]
         self.num_shards = self.meta["num_samples"] // self.shard_size
-        K, shape = self.meta["num_steps"], tuple(self.meta["shape"])
-        expected_shapes = {"state": (self.shard_size, K + 1, *shape), "x0": (self.shard_size, K - 1, *shape),
-                           "labels": (self.shard_size,), "seeds": (self.shard_size,)}
         for i in range(self.num_shards):
-            self._check_shard(shard_path(directory, i), expected_shapes)
+            check_shard(shard_path(directory, i), shard_shapes(self.meta))
         self._handles = {}
-
-    @staticmethod
-    def _check_shard(path, expected_shapes):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"missing shard {path}: re-run extract_trajectories.py to complete it")
-        try:
-            with safe_open(path, "pt") as f:
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as e:
-            raise ValueError(f"corrupt or truncated shard {path}: {e}") from None
-        if shapes != expected_shapes:
-            raise ValueError(f"shard {path} holds {shapes}, expected {expected_shapes}")
 
     def __len__(self):
         return self.num_shards * self.shard_size

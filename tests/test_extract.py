@@ -453,6 +453,20 @@ def test_damaged_shard_names_the_file(broken, damage, target):
         et.TrajectoryDataset(broken, target)
 
 
+@pytest.mark.parametrize("damage", [_truncate, _empty, _bad_header, _other_shapes])
+def test_rerun_redoes_a_damaged_shard(single, broken, teacher, monkeypatch, capsys, damage):
+    """A shard cut short (a crash of the machine after its rename) is found by its header and
+    size, and written again, saying so; the whole ones are kept."""
+    damaged = os.path.join(broken, shard_name(1))
+    damage(damaged)
+    recorder = Recorder()
+    monkeypatch.setattr(et, "atomic_write", recorder)
+    et.main(argv(teacher[0], broken))
+    assert recorder.shards() == [shard_name(1)]
+    assert re.search(rf"{re.escape(damaged)}.*: writing it again", capsys.readouterr().out)
+    assert contents(broken) == contents(single)
+
+
 def test_missing_shard_names_the_file(broken):
     path = os.path.join(broken, shard_name(2))
     os.remove(path)
