@@ -25,7 +25,7 @@ from models import load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records teacher_weights_sha256
 TARGETS = ("state", "x0")
 
 
@@ -63,7 +63,8 @@ def build_meta(args, teacher_info):
     steps, times = student_timesteps(args.num_steps, args.teacher_steps)
     dit = teacher_info["dit"]
     return dict(
-        format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], dit=dit, image_size=teacher_info["image_size"],
+        format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"],
+        dit=dit, image_size=teacher_info["image_size"],
         vae=teacher_info["vae"], shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
         solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,

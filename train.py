@@ -121,12 +121,18 @@ class DistillationTask:
     init_checkpoint = None
     notes = ()
 
-    def __init__(self, args, device, teacher=None, teacher_info=None):
+    def __init__(self, args, device, teacher=None, teacher_info=None, stage_times=None):
+        """The trajectories must come from this teacher (its weights, not only its name) and, if
+        the student has them already, at its `stage_times`."""
         if teacher is None:
             teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
         dit = teacher_info["dit"]
-        self.data = TrajectoryDataset(args.data_path, args.target, expected=dict(
-            num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"], dit["input_size"]]))
+        expected = dict(num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"],
+                                                                  dit["input_size"]],
+                        teacher_weights_sha256=teacher_info["weights_sha256"])
+        if stage_times is not None:
+            expected["boundary_times"] = stage_times
+        self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
         self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask,
                          stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head,
                          attention=args.attention)
@@ -156,7 +162,7 @@ class AdversarialTask(DistillationTask):
             setattr(args, key, init_args[key])
         teacher, teacher_info = load_teacher(args.teacher, init_args["model"], init_args["image_size"],
                                              init_args["vae"])
-        super().__init__(args, device, teacher, teacher_info)
+        super().__init__(args, device, teacher, teacher_info, stage_times=init_args["stage_times"])
         self.init_checkpoint = init
         self.real, _, _ = image_dataset(args.real_data, teacher_info["image_size"])
         self.flip = flips_images(args, args.real_data)

@@ -525,6 +525,23 @@ def test_rank0_failure_stops_every_rank_with_its_message(broken, teacher):
         assert f"[rank{rank}]: ValueError: {os.path.join(broken, message)}" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("changed", [False, True])
+def test_rerun_with_a_teacher_rewritten_at_its_path(broken, teacher, tmp_path, monkeypatch, changed):
+    """meta.json records the teacher's weights, not only its path: other weights under the same
+    name stop the run before it solves; the same weights pass."""
+    path = str(tmp_path / "rewritten.pt")
+    meta = json.load(open(os.path.join(broken, "meta.json")))
+    et.save_json(dict(meta, teacher_ckpt=path), os.path.join(broken, "meta.json"))
+    monkeypatch.setattr(et, "solve_trajectories", must_not_solve)
+    if changed:
+        make_teacher(path, seed=1)
+        with pytest.raises(ValueError, match=r"\bteacher_weights_sha256\b"):
+            et.main(argv(path, broken))
+    else:
+        shutil.copy(teacher[0], path)
+        et.main(argv(path, broken))
+
+
 def test_not_enough_disk_space_stops_before_writing(teacher, tmp_path, monkeypatch):
     out = tmp_path / "traj"
     meta = et.build_meta(et.parse_args(argv(teacher[0], out)), dict(models.load_teacher(teacher[0])[1]))

@@ -849,6 +849,26 @@ def test_teacher_of_another_config(traj, tmp_path, config, message):
     assert experiments(tmp_path / "results") == []
 
 
+def test_teacher_other_than_the_trajectories_one(teacher_ckpt, traj, tmp_path):
+    """Same architecture, other weights: the student would start from a teacher that did not
+    make its trajectories."""
+    other = tiny_teacher_checkpoint(tmp_path / "other.pt", **load(teacher_ckpt)["args"]["dit"])
+    with pytest.raises(ValueError, match=r"meta\.json: teacher_weights_sha256 is"):
+        run(ard_argv(other, traj, tmp_path / "results", "--iterations", 2))
+    assert experiments(tmp_path / "results") == []
+
+
+def test_gan_init_with_other_stage_times_than_the_trajectories(ard_run, traj, tmp_path):
+    init = load(ckpt(ard_run, 6))
+    times = init["args"]["stage_times"]
+    init["args"]["stage_times"] = [999, 700, 400, 100]
+    torch.save(init, tmp_path / "init.pt")
+    with pytest.raises(ValueError, match=rf"meta\.json: boundary_times is {re.escape(str(times))}, "
+                                         r"expected \[999, 700, 400, 100\]"):
+        run(gan_argv(str(tmp_path / "init.pt"), traj, tmp_path / "results", "--iterations", 1))
+    assert experiments(tmp_path / "results") == []
+
+
 def test_teacher_weights_not_matching_its_config(traj, tmp_path):
     bad = tiny_teacher_checkpoint(tmp_path / "bad.pt", claimed=dict(hidden_size=32), hidden_size=64)
     with pytest.raises(ValueError, match="shape mismatch") as e:
