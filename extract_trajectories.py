@@ -22,15 +22,35 @@ from tqdm import tqdm
 
 from diffusion import create_diffusion, student_timesteps
 from models import load_teacher, with_guidance
-from utils import (atomic_write, autocast, barrier, cleanup_distributed, index_noise_and_labels, index_seed,
-                   init_distributed, save_json)
+from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records teacher_weights_sha256
 TARGETS = ("state", "x0")
 
 
 def shard_path(directory, index):
     return os.path.join(directory, f"shard_{index:05d}.safetensors")
+
+
+def shard_shapes(meta):
+    """The tensors of one shard and their shapes."""
+    K, shape, n = meta["num_steps"], tuple(meta["shape"]), meta["shard_size"]
+    return {"state": (n, K + 1, *shape), "x0": (n, K - 1, *shape), "labels": (n,), "seeds": (n,)}
+
+
+def check_shard(path, expected_shapes):
+    """Raises unless the shard at `path` is whole: its header reads, holds `expected_shapes`, and
+    the file is as long as the header says (safetensors checks that on opening; nothing more is read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing shard {path}: re-run extract_trajectories.py to complete it")
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:
+        raise ValueError(f"corrupt or truncated shard {path}: {e}") from None
+    if shapes != expected_shapes:
+        raise ValueError(f"shard {path} holds {shapes}, expected {expected_shapes}")
 
 
 def shard_bytes(meta):
@@ -43,7 +63,8 @@ def build_meta(args, teacher_info):
     steps, times = student_timesteps(args.num_steps, args.teacher_steps)
     dit = teacher_info["dit"]
     return dict(
-        format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], dit=dit, image_size=teacher_info["image_size"],
+        format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"],
+        dit=dit, image_size=teacher_info["image_size"],
         vae=teacher_info["vae"], shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
         solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,
@@ -52,16 +73,6 @@ def build_meta(args, teacher_info):
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
                 "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
                 "labels": "(n,) class labels", "seeds": "(n,) the seed of each sample's noise"})
-
-
-def check_meta(meta, expected, source, prefix=""):
-    """Raises on the first field of `meta` that differs from `expected` (nested dicts by field)."""
-    for key, value in json.loads(json.dumps(expected)).items():  # tuples compare as the lists JSON stores
-        found = meta.get(key) if isinstance(meta, dict) else None
-        if isinstance(value, dict) and isinstance(found, dict):
-            check_meta(found, value, source, f"{prefix}{key}.")
-        elif found != value:
-            raise ValueError(f"{source}: {prefix}{key} is {found!r}, expected {value!r}")
 
 
 @torch.no_grad()
@@ -100,6 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if min(args.num_samples, args.shard_size, args.batch_size) < 1:
         p.error("--num-samples, --shard-size and --batch-size must be positive")
@@ -111,7 +123,16 @@ def parse_args(argv=None):
 
 
 def missing_shards(directory, meta):
-    return [i for i in range(meta["num_samples"] // meta["shard_size"]) if not os.path.exists(shard_path(directory, i))]
+    """{index: None if absent, else what is wrong with it} of the shards still to write."""
+    missing = {}
+    for i in range(meta["num_samples"] // meta["shard_size"]):
+        try:
+            check_shard(shard_path(directory, i), shard_shapes(meta))
+        except FileNotFoundError:
+            missing[i] = None
+        except ValueError as e:
+            missing[i] = str(e)
+    return missing
 
 
 def prepare_output(args, meta, missing):
@@ -120,6 +141,8 @@ def prepare_output(args, meta, missing):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             check_meta(json.load(f), meta, f"{meta_path} (from an earlier run with other settings)")
+    for damage in filter(None, missing.values()):
+        print(f"{damage}: writing it again")
     needed, free = len(missing) * shard_bytes(meta), shutil.disk_usage(args.out).free
     print(f"{len(missing)} shards to write, about {needed / 2 ** 30:.2f} GiB ({free / 2 ** 30:.1f} GiB free)")
     if needed > free:
@@ -130,15 +153,13 @@ def prepare_output(args, meta, missing):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, teacher_info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
     meta = build_meta(args, teacher_info)
     os.makedirs(args.out, exist_ok=True)
     missing = missing_shards(args.out, meta)  # listed by every rank before any shard is written
-    if rank == 0:
-        prepare_output(args, meta, missing)
-    barrier()
+    on_rank_zero(rank, lambda: prepare_output(args, meta, missing))
     model = model.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too
@@ -153,7 +174,7 @@ def main(argv=None):
                 return guided(x, t, y).float()
         return solve_trajectories(model_fn, diffusion, noise, labels, meta)
 
-    mine = missing[rank::world_size]
+    mine = list(missing)[rank::world_size]
     bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
@@ -200,24 +221,9 @@ class TrajectoryDataset(Dataset):
         self.directory, self.target = directory, target
         self.shard_size = self.meta["shard_size"]
         self.num_shards = self.meta["num_samples"] // self.shard_size
-        K, shape = self.meta["num_steps"], tuple(self.meta["shape"])
-        expected_shapes = {"state": (self.shard_size, K + 1, *shape), "x0": (self.shard_size, K - 1, *shape),
-                           "labels": (self.shard_size,), "seeds": (self.shard_size,)}
         for i in range(self.num_shards):
-            self._check_shard(shard_path(directory, i), expected_shapes)
+            check_shard(shard_path(directory, i), shard_shapes(self.meta))
         self._handles = {}
-
-    @staticmethod
-    def _check_shard(path, expected_shapes):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"missing shard {path}: re-run extract_trajectories.py to complete it")
-        try:
-            with safe_open(path, "pt") as f:
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as e:
-            raise ValueError(f"corrupt or truncated shard {path}: {e}") from None
-        if shapes != expected_shapes:
-            raise ValueError(f"shard {path} holds {shapes}, expected {expected_shapes}")
 
     def __len__(self):
         return self.num_shards * self.shard_size

@@ -4,6 +4,7 @@ Blocks take a conditioning tensor of shape (B, D) as in DiT, or (B, S, D) for a 
 made of S equal groups of tokens, each with its own conditioning: the ARD student uses
 this to compute adaLN once per stage instead of once per token.
 """
+import hashlib
 import json
 import math
 import os
@@ -367,11 +368,23 @@ def find_model(name):
     return checkpoint["ema"] if "ema" in checkpoint else checkpoint
 
 
+def weights_sha256(module):
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): the identity of its
+    weights, whatever file or name they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000):
     """(DiT in eval mode, its description) from an official name or one of our teacher checkpoints.
 
     Our checkpoints carry their architecture; for official ones and bare state dicts it comes
-    from `model` and `image_size`. The description is what downstream files record.
+    from `model` and `image_size`. The description is what downstream files record, the
+    weights' SHA-256 included.
     """
     checkpoint = open_checkpoint(ckpt)
     if "args" in checkpoint:
@@ -388,7 +401,7 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
         info = dict(dit=dit, image_size=image_size, vae=vae)
         state_dict = checkpoint
     net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
-    return net.eval(), dict(info, ckpt=str(ckpt))
+    return net.eval(), dict(info, ckpt=str(ckpt), weights_sha256=weights_sha256(net))
 
 
 # ---------------------------------------------------------------------------- autoencoder

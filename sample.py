@@ -64,10 +64,14 @@ def add_generator_args(p):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
 
 
+def checkpoint_from_args(args):
+    """--ckpt, or the official DiT-XL/2 at --image-size."""
+    return args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
+
+
 def generator_from_args(args, progress=False):
-    ckpt = args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
-    return load_generator(ckpt, args.model, args.image_size, args.vae, args.sampler, args.num_sampling_steps,
-                          args.cfg_scale, args.guidance_channels, progress)
+    return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
+                          args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress)
 
 
 @torch.no_grad()

@@ -5,9 +5,11 @@
 
 Image i comes from its own seed (global seed, i), so the result does not depend on the number
 of processes or the batch size. Work is done in chunks of --chunk-size images, each saved
-as it completes; a re-run keeps them and makes only the missing ones.
+as it completes in OUT.parts; a re-run with the same settings (recorded there in
+settings.json) keeps them and makes only the missing ones, and one with other settings stops.
 """
 import argparse
+import json
 import os
 import shutil
 
@@ -15,9 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import load_autoencoder
-from sample import add_generator_args, generator_from_args
-from utils import autocast, barrier, cleanup_distributed, index_noise_and_labels, init_distributed, save_npz, to_uint8
+from models import OFFICIAL_CHECKPOINTS, load_autoencoder
+from sample import add_generator_args, checkpoint_from_args, generator_from_args
+from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
+                   init_distributed, on_rank_zero, save_json, save_npz, to_uint8)
+
+# Flags that do not change the images: the runs that make one .npz may differ in them.
+RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout")
 
 
 def parse_args(argv=None):
@@ -30,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
     p.add_argument("--out", required=True, help="the .npz to write")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
@@ -44,10 +51,42 @@ def chunk_path(parts_dir, index):
     return os.path.join(parts_dir, f"chunk_{index:05d}.npz")
 
 
+def checkpoint_identity(ckpt):
+    """An official name as it is; a file by absolute path, size and modification time, so that
+    a file rewritten at the same path counts as another checkpoint."""
+    if ckpt in OFFICIAL_CHECKPOINTS:
+        return ckpt
+    stat = os.stat(ckpt)
+    return dict(path=os.path.abspath(ckpt), bytes=stat.st_size, modified_ns=stat.st_mtime_ns)
+
+
+def parts_settings(args):
+    """Everything the images depend on: the flags, with the checkpoint identified by its file."""
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args)))
+
+
+def prepare_parts(parts_dir, settings):
+    """Creates parts_dir with settings.json, or checks that its chunks were made with `settings`."""
+    path = os.path.join(parts_dir, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            check_meta(json.load(f), settings, f"{path} (its chunks were made with other settings: "
+                                               f"use another --out, or remove {parts_dir})")
+        return
+    os.makedirs(parts_dir, exist_ok=True)
+    if any(name.startswith("chunk_") for name in os.listdir(parts_dir)):
+        raise ValueError(f"{parts_dir} holds chunks but no settings.json: their settings are unknown; "
+                         f"use another --out, or remove {parts_dir}")
+    save_json(settings, path)
+
+
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
+    parts_dir = args.out[: -len(".npz")] + ".parts"
+    on_rank_zero(rank, lambda: prepare_parts(parts_dir, parts_settings(args)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     generate, network, info = generator_from_args(args)
     network.to(device)
@@ -56,10 +95,6 @@ def main(argv=None):
     shape = (dit["in_channels"], dit["input_size"], dit["input_size"])
     bf16 = autocast(device, args.precision)
 
-    parts_dir = args.out[: -len(".npz")] + ".parts"
-    if rank == 0:
-        os.makedirs(parts_dir, exist_ok=True)
-    barrier()
     num_chunks = -(-args.num_fid_samples // args.chunk_size)
     missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(parts_dir, c))]
     barrier()  # every rank has listed the chunks before any is written

@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -41,11 +42,12 @@ from extract_trajectories import TrajectoryDataset
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
-from utils import atomic_write, autocast, barrier, cleanup_distributed, init_distributed, save_grid
+from utils import (add_distributed_args, atomic_write, autocast, cleanup_distributed, init_distributed, on_rank_zero,
+                   save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half")
+               "export", "export_half", "dist_timeout")
 # Student settings that --stage gan takes from its --init checkpoint.
 STUDENT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head")
 
@@ -117,6 +119,11 @@ class TeacherTask:
         self.flip = flips_images(args, args.data_path)
         self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae)
         self.sample_steps, self.cfg_scale = args.sample_steps, args.sample_cfg_scale
+        self.notes = []
+        if args.class_dropout == 0 and self.cfg_scale != 1:  # no null class to guide with
+            self.cfg_scale = 1.0
+            self.notes.append(f"--class-dropout 0: the model has no null class, so its sample grids are drawn "
+                              f"without guidance (not --sample-cfg-scale {args.sample_cfg_scale})")
 
     def loss(self, model, batch, step):
         images, y = batch
@@ -133,13 +140,20 @@ class DistillationTask:
     student-fed on a share of the steps (--student-fed)."""
 
     init_checkpoint = None
+    notes = ()
 
-    def __init__(self, args, device, teacher=None, teacher_info=None):
+    def __init__(self, args, device, teacher=None, teacher_info=None, stage_times=None):
+        """The trajectories must come from this teacher (its weights, not only its name) and, if
+        the student has them already, at its `stage_times`."""
         if teacher is None:
             teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
         dit = teacher_info["dit"]
-        self.data = TrajectoryDataset(args.data_path, args.target, expected=dict(
-            num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"], dit["input_size"]]))
+        expected = dict(num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"],
+                                                                  dit["input_size"]],
+                        teacher_weights_sha256=teacher_info["weights_sha256"])
+        if stage_times is not None:
+            expected["boundary_times"] = stage_times
+        self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
         self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask,
                          stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head,
                          attention=args.attention)
@@ -149,17 +163,18 @@ class DistillationTask:
                            **self.model.settings)
         self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
 
-    def stage_inputs(self, model, batch, step):
+    def stage_inputs(self, batch, step):
         """(stages, targets, y, fed): the batch, its stage inputs replaced by the online student's own
-        rollout from the same x_T when this step is student-fed."""
+        rollout from the same x_T when this step is student-fed (the module itself, not its DDP or
+        compiled wrapper: the rollout needs no gradient synchronisation)."""
         stages, targets, y = batch
         fed = feeds_student(self.seed, step, self.student_fed, self.student_fed_ramp)
         if fed:
-            stages = student_fed_stages(unwrap(model), stages, y)
+            stages = student_fed_stages(self.model, stages, y)
         return stages, targets, y, fed
 
     def loss(self, model, batch, step):
-        stages, targets, y, fed = self.stage_inputs(model, batch, step)
+        stages, targets, y, fed = self.stage_inputs(batch, step)
         loss, per_stage = distillation_loss(model(stages, y), targets)
         return loss, distillation_logs(per_stage, fed)
 
@@ -179,7 +194,7 @@ class AdversarialTask(DistillationTask):
             setattr(args, key, init_args[key])
         teacher, teacher_info = load_teacher(args.teacher, init_args["model"], init_args["image_size"],
                                              init_args["vae"])
-        super().__init__(args, device, teacher, teacher_info)
+        super().__init__(args, device, teacher, teacher_info, stage_times=init_args["stage_times"])
         self.init_checkpoint = init
         self.real, _, _ = image_dataset(args.real_data, teacher_info["image_size"])
         self.flip = flips_images(args, args.real_data)
@@ -197,21 +212,26 @@ class AdversarialTask(DistillationTask):
         return self.noiser.q_sample(x, t), t
 
     def loss(self, model, batch, step):
-        stages, targets, y, fed = self.stage_inputs(model, batch, step)
+        # The adaptive weight backpropagates through the student more than once (retain_graph): a
+        # compiled student must not donate its saved tensors to the first backward. (The setting
+        # is read when the forward is compiled and again by every retained backward.)
+        with functorch_config.patch(donated_buffer=False):
+            return self.generator_loss(model, batch, step)
+
+    def generator_loss(self, model, batch, step):
+        stages, targets, y, fed = self.stage_inputs(batch, step)
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)
         self.fake, self.fake_labels = prediction[:, -1].detach(), y
+        logs = dict(distillation_logs(per_stage, fed), reg=regression.detach())
+        if step < self.warmup:  # weight 0: no pass through the frozen teacher for the generator
+            return regression, dict(logs, gan_weight=torch.zeros((), device=stages.device))
         self.discriminator.heads.requires_grad_(False)
         adversarial = generator_hinge_loss(self.discriminator(*self.features_input(prediction[:, -1]), y))
         self.discriminator.heads.requires_grad_(True)
-        if step < self.warmup:
-            weight = torch.zeros((), device=stages.device)
-        else:
-            last_layer = unwrap(model).heads[-1].linear.weight
-            weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
-        logs = distillation_logs(per_stage, fed)
-        return regression + weight * adversarial, dict(logs, reg=regression.detach(), g_adv=adversarial.detach(),
-                                                       gan_weight=weight)
+        last_layer = self.model.heads[-1].linear.weight  # the module itself, however `model` wraps it
+        weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
+        return regression + weight * adversarial, dict(logs, g_adv=adversarial.detach(), gan_weight=weight)
 
     def discriminator_step(self, discriminator, real_batch, bf16):
         images, real_labels = real_batch
@@ -248,13 +268,6 @@ def distributed(module, device):
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model):
-    """The module itself, from inside torch.compile and DDP (compile wraps DDP in train.py)."""
-    model = getattr(model, "_orig_mod", model)
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def distillation_logs(per_stage, fed):
     """Each stage's loss and whether the step was student-fed (1) or teacher-forced (0)."""
     logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
@@ -269,6 +282,20 @@ def update_ema(ema, model, decay):
 
 def checkpoint_paths(experiment_dir):
     return sorted(glob.glob(os.path.join(experiment_dir, "checkpoints", "[0-9]*.pt")))
+
+
+def resume_point(experiment_dir):
+    """(the newest checkpoint of a run that reads, notes naming it and each newer one that does
+    not, cut short by a crash of the machine, say); (None, []) for no run."""
+    notes = []
+    for path in reversed(checkpoint_paths(experiment_dir) if experiment_dir else []):
+        try:
+            checkpoint = read_checkpoint(path)
+        except Exception as e:  # a damaged file fails in the zip reader, the unpickler, ...
+            notes.append(f"skipped {path}: it does not read ({type(e).__name__}: {str(e).splitlines()[0]})")
+            continue
+        return checkpoint, notes + [f"resuming from {path} (step {checkpoint['step']})"]
+    return None, notes
 
 
 def save_checkpoint(path, state):
@@ -303,6 +330,14 @@ def new_experiment_dir(args):
     return path
 
 
+def prepare_experiment_dir(args):
+    """The run's directory with its checkpoints/ and samples/: the resumed one, or a new one."""
+    path = args.resume or new_experiment_dir(args)
+    for sub in ("checkpoints", "samples"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    return path
+
+
 def mean_over_ranks(values):
     """{name: tensor} -> {name: float} averaged over ranks, in one all-reduce."""
     names = sorted(values)
@@ -321,10 +356,12 @@ def build_parser():
     p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder, 'digits' or 'shapes' (teacher)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None, help="suffix of the experiment directory")
-    p.add_argument("--resume", default=None, help="experiment directory to continue from its latest checkpoint")
+    p.add_argument("--resume", default=None,
+                   help="experiment directory to continue from its newest checkpoint that reads")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                    help="write CKPT's EMA weights and settings to OUT (.safetensors) and exit")
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
+    add_distributed_args(p)
     run = p.add_argument_group("optimisation")
     run.add_argument("--iterations", type=int, default=300_000)
     run.add_argument("--global-batch-size", type=int, default=64)
@@ -341,7 +378,8 @@ def build_parser():
     run.add_argument("--ckpt-every", type=int, default=10_000)
     run.add_argument("--sample-every", type=int, default=10_000)
     run.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the teacher's sample grids")
-    run.add_argument("--sample-cfg-scale", type=float, default=4.0, help="CFG of the teacher's sample grids")
+    run.add_argument("--sample-cfg-scale", type=float, default=4.0,
+                     help="CFG of the teacher's sample grids (none with --class-dropout 0)")
     arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
     arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt", help="official name or teacher checkpoint")
     arch.add_argument("--model", default="DiT-XL/2")
@@ -399,11 +437,12 @@ def parse_args(argv=None):
 
 
 def resumed_args(parser, args, explicit):
-    """The run's own settings from its latest checkpoint, with only run-control flags changed."""
-    paths = checkpoint_paths(args.resume)
-    if not paths:
-        parser.error(f"--resume {args.resume}: no checkpoints in {args.resume}/checkpoints")
-    saved = read_checkpoint(paths[-1])["args"]
+    """The run's own settings from its newest readable checkpoint, with only run-control flags changed."""
+    checkpoint, notes = resume_point(args.resume)
+    if checkpoint is None:
+        parser.error(f"--resume {args.resume}: no readable checkpoint in {args.resume}/checkpoints "
+                     + " ".join(f"({note})" for note in notes))
+    saved = checkpoint["args"]
     changed = [k for k, v in explicit.items() if k not in RUN_CONTROL and saved.get(k) != v]
     if changed:
         parser.error(f"a resumed run keeps its settings; drop --{changed[0].replace('_', '-')}")
@@ -452,25 +491,18 @@ def main(argv=None):
         export_ema(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
         return args.export[1]
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
+    resumed, resume_notes = resume_point(args.resume)
     task = TASKS[args.stage](args, device)
-    checkpoint = read_checkpoint(checkpoint_paths(args.resume)[-1]) if args.resume else task.init_checkpoint
-    start_step = checkpoint["step"] if args.resume else 0
+    checkpoint = resumed or task.init_checkpoint
+    start_step = resumed["step"] if resumed else 0
     data = batches(task.data, args, rank, world_size, start_step)
     discriminator = getattr(task, "discriminator", None)
     real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
 
-    experiment_dir = args.resume or (new_experiment_dir(args) if rank == 0 else None)
-    if dist.is_initialized():
-        shared = [experiment_dir]
-        dist.broadcast_object_list(shared)
-        experiment_dir = shared[0]
-    if rank == 0:
-        os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
-    barrier()
+    experiment_dir = on_rank_zero(rank, lambda: prepare_experiment_dir(args))
     logger = create_logger(experiment_dir, rank)
 
     model = task.model.to(device)
@@ -486,7 +518,7 @@ def main(argv=None):
             task.disc_opt.load_state_dict(checkpoint["disc_opt"])
         for group in opt.param_groups:  # the flags decide, also for a run initialised from another stage
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    del checkpoint
+    del checkpoint, resumed
     task.init_checkpoint = None
 
     ddp = distributed(model, device)
@@ -496,6 +528,8 @@ def main(argv=None):
     record = dict(vars(args), **task.record)
     logger.info(f"{args.stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                 f"{len(task.data)} training items, world size {world_size}, experiment {experiment_dir}")
+    for note in [*resume_notes, *task.notes]:
+        logger.info(note)
 
     model.train()
     running, steps_since_log, last_log = {}, 0, time.time()
@@ -515,13 +549,14 @@ def main(argv=None):
         if discriminator is not None:
             real_batch = [t.to(device, non_blocking=True) for t in next(real_data)]
             logs["d_loss"] = task.discriminator_step(ddp_disc, real_batch, bf16)
-        for name, value in logs.items():
-            running[name] = running.get(name, 0) + value.detach().float()
+        for name, value in logs.items():  # (sum, count): a value may be missing in some steps (GAN warm-up)
+            total, count = running.get(name, (0, 0))
+            running[name] = (total + value.detach().float(), count + 1)
         steps_since_log += 1
 
         done = step + 1
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
-            means = mean_over_ranks({k: v / steps_since_log for k, v in running.items()})
+            means = mean_over_ranks({k: total / count for k, (total, count) in running.items()})
             if not math.isfinite(means["loss"]):
                 saved = checkpoint_paths(experiment_dir)
                 raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "
@@ -532,7 +567,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
         if done % args.ckpt_every == 0 or done == args.iterations:
-            if rank == 0:
+            def save():
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": done, "args": record}
                 if discriminator is not None:  # the frozen features are the teacher's: not saved again
@@ -540,9 +575,10 @@ def main(argv=None):
                 path = os.path.join(experiment_dir, "checkpoints", f"{done:07d}.pt")
                 save_checkpoint(path, state)
                 logger.info(f"saved {path}")
-            barrier()
-        if rank == 0 and (done % args.sample_every == 0 or done == args.iterations):
-            save_samples(task, ema, args, os.path.join(experiment_dir, "samples", f"{done:07d}.png"), device)
+            on_rank_zero(rank, save)
+        if done % args.sample_every == 0 or done == args.iterations:
+            path = os.path.join(experiment_dir, "samples", f"{done:07d}.png")
+            on_rank_zero(rank, lambda: save_samples(task, ema, args, path, device))
     bar.close()
     logger.info("done")
     cleanup_distributed()

@@ -1,5 +1,6 @@
 """Small pieces shared by the scripts: distributed set-up, per-index randomness, atomic writes."""
 import contextlib
+import datetime
 import json
 import os
 
@@ -13,12 +14,20 @@ UMASK = os.umask(0)
 os.umask(UMASK)
 
 
-def init_distributed():
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process."""
+def add_distributed_args(parser):
+    """The flags of every torchrun script."""
+    parser.add_argument("--dist-timeout", type=float, default=60,
+                        help="minutes a rank waits for the others (e.g. while rank 0 writes a checkpoint) before "
+                             "the job fails; NCCL's own default is 10")
+
+
+def init_distributed(timeout_minutes):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process.
+    A collective that waits longer than `timeout_minutes` fails the job."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -37,6 +46,25 @@ def autocast(device, precision):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_rank_zero(rank, work):
+    """work() on rank 0 only; its result, or the error it raised, reaches every rank. The other
+    ranks then raise rank 0's error at once instead of waiting in a collective that rank 0 never
+    reaches (a hang until the timeout under NCCL)."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:  # raised below, on every rank
+            error = e
+    if dist.is_initialized():
+        shared = [result, error]
+        dist.broadcast_object_list(shared)
+        result, error = shared
+    if error is not None:
+        raise error
+    return result
 
 
 def cleanup_distributed():
@@ -66,16 +94,38 @@ def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform"):
     return torch.stack(noise), torch.tensor(drawn, dtype=torch.long)
 
 
+def fsync_path(path):
+    """Flushes a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """Calls write(tmp_path) and renames the result to `path`: readers never see a partial file."""
+    """Calls write(tmp_path) and renames the result to `path`: readers never see a partial file,
+    and after a crash, of the process or the machine, `path` holds the old file or the new one."""
     tmp = f"{path}.tmp"
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)  # some writers (safetensors) create private files
+        fsync_path(tmp)  # the data on disk before a name points at them
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))  # the rename on disk
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_meta(meta, expected, source, prefix=""):
+    """Raises on the first field of `meta` that differs from `expected` (nested dicts by field)."""
+    for key, value in json.loads(json.dumps(expected)).items():  # tuples compare as the lists JSON stores
+        found = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(value, dict) and isinstance(found, dict):
+            check_meta(found, value, source, f"{prefix}{key}.")
+        elif found != value:
+            raise ValueError(f"{source}: {prefix}{key} is {found!r}, expected {value!r}")
 
 
 def save_json(obj, path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluations import evaluator, inception, metrics
-from evaluations.small import digits_uint8, load_classifier, reference_images, train_classifier
+from evaluations.small import digits_uint8, load_classifier, train_classifier
 from evaluations.npz import open_images
 
 

@@ -104,16 +104,21 @@ def single(teacher, tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def ddp(teacher, tmp_path_factory):
-    """The same extraction on 2 gloo processes under torchrun."""
-    out = tmp_path_factory.mktemp("ddp") / "traj"
+def torchrun_extraction(args):
+    """extract_trajectories.py on 2 gloo processes under torchrun: the finished process."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "extract_trajectories.py"), *argv(teacher[0], out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+           os.path.join(ROOT, "extract_trajectories.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def ddp(teacher, tmp_path_factory):
+    """The same extraction on 2 gloo processes under torchrun."""
+    out = tmp_path_factory.mktemp("ddp") / "traj"
+    proc = torchrun_extraction(argv(teacher[0], out))
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return str(out)
 
@@ -233,17 +238,14 @@ def test_late_rank_splits_the_same_work_list(single, teacher, tmp_path, monkeypa
     take shard 1 (its half of rank 0's list [0, 1, 2]), else shard 1 is never written."""
     out = tmp_path / "traj"
     os.makedirs(out)
-    shutil.copy(os.path.join(single, "meta.json"), out)  # rank 0 wrote meta.json before the barrier
-    state = {"barriers": 0}
+    shutil.copy(os.path.join(single, "meta.json"), out)  # rank 0 wrote meta.json before the others go on
 
-    def barrier():
-        state["barriers"] += 1
-        if state["barriers"] == 1:  # rank 0 races ahead and completes shard 0
-            shutil.copy(os.path.join(single, shard_name(0)), out)
+    def rank0_races_ahead(rank, work):  # and completes shard 0 before rank 1 goes on
+        shutil.copy(os.path.join(single, shard_name(0)), out)
 
     recorder = Recorder()
-    monkeypatch.setattr(et, "init_distributed", lambda: (1, 2, torch.device("cpu")))
-    monkeypatch.setattr(et, "barrier", barrier)
+    monkeypatch.setattr(et, "init_distributed", lambda timeout_minutes: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(et, "on_rank_zero", rank0_races_ahead)
     monkeypatch.setattr(et, "atomic_write", recorder)
     et.main(argv(teacher[0], out))
     assert recorder.shards() == [shard_name(1)]
@@ -451,6 +453,20 @@ def test_damaged_shard_names_the_file(broken, damage, target):
         et.TrajectoryDataset(broken, target)
 
 
+@pytest.mark.parametrize("damage", [_truncate, _empty, _bad_header, _other_shapes])
+def test_rerun_redoes_a_damaged_shard(single, broken, teacher, monkeypatch, capsys, damage):
+    """A shard cut short (a crash of the machine after its rename) is found by its header and
+    size, and written again, saying so; the whole ones are kept."""
+    damaged = os.path.join(broken, shard_name(1))
+    damage(damaged)
+    recorder = Recorder()
+    monkeypatch.setattr(et, "atomic_write", recorder)
+    et.main(argv(teacher[0], broken))
+    assert recorder.shards() == [shard_name(1)]
+    assert re.search(rf"{re.escape(damaged)}.*: writing it again", capsys.readouterr().out)
+    assert contents(broken) == contents(single)
+
+
 def test_missing_shard_names_the_file(broken):
     path = os.path.join(broken, shard_name(2))
     os.remove(path)
@@ -497,6 +513,33 @@ def test_rerun_with_other_settings_stops_before_solving(broken, teacher, monkeyp
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         et.main(argv(teacher[0], broken, *extra))
     assert contents(broken) == before
+
+
+def test_rank0_failure_stops_every_rank_with_its_message(broken, teacher):
+    """Rank 0 finds meta.json of another run. Rank 1 must not wait for it in a barrier (under NCCL
+    that is a hang until the timeout): every rank stops at once with rank 0's error."""
+    proc = torchrun_extraction(argv(teacher[0], broken, "--seed", 8, "--dist-timeout", 1))
+    assert proc.returncode != 0
+    message = "meta.json (from an earlier run with other settings): seed is 7, expected 8"
+    for rank in (0, 1):
+        assert f"[rank{rank}]: ValueError: {os.path.join(broken, message)}" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_rerun_with_a_teacher_rewritten_at_its_path(broken, teacher, tmp_path, monkeypatch, changed):
+    """meta.json records the teacher's weights, not only its path: other weights under the same
+    name stop the run before it solves; the same weights pass."""
+    path = str(tmp_path / "rewritten.pt")
+    meta = json.load(open(os.path.join(broken, "meta.json")))
+    et.save_json(dict(meta, teacher_ckpt=path), os.path.join(broken, "meta.json"))
+    monkeypatch.setattr(et, "solve_trajectories", must_not_solve)
+    if changed:
+        make_teacher(path, seed=1)
+        with pytest.raises(ValueError, match=r"\bteacher_weights_sha256\b"):
+            et.main(argv(path, broken))
+    else:
+        shutil.copy(teacher[0], path)
+        et.main(argv(path, broken))
 
 
 def test_not_enough_disk_space_stops_before_writing(teacher, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,21 +115,28 @@ def test_sample_ddp_batch_size_and_chunking_do_not_change_images(reference_npz, 
     np.testing.assert_allclose(np.load(out)["arr_0"].astype(int), reference_npz["arr_0"].astype(int), atol=1)
 
 
-def test_sample_ddp_resumes_an_interrupted_run(reference_npz, checkpoints, tmp_path, monkeypatch):
-    out = tmp_path / "resumed.npz"
+def interrupted_run(args, chunks, monkeypatch):
+    """sample_ddp.main(args) killed after writing `chunks` chunks: their paths."""
     written = []
     real_save = sample_ddp.save_npz
 
-    def save_two_then_die(path, arrays):
-        if len(written) == 2:
+    def save_then_die(path, arrays):
+        if len(written) == chunks:
             raise KeyboardInterrupt
         real_save(path, arrays)
         written.append(path)
 
-    monkeypatch.setattr(sample_ddp, "save_npz", save_two_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        sample_ddp.main(ddp_args(checkpoints[1], out))
-    kept = {path: os.stat(path).st_mtime_ns for path in written}
+    with monkeypatch.context() as m:
+        m.setattr(sample_ddp, "save_npz", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            sample_ddp.main(args)
+    return written
+
+
+def test_sample_ddp_resumes_an_interrupted_run(reference_npz, checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "resumed.npz"
+    real_save = sample_ddp.save_npz
+    kept = {path: os.stat(path).st_mtime_ns for path in interrupted_run(ddp_args(checkpoints[1], out), 2, monkeypatch)}
     assert not out.exists() and len(kept) == 2
 
     made = []
@@ -139,6 +147,49 @@ def test_sample_ddp_resumes_an_interrupted_run(reference_npz, checkpoints, tmp_p
     resumed = np.load(out)
     np.testing.assert_array_equal(resumed["arr_0"], reference_npz["arr_0"])
     np.testing.assert_array_equal(resumed["arr_1"], reference_npz["arr_1"])
+
+
+def must_not_load(*args, **kwargs):
+    raise AssertionError("the run loaded its model")
+
+
+@pytest.mark.parametrize("change, field", [
+    (["--cfg-scale", "4.0"], "cfg_scale"), (["--global-seed", "1"], "global_seed"),
+    (["--labels", "balanced"], "labels"), (["--chunk-size", "6"], "chunk_size"),
+    (["--num-fid-samples", "40"], "num_fid_samples"), (["--num-sampling-steps", "8"], "num_sampling_steps"),
+    (["--sampler", "ddpm"], "sampler"), (["--precision", "bf16"], "precision")])
+def test_sample_ddp_refuses_chunks_made_with_other_settings(checkpoints, tmp_path, monkeypatch, change, field):
+    """A re-run that would mix images of two settings into one .npz stops, naming the setting,
+    before it loads a model; the chunks already made stay as they are."""
+    out = tmp_path / "samples.npz"
+    (kept,) = interrupted_run(ddp_args(checkpoints[0], out, "--num-sampling-steps", "2"), 1, monkeypatch)
+    before = os.stat(kept).st_mtime_ns
+    monkeypatch.setattr(sample_ddp, "generator_from_args", must_not_load)
+    with pytest.raises(ValueError, match=rf"settings\.json.*\b{field}\b"):
+        sample_ddp.main(ddp_args(checkpoints[0], out, "--num-sampling-steps", "2", *change))
+    assert os.stat(kept).st_mtime_ns == before and not out.exists()
+
+
+def test_sample_ddp_refuses_chunks_of_another_checkpoint(checkpoints, tmp_path, monkeypatch):
+    out, student = tmp_path / "samples.npz", str(tmp_path / "student.pt")
+    shutil.copy(checkpoints[1], student)
+    interrupted_run(ddp_args(student, out), 1, monkeypatch)
+    monkeypatch.setattr(sample_ddp, "generator_from_args", must_not_load)
+    with pytest.raises(ValueError, match=r"settings\.json.*\bckpt\b"):
+        sample_ddp.main(ddp_args(checkpoints[0], out))
+    # the same path rewritten (a longer run, a new export) holds another checkpoint
+    torch.save(torch.load(student, weights_only=True), student)
+    with pytest.raises(ValueError, match=r"settings\.json.*\bckpt\b"):
+        sample_ddp.main(ddp_args(student, out))
+
+
+def test_sample_ddp_refuses_chunks_of_unknown_settings(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "samples.npz"
+    interrupted_run(ddp_args(checkpoints[1], out), 1, monkeypatch)
+    os.remove(tmp_path / "samples.parts" / "settings.json")  # as an older version left it
+    monkeypatch.setattr(sample_ddp, "generator_from_args", must_not_load)
+    with pytest.raises(ValueError, match="no settings.json"):
+        sample_ddp.main(ddp_args(checkpoints[1], out))
 
 
 def test_balanced_labels_cycle_through_classes(checkpoints, tmp_path):

@@ -4,6 +4,7 @@ The expensive artefacts are made once per module: a tiny teacher trained on the 
 trajectory sets extracted from it, one in-process ARD run and one GAN run, and one set of
 two-process (torchrun, gloo) runs. The other tests compare against them or start from them.
 """
+import functools
 import glob
 import io
 import json
@@ -16,7 +17,6 @@ import sys
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import ard
 import extract_trajectories as et
@@ -123,19 +123,30 @@ def teacher_argv(results, *extra, data="digits"):
             "--results-dir", str(results), *QUIET, *map(str, extra)]
 
 
+def truncate(path):
+    """Cuts a file to half its length, as a crash of the machine can leave a file just written."""
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
 def run(argv, seed=0):
     """train.main in this process from a fixed ambient RNG state (see test_init_follows_global_seed)."""
     torch.manual_seed(seed)
     return train.main([str(a) for a in argv])
 
 
-def torchrun(script, args, timeout=300):
+def torchrun_process(script, args, timeout=300):
+    """`script args` on 2 gloo processes under torchrun: the finished process, failed or not."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script, args, timeout=300):
+    proc = torchrun_process(script, args, timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -187,15 +198,16 @@ def gan_run(ard_run, traj, tmp_path_factory):
 
 
 DRIVER = """
-import json, sys
+import functools, json, sys
 import torch
 torch.set_num_threads(1)
+torch.compile = functools.partial(torch.compile, backend="aot_eager")  # see compile_with_aot_eager
 import train, utils
 # One gloo process group for all the runs: train.main's own set-up and tear-down would create a
 # new group per run, and re-creating gloo groups in one process is flaky. Everything else in
 # train.main runs as under `torchrun train.py`.
-group = utils.init_distributed()
-train.init_distributed = lambda: group
+group = utils.init_distributed(timeout_minutes=5)
+train.init_distributed = lambda timeout_minutes: group
 train.cleanup_distributed = lambda: None
 for argv in json.load(open(sys.argv[1])):
     torch.manual_seed(0)  # a fresh process's state does not matter, see test_init_follows_global_seed
@@ -208,8 +220,13 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, a GAN run, and the same ARD runs student-fed (--student-fed 0.5)."""
+    3 steps + resume to 6, a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut short,
+    GAN runs (3 steps, 2 steps + resume to 3, 2 steps compiled), and the ARD runs student-fed
+    (--student-fed 0.5)."""
     base = tmp_path_factory.mktemp("ddp")
+    broken = base / "broken" / os.path.basename(ard_run)
+    shutil.copytree(ard_run, broken)
+    truncate(ckpt(broken, 6))
     torchrun(os.path.join(ROOT, "train.py"), teacher_argv(base / "teacher", "--iterations", 2, "--ckpt-every", 1))
     runs = [
         ard_argv(teacher_ckpt, traj, base / "ard6", "--iterations", 6, "--ckpt-every", 3),
@@ -218,6 +235,9 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
         ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan_compiled", "--iterations", 2, "--ckpt-every", 2,
+                 "--gan-warmup", 1, "--compile"),
+        ["--resume", str(broken), "--iterations", "6"],
         ard_argv(teacher_ckpt, traj, base / "fed6", *FED_HALF, "--iterations", 6, "--ckpt-every", 6),
         ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, "--iterations", 3, "--ckpt-every", 3),
         ["--resume", str(base / "fed3" / "000-ard-N1"), "--iterations", "6"],
@@ -226,7 +246,8 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
-    out = {name: experiments(base / name) for name in ("teacher", "ard6", "ard3", "gan", "gan2", "fed6", "fed3")}
+    out = {name: experiments(base / name)
+           for name in ("teacher", "ard6", "ard3", "gan", "gan2", "gan_compiled", "broken", "fed6", "fed3")}
     assert all(len(v) == 1 for v in out.values()), out
     return {name: v[0] for name, v in out.items()}
 
@@ -257,6 +278,14 @@ def test_teacher_stage_one_process(teacher):
     # and the checkpoint is usable as a teacher
     net, info = models.load_teacher(ckpt(teacher, 4))
     assert info["dit"] == state["args"]["dit"]
+
+
+def test_teacher_without_class_dropout_samples_its_grid_unguided(tmp_path):
+    """No null class to guide with: the grid is drawn without CFG, and the log says so."""
+    experiment = run(teacher_argv(tmp_path, "--iterations", 1, "--class-dropout", 0))
+    assert os.path.isfile(os.path.join(experiment, "samples", "0000001.png"))
+    with open(os.path.join(experiment, "log.txt")) as f:
+        assert "--class-dropout 0" in f.read()
 
 
 def test_ard_stage_one_process(ard_run, teacher_ckpt):
@@ -295,6 +324,13 @@ def test_gan_stage_two_processes(ddp):
     check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=("disc_heads", "disc_opt"))
     weights = [r["gan_weight"] for _, r in log_steps(ddp["gan"])]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+
+
+def test_compiled_gan_stage_two_processes(ddp):
+    """torch.compile(DDP(student)) one step past the warm-up computes what DDP(student) does."""
+    compiled, eager = load(ckpt(ddp["gan_compiled"], 2)), load(ckpt(ddp["gan2"], 2))
+    assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
+    assert tensors_close(compiled["disc_heads"], eager["disc_heads"], rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_match_one_process(ddp, ard_run):
@@ -414,6 +450,17 @@ def test_student_fed_two_processes_match_one_process(ddp, teacher_ckpt, traj, tm
     assert [r["fed"] for _, r in log_steps(one)] == [r["fed"] for _, r in log_steps(ddp["fed6"])]
 
 
+def test_resume_falls_back_to_the_newest_checkpoint_that_reads(ddp, ard_run):
+    """Two processes resume a run whose newest checkpoint (6) is cut short: from checkpoint 3, saying
+    so, to the same weights as the uninterrupted run."""
+    with open(os.path.join(ddp["broken"], "log.txt")) as f:
+        log = f.read()
+    assert f"skipped {ckpt(ddp['broken'], 6)}: it does not read" in log
+    assert f"resuming from {ckpt(ddp['broken'], 3)} (step 3)" in log
+    resumed, uninterrupted = load(ckpt(ddp["broken"], 6)), load(ckpt(ard_run, 6))
+    assert tensors_close(resumed["model"], uninterrupted["model"], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
     first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2, "--lr", "5e-4",
                          "--max-grad-norm", "0.5", "--ema-decay", "0.9"))
@@ -460,7 +507,7 @@ def test_resume_without_checkpoints_stops(tmp_path, capsys):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path)])
-    assert "no checkpoints" in capsys.readouterr().err
+    assert "no readable checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["teacher", "gan"])
@@ -499,9 +546,10 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     assert [s for s, _ in rows] == [1, 2, 3, 4]
     weights = [r["gan_weight"] for _, r in rows]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
+    assert "g_adv" not in rows[0][1]  # the warm-up does not compute the generator's adversarial loss
     for _, r in rows:
-        assert {"reg", "g_adv", "d_loss", "loss"} <= set(r)
-        assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r["g_adv"], rel=1e-3, abs=1e-3)
+        assert {"reg", "d_loss", "loss"} <= set(r)
+        assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r.get("g_adv", 0), rel=1e-3, abs=1e-3)
 
     warm = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "warm", "--iterations", 3, "--ckpt-every", 3,
                         "--gan-warmup", 1000))
@@ -510,6 +558,45 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     cold = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "cold", "--iterations", 1, "--ckpt-every", 1,
                         "--gan-warmup", 0))
     assert log_steps(cold)[0][1]["gan_weight"] > 0
+
+
+def test_log_line_across_the_warmup_end_averages_each_value_over_its_steps(gan_run, ard_run, traj, tmp_path):
+    """Steps 1 (warm-up) and 2 in one log line: g_adv is step 2's, the loss the mean of both."""
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 2, "--ckpt-every", 2,
+                              "--gan-warmup", 1, "--log-every", 2))
+    [(step, logged)] = log_steps(experiment)
+    first, second = (r for _, r in log_steps(gan_run)[:2])
+    assert step == 2 and logged["g_adv"] == pytest.approx(second["g_adv"], rel=1e-3)
+    assert logged["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-3)
+
+
+def test_warmup_runs_the_frozen_teacher_only_for_the_discriminator(ard_run, traj, tmp_path, monkeypatch):
+    """The adversarial term has weight 0 in the warm-up: no forward (nor backward) through the
+    discriminator for the generator, whose input is the student's output (it requires grad)."""
+    calls = []
+    forward = gan.Discriminator.forward
+    monkeypatch.setattr(gan.Discriminator, "forward", lambda self, x, t, y: (calls.append(x.requires_grad),
+                                                                             forward(self, x, t, y))[1])
+    run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 2))
+    generator, discriminator_real, discriminator_fake = True, False, False
+    assert calls == [discriminator_real, discriminator_fake] * 2 + [generator, discriminator_real, discriminator_fake]
+
+
+def compile_with_aot_eager(monkeypatch):
+    """torch.compile through AOTAutograd without Inductor's C++ build: the donated buffers of a
+    compiled backward are AOTAutograd's, shared by every backend, and the test stays fast."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+def test_compiled_gan_runs_past_the_warmup(gan_run, ard_run, traj, tmp_path, monkeypatch):
+    """Step 1 (warm-up) compiles the student's backward; step 2 backpropagates through it three
+    times (the adaptive weight's two gradients, then the loss) and computes what eager does."""
+    compile_with_aot_eager(monkeypatch)
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 2, "--ckpt-every", 2,
+                              "--gan-warmup", 1, "--compile"))
+    assert log_steps(experiment)[1][1]["gan_weight"] > 0
+    compiled, eager = load(ckpt(experiment, 2)), load(ckpt(gan_run, 2))
+    assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
 
 
 def test_gan_noise_option_runs(ard_run, traj, tmp_path):
@@ -688,18 +775,6 @@ def test_student_fed_teacher_stage_stops(tmp_path, capsys):
     assert experiments(tmp_path) == []
 
 
-# ---------------------------------------------------------------------------- wrappers
-
-def test_unwrap_sees_through_compile_and_ddp():
-    """train.py compiles the DDP wrapper: unwrap peels both (a DDP shell, no process group needed)."""
-    net = torch.nn.Linear(2, 2)
-    ddp = DistributedDataParallel.__new__(DistributedDataParallel)
-    torch.nn.Module.__init__(ddp)
-    ddp.module = net
-    assert train.unwrap(torch.compile(ddp)) is net
-    assert train.unwrap(ddp) is net and train.unwrap(torch.compile(net)) is net and train.unwrap(net) is net
-
-
 
 # ---------------------------------------------------------------------------- crashes and NaNs
 
@@ -776,6 +851,34 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher
     assert run(["--resume", experiment]) == experiment
     assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt", "0000006.pt"]
     assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
+FULL_DISK_RUN = """
+import sys
+import torch
+torch.set_num_threads(1)
+import train
+
+
+def full_disk(obj, f, *args, **kwargs):  # only rank 0 writes checkpoints
+    raise OSError(28, "No space left on device", str(f))
+
+
+torch.save = full_disk
+train.main(sys.argv[1:])
+"""
+
+
+def test_rank0_failing_to_write_a_checkpoint_stops_every_rank(teacher_ckpt, traj, tmp_path):
+    """Rank 1 must not wait in a barrier for a rank 0 that died writing a checkpoint (under NCCL:
+    a hang until the timeout): both stop at once with rank 0's error."""
+    script = tmp_path / "full_disk_run.py"
+    script.write_text(FULL_DISK_RUN)
+    proc = torchrun_process(str(script), ard_argv(teacher_ckpt, traj, tmp_path / "results", "--iterations", 1,
+                                                  "--ckpt-every", 1, "--dist-timeout", 1))
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: OSError: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
 
 
 def poison_loss(monkeypatch, from_call, value=float("nan")):
@@ -864,6 +967,26 @@ def test_teacher_of_another_config(traj, tmp_path, config, message):
     other = tiny_teacher_checkpoint(tmp_path / "other.pt", **config)
     with pytest.raises(ValueError, match=rf"meta.json: dit\.{message} is"):
         run(ard_argv(other, traj, tmp_path / "results", "--iterations", 2))
+    assert experiments(tmp_path / "results") == []
+
+
+def test_teacher_other_than_the_trajectories_one(teacher_ckpt, traj, tmp_path):
+    """Same architecture, other weights: the student would start from a teacher that did not
+    make its trajectories."""
+    other = tiny_teacher_checkpoint(tmp_path / "other.pt", **load(teacher_ckpt)["args"]["dit"])
+    with pytest.raises(ValueError, match=r"meta\.json: teacher_weights_sha256 is"):
+        run(ard_argv(other, traj, tmp_path / "results", "--iterations", 2))
+    assert experiments(tmp_path / "results") == []
+
+
+def test_gan_init_with_other_stage_times_than_the_trajectories(ard_run, traj, tmp_path):
+    init = load(ckpt(ard_run, 6))
+    times = init["args"]["stage_times"]
+    init["args"]["stage_times"] = [999, 700, 400, 100]
+    torch.save(init, tmp_path / "init.pt")
+    with pytest.raises(ValueError, match=rf"meta\.json: boundary_times is {re.escape(str(times))}, "
+                                         r"expected \[999, 700, 400, 100\]"):
+        run(gan_argv(str(tmp_path / "init.pt"), traj, tmp_path / "results", "--iterations", 1))
     assert experiments(tmp_path / "results") == []
 
 

@@ -1,0 +1,52 @@
+"""utils.py's distributed set-up and durable writes, and how the torchrun scripts use them."""
+import datetime
+import os
+
+import pytest
+
+import extract_trajectories
+import sample_ddp
+import train
+import utils
+
+
+class Stop(Exception):
+    pass
+
+
+# The shortest valid command line of each torchrun script (nothing needs to exist before set-up).
+SCRIPTS = [(train, ["--stage", "teacher", "--data-path", "digits"]),
+           (extract_trajectories, ["--ckpt", "teacher.pt", "--out", "traj"]),
+           (sample_ddp, ["--ckpt", "teacher.pt", "--out", "samples.npz"])]
+
+
+@pytest.mark.parametrize("script, argv", SCRIPTS, ids=lambda s: getattr(s, "__name__", ""))
+@pytest.mark.parametrize("flag, minutes", [([], 60), (["--dist-timeout", "90"], 90)])
+def test_torchrun_scripts_set_the_process_group_timeout(script, argv, flag, minutes, monkeypatch):
+    """A rank waits --dist-timeout minutes (default 60, not NCCL's 10) for the others, e.g. while
+    rank 0 writes a checkpoint of many GB to a slow shared filesystem."""
+    timeouts = []
+
+    def init_process_group(backend, timeout):
+        timeouts.append(timeout)
+        raise Stop
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(utils.dist, "init_process_group", init_process_group)
+    with pytest.raises(Stop):
+        script.main(argv + flag)
+    assert timeouts == [datetime.timedelta(minutes=minutes)]
+
+
+def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
+    """The new file's data reach the disk before its name replaces the old one, and the rename
+    itself after: a machine crash leaves the old file or the complete new one, never an empty one."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", src, dst)), replace(src, dst))[1])
+    path = os.path.join(os.path.realpath(tmp_path), "checkpoint.pt")
+    utils.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"weights"))
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", os.path.dirname(path))]
+    assert open(path, "rb").read() == b"weights"
