@@ -334,3 +334,16 @@ def test_digits_mode_separates_real_digits_from_noise(classifier_path):
     assert fake["fid"] > 5 * real["fid"]
     assert real["precision"] > 0.5 and real["recall"] > 0.5
     assert fake["precision"] < 0.1 and fake["recall"] < 0.1
+
+
+def test_shapes_are_deterministic_and_striped_classes_carry_fine_detail():
+    from data import SHAPE_NAMES, image_dataset, render_shapes
+    images, labels = render_shapes(400, seed=3)
+    again, _ = render_shapes(400, seed=3)
+    assert images.shape == (400, 16, 16, 3) and images.dtype == np.uint8 and np.array_equal(images, again)
+    assert set(labels) == set(range(2 * len(SHAPE_NAMES)))
+    grey = images.astype(float).mean(-1)
+    detail = np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2))  # horizontal pixel-to-pixel change
+    assert detail[labels >= len(SHAPE_NAMES)].mean() > 1.3 * detail[labels < len(SHAPE_NAMES)].mean()
+    with pytest.raises(ValueError, match="16x16"):
+        image_dataset("shapes", 32)
