@@ -390,7 +390,7 @@ def parse_args(argv=None):
     elif args.stage == "gan":
         from_init = [k for k in INIT_FLAGS if k in explicit]
         if from_init:
-            parser.error("--stage gan takes the student's settings from --init; "
+            parser.error("--stage gan takes the student's and its teacher's settings from --init; "
                          f"drop --{from_init[0].replace('_', '-')}")
     check_args(parser, args)
     return args
