@@ -64,8 +64,8 @@ def build_meta(args, teacher_info):
     dit = teacher_info["dit"]
     return dict(
         format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"],
-        dit=dit, image_size=teacher_info["image_size"],
-        vae=teacher_info["vae"], shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
+        dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
+        shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
         solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,
         boundary_times=times, dtype="float16", precision=args.precision, seed=args.seed, labels=args.labels,

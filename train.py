@@ -48,8 +48,8 @@ from utils import (add_distributed_args, atomic_write, autocast, cleanup_distrib
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
                "export", "export_half", "dist_timeout")
-# Student settings that --stage gan takes from its --init checkpoint.
-STUDENT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head")
+# Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
+INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "teacher", "model", "image_size", "vae")
 
 
 # ---------------------------------------------------------------------------- data order
@@ -107,7 +107,7 @@ class TeacherTask:
 
     init_checkpoint = None
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, resumed=None):
         self.data, num_classes, channels = image_dataset(args.data_path, args.image_size)
         latent = args.vae != "none"
         overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size,
@@ -142,17 +142,20 @@ class DistillationTask:
     init_checkpoint = None
     notes = ()
 
-    def __init__(self, args, device, teacher=None, teacher_info=None, stage_times=None):
-        """The trajectories must come from this teacher (its weights, not only its name) and, if
-        the student has them already, at its `stage_times`."""
-        if teacher is None:
-            teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
+    def __init__(self, args, device, resumed=None):
+        self.build(args, device, student=resumed["args"] if resumed else None)
+
+    def build(self, args, device, student):
+        """Trajectories and student; returns the teacher. The trajectories must come from this
+        teacher (its weights, not only its name) and, for a student that exists already
+        (`student`: the args of the checkpoint it continues), at its stage times."""
+        teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
         dit = teacher_info["dit"]
         expected = dict(num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"],
                                                                   dit["input_size"]],
                         teacher_weights_sha256=teacher_info["weights_sha256"])
-        if stage_times is not None:
-            expected["boundary_times"] = stage_times
+        if student is not None:
+            expected["boundary_times"] = student["stage_times"]
         self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
         self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask,
                          stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head,
@@ -162,6 +165,7 @@ class DistillationTask:
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
                            **self.model.settings)
         self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+        return teacher
 
     def stage_inputs(self, batch, step):
         """(stages, targets, y, fed): the batch, its stage inputs replaced by the online student's own
@@ -185,18 +189,18 @@ class DistillationTask:
 class AdversarialTask(DistillationTask):
     """Regression plus a hinge GAN on the frozen teacher's features (the paper's FID 1.84 row)."""
 
-    def __init__(self, args, device):
-        init = read_checkpoint(args.init)
-        init_args = init.get("args", {})
-        if init_args.get("stage") not in ("ard", "gan"):
-            raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {init_args.get('stage')!r})")
-        for key in STUDENT_FLAGS + ("teacher",):
-            setattr(args, key, init_args[key])
-        teacher, teacher_info = load_teacher(args.teacher, init_args["model"], init_args["image_size"],
-                                             init_args["vae"])
-        super().__init__(args, device, teacher, teacher_info, stage_times=init_args["stage_times"])
-        self.init_checkpoint = init
-        self.real, _, _ = image_dataset(args.real_data, teacher_info["image_size"])
+    def __init__(self, args, device, resumed=None):
+        """A new run starts from --init (student, EMA, optimiser); a resumed one from its own
+        checkpoint alone, which holds all of that."""
+        start = resumed or read_checkpoint(args.init)
+        student = start.get("args", {})
+        if student.get("stage") not in ("ard", "gan"):
+            raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {student.get('stage')!r})")
+        for key in INIT_FLAGS:
+            setattr(args, key, student[key])
+        teacher = self.build(args, device, student)
+        self.init_checkpoint = None if resumed else start
+        self.real, _, _ = image_dataset(args.real_data, args.image_size)
         self.flip = flips_images(args, args.real_data)
         self.discriminator = Discriminator(teacher).to(device)
         self.disc_opt = torch.optim.AdamW(self.discriminator.heads.parameters(), lr=args.disc_lr, weight_decay=0,
@@ -428,9 +432,9 @@ def parse_args(argv=None):
     if args.resume:
         args = resumed_args(parser, args, explicit)
     elif args.stage == "gan":
-        from_init = [k for k in STUDENT_FLAGS if k in explicit]
+        from_init = [k for k in INIT_FLAGS if k in explicit]
         if from_init:
-            parser.error("--stage gan takes the student's settings from --init; "
+            parser.error("--stage gan takes the student's and its teacher's settings from --init; "
                          f"drop --{from_init[0].replace('_', '-')}")
     check_args(parser, args)
     return args
@@ -463,7 +467,7 @@ def check_args(parser, args):
         for flag in ("init", "real_data"):
             if not getattr(args, flag):
                 parser.error(f"--stage gan needs --{flag.replace('_', '-')}")
-        if not os.path.isfile(args.init):
+        if not args.resume and not os.path.isfile(args.init):  # a resumed run needs only its own checkpoint
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
@@ -495,7 +499,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     resumed, resume_notes = resume_point(args.resume)
-    task = TASKS[args.stage](args, device)
+    task = TASKS[args.stage](args, device, resumed)
     checkpoint = resumed or task.init_checkpoint
     start_step = resumed["step"] if resumed else 0
     data = batches(task.data, args, rank, world_size, start_step)

@@ -426,6 +426,17 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
     assert any(not torch.equal(c["model"][k], b["model"][k]) for k in b["model"])
 
 
+def test_gan_resumes_without_its_init_checkpoint(gan_run, ard_run, traj, tmp_path):
+    """The resumed checkpoint holds everything --init gave the run: the init file may be gone."""
+    init = tmp_path / "init.pt"
+    shutil.copy(ckpt(ard_run, 6), init)
+    part = run(gan_argv(str(init), traj, tmp_path / "results", "--iterations", 2, "--ckpt-every", 2,
+                        "--gan-warmup", 1))
+    os.remove(init)
+    run(["--resume", part, "--iterations", 4])
+    assert_same_training_state(load(ckpt(gan_run, 4)), load(ckpt(part, 4)))
+
+
 def test_resume_is_bit_identical_two_processes(ddp):
     resumed = ddp["ard3"]
     assert ckpt_steps(resumed) == [3, 6]
@@ -1044,6 +1055,12 @@ def test_gan_with_missing_inputs(ard_run, traj, tmp_path, capsys):
     argv = gan_argv(ckpt(ard_run, 6), traj, tmp_path)
     argv[argv.index("--real-data") + 1] = str(tmp_path / "no-images")
     expect_usage_error(argv, capsys, "--real-data")
+    assert experiments(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value", [("--history-layers", "2"), ("--teacher", "other.pt"), ("--vae", "mse")])
+def test_gan_takes_the_student_and_teacher_settings_from_init(flag, value, ard_run, traj, tmp_path, capsys):
+    expect_usage_error(gan_argv(ckpt(ard_run, 6), traj, tmp_path, flag, value), capsys, f"drop {flag}")
     assert experiments(tmp_path) == []
 
 
