@@ -166,5 +166,6 @@ def main(argv=None):
 def print_row(cells):
     print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()

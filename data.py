@@ -87,12 +87,17 @@ def render_chunk(labels, draws, background, colour, image_size, supersample):
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+def shapes_training():
+    """The shapes training set as uint8 (SHAPES_TRAIN_COUNT, 16, 16, 3) images and labels."""
+    return render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)
+
+
 def load_shapes(image_size=16):
     """The shapes training set (SHAPES_TRAIN_COUNT images, seed SHAPES_TRAIN_SEED): images in
     [-1, 1] of shape (N, 3, 16, 16) and labels (N,)."""
     if image_size != 16:
         raise ValueError(f"the shapes are 16x16 images; got --image-size {image_size}")
-    images, labels = render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)
+    images, labels = shapes_training()
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, torch.from_numpy(labels)
 
 

@@ -16,6 +16,7 @@ evaluator in the features of a small classifier of the dataset in place of Incep
 runs are reused when the demo runs again into the same --out, so an interrupted study resumes.
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -136,7 +137,9 @@ class Experiment:
             images, labels = reference_images(dataset)
             save_npz(self.reference, dict(arr_0=images, arr_1=labels))
 
+    @functools.cache
     def trajectories(self, K, held_out=False):
+        """The trajectory directory for K-step students, extracted (or checked) once per experiment."""
         name, count, seed = ("held_out", self.args.num_held_out, 1) if held_out else \
             ("trajectories", self.args.num_trajectories, 0)
         path = os.path.join(self.out, f"{name}_K{K}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED, render_shapes
+from data import render_shapes, shapes_training
 from utils import atomic_write
 
 SHAPES_REFERENCE_SEED, SHAPES_REFERENCE_COUNT = 1, 5000
@@ -31,7 +31,7 @@ def shapes_reference():
 # name: (images the classifier trains on, reference images, image size, channels read, training epochs)
 DATASETS = {
     "digits": (digits_uint8, digits_uint8, 8, 1, 20),
-    "shapes": (lambda: render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED), shapes_reference, 16, 3, 4),
+    "shapes": (shapes_training, shapes_reference, 16, 3, 4),
 }
 
 
