@@ -483,8 +483,10 @@ def check_student_fed(parser, args):
         parser.error("--student-fed-ramp needs --student-fed > 0")
     if args.student_fed and args.stage == "teacher":
         parser.error("--student-fed applies to --stage ard and gan (a student's rollouts), not teacher")
-    if args.student_fed and args.stage == "ard" and args.num_steps < 2:
-        parser.error("--student-fed needs --num-steps >= 2 (one step has no input after x_T)")
+    num_steps = read_checkpoint(args.init).get("args", {}).get("num_steps") \
+        if args.student_fed and args.stage == "gan" and not args.resume else args.num_steps
+    if args.student_fed and num_steps < 2:
+        parser.error(f"--student-fed needs --num-steps >= 2 (one step has no input after x_T); got {num_steps}")
 
 
 # ---------------------------------------------------------------------------- main loop

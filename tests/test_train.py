@@ -780,6 +780,14 @@ def test_bad_student_fed_flags(extra, message, teacher_ckpt, traj, tmp_path, cap
     assert experiments(tmp_path) == []
 
 
+def test_student_fed_gan_of_a_one_step_student_stops(traj, tmp_path, capsys):
+    init = str(tmp_path / "one_step.pt")
+    torch.save({"args": {"stage": "ard", "num_steps": 1}}, init)
+    expect_usage_error(gan_argv(init, traj, tmp_path, "--student-fed", 0.5), capsys,
+                       "--student-fed needs --num-steps >= 2 (one step has no input after x_T); got 1")
+    assert experiments(tmp_path) == []
+
+
 def test_student_fed_teacher_stage_stops(tmp_path, capsys):
     expect_usage_error(teacher_argv(tmp_path, "--student-fed", 0.5), capsys,
                        "--student-fed applies to --stage ard and gan")
