@@ -45,7 +45,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER_STEPS = 25
 CFG_SCALE = 1.5
 STUDENT_FED_PROB = 0.5
-RECIPES = ("teacher-forced", "student-fed")
+# How each student's stage inputs are chosen: the paper's teacher forcing, or --student-fed from a ramp
+# over the first half of training up to STUDENT_FED_PROB, rolling out with the online or the EMA weights.
+RECIPE_FLAGS = {"teacher-forced": [], "student-fed": ["--student-fed", STUDENT_FED_PROB],
+                "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
+RECIPES = tuple(RECIPE_FLAGS)
+DEMO_RECIPES = ("teacher-forced", "student-fed")
 
 
 def small_dit(width):
@@ -84,18 +89,19 @@ def paper_history_layers(depth):
 
 
 def demo_grid(depth, K=4):
-    """Step distillation and ARD at the paper's N under both recipes: four students, ~7 minutes."""
-    return [Student(K, n, "state", recipe) for recipe in RECIPES for n in (0, paper_history_layers(depth))]
+    """Step distillation and ARD at the paper's N under the demo's two recipes: four students, ~7 minutes."""
+    return [Student(K, n, "state", recipe) for recipe in DEMO_RECIPES for n in (0, paper_history_layers(depth))]
 
 
 def study_grid(depth):
-    """The study's axes beyond the demo's four students: the x0 target, N up to depth, and K=2. In
-    the order they run: the demo's students, then each axis teacher-forced, then student-fed."""
+    """The study's students in the order they run: the demo's four, the same two EMA-fed, then the
+    axes (the x0 target, N up to depth, K=2), all teacher-forced first, then all student-fed."""
     ard_n = paper_history_layers(depth)
-    axes = ([Student(4, n, "x0", r) for r in RECIPES for n in (0, ard_n)]
-            + [Student(4, n, "state", r) for r in RECIPES for n in sorted({1, depth // 2, depth} - {ard_n})]
-            + [Student(2, n, "state", r) for r in RECIPES for n in (0, ard_n)])
-    return demo_grid(depth) + sorted(axes, key=lambda s: RECIPES.index(s.recipe))
+    axes = ([Student(4, n, "x0", r) for r in DEMO_RECIPES for n in (0, ard_n)]
+            + [Student(4, n, "state", r) for r in DEMO_RECIPES for n in sorted({1, depth // 2, depth} - {ard_n})]
+            + [Student(2, n, "state", r) for r in DEMO_RECIPES for n in (0, ard_n)])
+    ema_fed = [Student(4, n, "state", "ema-fed") for n in (0, ard_n)]
+    return demo_grid(depth) + ema_fed + sorted(axes, key=lambda s: RECIPES.index(s.recipe))
 
 
 def run(script, main, argv):
@@ -159,8 +165,8 @@ class Experiment:
         return path
 
     def train_student(self, student, seed):
-        fed = [] if student.recipe == "teacher-forced" else \
-            ["--student-fed", STUDENT_FED_PROB, "--student-fed-ramp", self.args.iterations // 2]
+        fed = RECIPE_FLAGS[student.recipe]
+        fed = [*fed, "--student-fed-ramp", self.args.iterations // 2] if fed else []
         return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", [
             "--data-path", self.trajectories(student.K), "--teacher", self.teacher, "--num-steps", student.K,
             "--history-layers", student.N, "--target", student.target, *fed, "--global-seed", seed,
@@ -319,8 +325,9 @@ def plot_fid_vs_history(experiment, students, rows, teacher_fid, path):
 def plot_exposure_bias(experiment, rows, path):
     """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per recipe."""
     ard_n = paper_history_layers(experiment.depth)
-    fig, axes = plt.subplots(1, len(RECIPES), figsize=(9, 3.5), sharey=True)
-    for ax, recipe in zip(axes, RECIPES):
+    recipes = [r for r in RECIPES if rows.get(Student(4, 0, "state", r))]
+    fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 3.5), sharey=True, squeeze=False)
+    for ax, recipe in zip(axes[0], recipes):
         for n, color in zip((0, ard_n), ("C0", "C1")):
             done = rows.get(Student(4, n, "state", recipe))
             if not done:
@@ -332,7 +339,7 @@ def plot_exposure_bias(experiment, rows, path):
             ax.plot(steps, forced, "x--", color=color, label=f"{label}, teacher-forced")
         ax.set(xlabel="student step", yscale="log", xticks=[1, 2, 3, 4], title=f"trained {recipe}")
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("MSE to the teacher's trajectory")
+    axes[0, 0].set_ylabel("MSE to the teacher's trajectory")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
