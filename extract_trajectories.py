@@ -25,7 +25,7 @@ from models import load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
-FORMAT_VERSION = 2  # 2: meta.json records teacher_weights_sha256
+FORMAT_VERSION = 3  # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space)
 TARGETS = ("state", "x0")
 
 
@@ -66,7 +66,7 @@ def build_meta(args, teacher_info):
         format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"],
         dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
         shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
-        solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
+        solver="ddim", eta=0.0, clip_denoised=teacher_info["vae"] == "none", teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,
         boundary_times=times, dtype="float16", precision=args.precision, seed=args.seed, labels=args.labels,
         num_classes=dit["num_classes"], num_samples=args.num_samples, shard_size=args.shard_size,
@@ -83,7 +83,7 @@ def solve_trajectories(model_fn, diffusion, noise, labels, meta):
     boundaries = meta["boundary_steps"][1:]
     states, x0, x = [noise[:n]], [], noise
     for step, out in enumerate(diffusion.ddim_sample_loop_progressive(
-            model_fn, noise.shape, noise, clip_denoised=False, model_kwargs=dict(y=labels))):
+            model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"], model_kwargs=dict(y=labels))):
         if step in boundaries:
             states.append(x[:n])
             x0.append(out["pred_xstart"][:n])

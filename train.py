@@ -133,7 +133,8 @@ class TeacherTask:
         return self.diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean(), {}
 
     def generate(self, ema, noise, y):
-        return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale)(noise, y)
+        return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale,
+                                 clip_denoised=self.record["vae"] == "none")(noise, y)
 
 
 class DistillationTask:
