@@ -3,6 +3,7 @@ the trajectory's history helps.
 
     python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~7 min, 2 CPU cores)
     python demo.py --study             # the study: N, target, K=2, 2 seeds (prints its time first)
+    python demo.py --study --report    # its tables and plots so far, training nothing
 
 Recipes. "teacher-forced" is the paper's: every stage input is the teacher's trajectory point.
 "student-fed" is ours: from a linear ramp over the first half of training up to probability 0.5,
@@ -192,13 +193,18 @@ class Experiment:
         return cached(os.path.join(self.out, "metrics", f"teacher_ddim{steps}.json"),
                       lambda: self.metrics(f"teacher_ddim{steps}", self.teacher, steps, flags))
 
-    def student_row(self, student, seed):
+    def student_row(self, student, seed, train=True):
+        """The student's metrics, trained and measured if need be (or None if not `train`)."""
+        path = os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json")
+        if not train and not os.path.exists(path):
+            return None
+
         def compute():
             ckpt = self.train_student(student, seed)
             free, forced, reliance = stage_errors(ckpt, self.trajectories(student.K, held_out=True))
             return dict(self.metrics(f"{student.key}-s{seed}", ckpt, student.K, []), free_errors=free,
                         forced_errors=forced, history_reliance=reliance)
-        return cached(os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json"), compute)
+        return cached(path, compute)
 
     def mflops(self, steps, history_layers=0, guided=False):
         return 1e3 * gflops(self.config, steps, history_layers) * (2 if guided else 1)  # CFG: two forwards a step
@@ -326,6 +332,8 @@ def plot_exposure_bias(experiment, rows, path):
     """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per recipe."""
     ard_n = paper_history_layers(experiment.depth)
     recipes = [r for r in RECIPES if rows.get(Student(4, 0, "state", r))]
+    if not recipes:
+        return
     fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 3.5), sharey=True, squeeze=False)
     for ax, recipe in zip(axes[0], recipes):
         for n, color in zip((0, ard_n), ("C0", "C1")):
@@ -355,7 +363,9 @@ def run_dataset(dataset, students, seeds, args):
     rows = {}
     for student in students:
         for seed in seeds:
-            rows.setdefault(student, {})[seed] = experiment.student_row(student, seed)
+            row = experiment.student_row(student, seed, train=not args.report)
+            if row is not None:
+                rows.setdefault(student, {})[seed] = row
     text, teacher_fid = report(experiment, students, seeds, rows)
     plot_fid_vs_history(experiment, students, rows, teacher_fid, os.path.join(out, "fid_vs_history.png"))
     plot_exposure_bias(experiment, rows, os.path.join(out, "exposure_bias.png"))
@@ -371,6 +381,7 @@ def main(argv=None):
                                                     "(default: the shipped one in assets/)")
     p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 2 seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0; study: 0 1)")
+    p.add_argument("--report", action="store_true", help="train nothing: tables and plots of the finished runs")
     p.add_argument("--iterations", type=int, default=1000, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
     p.add_argument("--num-trajectories", type=int, default=4096)

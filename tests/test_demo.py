@@ -48,10 +48,13 @@ def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
     assert fed["free_errors"][0] == pytest.approx(fed["forced_errors"][0], rel=1e-6, abs=1e-9)
     assert len(fed["history_reliance"]) == 3
 
-    # a second run reuses every finished stage
+    # a second run reuses every finished stage; --report trains nothing and skips the unfinished seed
     mtimes = {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
     demo.main(argv)
     assert {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")} == mtimes
+    demo.main(argv + ["--report", "--seeds", "0", "1"])
+    assert {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")} == mtimes
+    assert (out / "results.md").read_text().split("\n")[2:] == report.split("\n")[2:]
 
 
 def test_mean_spread_and_gap_ratios():
