@@ -1,0 +1,63 @@
+"""Tiny random PixArt-Sigma pieces for CPU tests: a transformer, a T5 encoder with a word-level
+tokenizer built offline, an SDXL-like VAE, saved in the pipeline's folder layout."""
+import torch
+
+TEXT_CHANNELS = 24
+WORDS = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "sky", "house", "car", "tree"]
+MAX_TOKENS = 12
+
+
+def tiny_transformer(seed=0, num_layers=3, sample_size=8, in_channels=4):
+    """A tiny PixArtTransformer2DModel whose zero-initialised layers are perturbed, so every path matters."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+                                     out_channels=2 * in_channels, num_layers=num_layers, cross_attention_dim=32,
+                                     sample_size=sample_size, caption_channels=TEXT_CHANNELS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_text(batch, tokens=5, seed=1):
+    """Random T5-like text (batch, tokens, C) and a mask with a different length per row."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, tokens, TEXT_CHANNELS, generator=g)
+    mask = torch.arange(tokens)[None] < torch.arange(tokens - batch + 1, tokens + 1).clamp(min=1)[:, None]
+    return text, mask
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_t5(seed=0):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_CHANNELS, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+                      feed_forward_proj="gated-gelu")
+    return T5EncoderModel(config).eval()
+
+
+def tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025).eval()
+
+
+def save_tiny_pipeline(path, seed=0, transformer=None):
+    """A pipeline folder (transformer/, text_encoder/, tokenizer/, vae/) as the hub's PixArt-Sigma repos lay it out."""
+    (transformer or tiny_transformer(seed)).save_pretrained(path / "transformer")
+    tiny_t5(seed).save_pretrained(path / "text_encoder")
+    tiny_tokenizer().save_pretrained(path / "tokenizer")
+    tiny_vae(seed).save_pretrained(path / "vae")
+    return str(path)
