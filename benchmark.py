@@ -101,7 +101,7 @@ def extraction_rates(teacher, batch, args, device, bf16):
             return guided(x, t, y).float()
 
     with torch.no_grad():
-        solve = timed(lambda: solve_trajectories(model_fn, diffusion, z, labels, meta), args.repeats, device)
+        solve = timed(lambda: solve_trajectories(model_fn, diffusion, z, dict(y=labels), meta), args.repeats, device)
         forward = timed(lambda: model_fn(z, t, labels), args.repeats, device)
     return batch / solve, batch / (S * forward)
 

@@ -36,10 +36,10 @@ TRANSFORMER_CLASS = "PixArtTransformer2DModel"
 
 # ---------------------------------------------------------------------------- loading
 
-def _from_pretrained(load, source, subfolder):
+def _from_pretrained(load, source, subfolder, **kwargs):
     """load(source, subfolder=subfolder) (a from_pretrained or load_config) with an error that says what to do offline."""
     try:
-        return load(source, subfolder=subfolder)
+        return load(source, subfolder=subfolder, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"could not load {subfolder!r} of {source!r} ({e.__class__.__name__}); when offline, "
                                 f"pass a local folder saved with the pipeline's layout (transformer/, text_encoder/, "
@@ -91,7 +91,8 @@ class PromptEncoder:
         from diffusers import PixArtSigmaPipeline
         from transformers import AutoTokenizer, T5EncoderModel
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
-        encoder = _from_pretrained(T5EncoderModel.from_pretrained, source, "text_encoder").to(device).eval()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # T5-XXL: 9.5 GB in bf16
+        encoder = _from_pretrained(T5EncoderModel.from_pretrained, source, "text_encoder", dtype=dtype).to(device).eval()
         self.pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
                                             scheduler=None)
         self.device, self.max_tokens = device, max_tokens
