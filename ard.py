@@ -234,5 +234,7 @@ def load_student(path, attention="sdpa"):
     args = checkpoint.get("args", {})
     if args.get("stage") not in ("ard", "gan"):
         raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
+    if args.get("family") == "pixart":
+        raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
     model = ARD(DiT(**args["dit"]), attention=attention, **student_kwargs(args))
     return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args

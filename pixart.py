@@ -128,6 +128,20 @@ def read_prompts(path):
 
 # ---------------------------------------------------------------------------- the text table
 
+def pad_text(embedding, length):
+    """(text (length, C), mask (length,)): a prompt's embedding (tokens, C) padded with zeros."""
+    text = embedding.new_zeros(length, embedding.shape[1])
+    text[: len(embedding)] = embedding
+    return text, torch.arange(length, device=embedding.device) < len(embedding)
+
+
+def pad_texts(embeddings):
+    """(text (n, T, C), mask (n, T)) of prompt embeddings, padded to the longest."""
+    length = max(len(e) for e in embeddings)
+    texts, masks = zip(*(pad_text(e, length) for e in embeddings))
+    return torch.stack(texts), torch.stack(masks)
+
+
 def write_text_table(path, embeddings):
     """One safetensors file of variable-length embeddings: their rows end to end and the offsets."""
     offsets = torch.tensor([0] + [len(e) for e in embeddings]).cumsum(0)
@@ -157,9 +171,7 @@ class TextTable:
         if self._file is None:  # opened lazily: each DataLoader worker maps the file itself
             self._file = safe_open(self.path, "pt")
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        text = torch.zeros(self.length, self.channels)
-        text[: end - start] = self._file.get_slice("embeddings")[start:end].float()
-        return text, torch.arange(self.length) < end - start
+        return pad_text(self._file.get_slice("embeddings")[start:end].float(), self.length)
 
     def batch(self, indices):
         """(text (n, length, C), mask (n, length)) of the prompts at `indices`."""
