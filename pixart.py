@@ -34,6 +34,13 @@ CFG_SCALE = 4.5  # PixArt-Sigma's default guidance
 TRANSFORMER_CLASS = "PixArtTransformer2DModel"
 
 
+def sigma_config(resolution):
+    """PixArt-Sigma-XL/2's transformer config (as in the hub repos above) at 512 or 1024 pixels."""
+    return dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                cross_attention_dim=1152, sample_size=resolution // 8, patch_size=2, caption_channels=4096,
+                use_additional_conditions=False)
+
+
 # ---------------------------------------------------------------------------- loading
 
 def _from_pretrained(load, source, subfolder, **kwargs):

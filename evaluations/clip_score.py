@@ -45,7 +45,7 @@ def clip_scores(images, prompts, model, tokenizer, processor, batch_size=64, dev
                       desc="CLIP"):
         texts = prompts[start:start + len(batch)]
         start += len(batch)
-        pixels = processor(images=list(batch), return_tensors="pt")["pixel_values"].to(device)
+        pixels = processor(images=list(batch.copy()), return_tensors="pt")["pixel_values"].to(device)
         tokens = tokenizer(texts, padding=True, truncation=True,
                            max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
         out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
