@@ -108,11 +108,13 @@ def test_meta_and_shards_hold_prompt_indices(single):
     assert shard["prompts"].tolist() == [i % 5 for i in range(8, 12)]  # balanced: sample i takes prompt i mod P
 
 
-def test_text_table_is_the_pipelines_t5_without_padding(single):
-    """Row i: T5 on prompt i (lower-cased) padded to PixArt-Sigma's 300 tokens, cut to its real tokens."""
+def test_text_table_is_the_pipelines_t5_without_padding(single, pipeline):
+    """Row i: T5 on prompt i padded to PixArt-Sigma's 300 tokens, cut to its real tokens; the tokenizer
+    read from the hub's layout (spiece.model)."""
     table = pixart.TextTable(os.path.join(single, "text.safetensors"))
     assert (len(table), table.null) == (6, 5)
-    tokenizer, t5 = tiny_tokenizer(), tiny_t5()
+    from transformers import AutoTokenizer
+    tokenizer, t5 = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer"), tiny_t5()
     for i, prompt in enumerate([*PROMPTS, ""]):
         tokens = tokenizer(prompt, padding="max_length", max_length=pixart.TEXT_TOKENS, return_tensors="pt")
         with torch.no_grad():
