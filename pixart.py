@@ -269,7 +269,7 @@ class PixArtARD(nn.Module):
         self.extra_heads = nn.ModuleList([StageHead(teacher) for _ in range(0 if shared_head else num_steps - 1)])
         self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
         tokens = (self.input_size // self.patch_size) ** 2
-        stages, token_mask, self.sampling_plan = stage_layout(mask, num_steps, tokens)
+        _, token_mask, self.sampling_plan = stage_layout(mask, num_steps, tokens)
         self.register_buffer("token_mask", token_mask, persistent=False)
         self.history = [StageAttention() for _ in range(history_layers)]
         for block, processor in zip(self.transformer.transformer_blocks, self.history):
@@ -316,10 +316,11 @@ class PixArtARD(nn.Module):
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise ValueError(f"text_mask must be {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
 
-    def use_history(self, cache_for=None, mask=None):
+    def use_history(self, caches=None, mask=None):
+        """Sets the history blocks' processors: teacher forcing (no caches), or a sampling step's caches."""
         for i, processor in enumerate(self.history):
             processor.num_steps, processor.mask = self.num_steps, mask
-            processor.cache = None if cache_for is None else cache_for[i]
+            processor.cache = None if caches is None else caches[i]
 
     # ------------------------------------------------------------------ teacher forcing
 

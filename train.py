@@ -5,6 +5,8 @@
         --data-path trajectories/imagenet256 --real-data /data/imagenet/train --global-batch-size 48
     torchrun --nproc_per_node=8 train.py --stage teacher --data-path /data/imagenet/train --model DiT-XL/2
     torchrun --nproc_per_node=8 train.py --resume results/000-ard          # continue where it stopped
+    torchrun --nproc_per_node=8 train.py --stage ard --teacher PixArt-alpha/PixArt-Sigma-XL-2-512-MS \
+        --data-path trajectories/pixart512                                   # text-to-image (pixart.py)
 
 Every step is a pure function of (checkpoint, seed, step): batches come from a per-epoch
 permutation and the RNG is reseeded per step and rank, so a resumed run is bit-identical to
@@ -439,7 +441,9 @@ def build_parser():
     run.add_argument("--sample-cfg-scale", type=float, default=4.0,
                      help="CFG of the teacher's sample grids (none with --class-dropout 0)")
     arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
-    arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt", help="official name or teacher checkpoint")
+    arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt",
+                      help="official name or teacher checkpoint; for text-to-image trajectories the PixArt pipeline "
+                           "they were extracted with (hub name or local folder)")
     arch.add_argument("--model", default="DiT-XL/2")
     arch.add_argument("--image-size", type=int, default=256)
     arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder, or none (pixel space)")

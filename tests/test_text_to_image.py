@@ -28,14 +28,6 @@ PROMPTS = ["a red car", "the cat on the grass", "a blue house", "a dog", "the tr
 K, S, SEED, NUM_SAMPLES, SHARD_SIZE, BATCH_SIZE, NUM_SHARDS = 4, 6, 3, 12, 4, 3, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("pixart") / "pipeline")
