@@ -227,6 +227,24 @@ def test_training_resumes_bit_identically(run4, pipeline, single, tmp_path):
     assert os.path.isfile(os.path.join(run4, "samples", "0000004.png"))
 
 
+def test_two_processes_train_like_one(run4, pipeline, single, tmp_path):
+    """`torchrun train.py` on 2 gloo processes, the same global batch split over them: the same
+    training up to float rounding (DDP over the PixArt student: every parameter gets a gradient)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    argv = train_argv(pipeline, single, tmp_path, "--iterations", 4, "--ckpt-every", 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *map(str, argv)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (experiment,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    one, two = checkpoint(run4, 4), checkpoint(experiment, 4)
+    for key in ("model", "ema"):
+        for name, tensor in one[key].items():
+            torch.testing.assert_close(two[key][name], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
+
+
 def test_student_fed_training_runs(pipeline, single, tmp_path):
     experiment = run(train_argv(pipeline, single, tmp_path, "--iterations", 1, "--student-fed", 1))
     assert checkpoint(experiment, 1)["step"] == 1
