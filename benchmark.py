@@ -94,7 +94,7 @@ def extraction_rates(teacher, batch, args, device, bf16):
         teacher.forward = torch.compile(teacher.forward)  # as extract_trajectories.py --compile does
     S = args.teacher_steps
     steps, _ = student_timesteps(args.num_steps, S)
-    meta = dict(cfg_scale=1.5, boundary_steps=steps)
+    meta = dict(cfg_scale=1.5, boundary_steps=steps, clip_denoised=False)
     diffusion = create_diffusion(str(S))
     noise = torch.randn(batch, teacher.in_channels, teacher.config["input_size"], teacher.config["input_size"],
                         device=device)

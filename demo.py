@@ -45,12 +45,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER_STEPS = 25
 CFG_SCALE = 1.5
 STUDENT_FED_PROB = 0.5
-RECIPES = ("teacher-forced", "student-fed")
-SMALL_DIT = ["--vae", "none", "--depth", 4, "--hidden-size", 64, "--num-heads", 4, "--global-batch-size", 128,
-             "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--num-workers", 0]
+# How each student's stage inputs are chosen: the paper's teacher forcing, or --student-fed from a ramp
+# over the first half of training up to STUDENT_FED_PROB, rolling out with the online or the EMA weights.
+RECIPE_FLAGS = {"teacher-forced": [], "student-fed": ["--student-fed", STUDENT_FED_PROB],
+                "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
+RECIPES = tuple(RECIPE_FLAGS)
+DEMO_RECIPES = ("teacher-forced", "student-fed")
+
+
+def small_dit(width):
+    return ["--vae", "none", "--depth", 4, "--hidden-size", width, "--num-heads", 4, "--global-batch-size", 128,
+            "--lr", "1e-3", "--ema-decay", 0.999, "--log-every", 500, "--num-workers", 0]
+
+
 # The shipped teachers: `python demo.py --dataset D --teacher train` runs exactly this, then exports it (float16).
 TEACHER_FLAGS = {
-    "digits": ["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2", "--iterations", 4000, *SMALL_DIT],
+    "digits": ["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2", "--iterations", 4000, *small_dit(64)],
+    "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
+               "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
 }
 MINUTES_PER_STUDENT = 1.3  # 1000 steps of batch 64, samples and metrics, on two CPU cores
 
@@ -77,16 +89,19 @@ def paper_history_layers(depth):
 
 
 def demo_grid(depth, K=4):
-    """Step distillation and ARD at the paper's N under both recipes: four students, ~7 minutes."""
-    return [Student(K, n, "state", recipe) for recipe in RECIPES for n in (0, paper_history_layers(depth))]
+    """Step distillation and ARD at the paper's N under the demo's two recipes: four students, ~7 minutes."""
+    return [Student(K, n, "state", recipe) for recipe in DEMO_RECIPES for n in (0, paper_history_layers(depth))]
 
 
 def study_grid(depth):
-    """The study's axes: N from 0 to depth, the x0 target, and K=2, each under both recipes."""
+    """The study's students in the order they run: the demo's four, the same two EMA-fed, then the
+    axes (the x0 target, N up to depth, K=2), all teacher-forced first, then all student-fed."""
     ard_n = paper_history_layers(depth)
-    return ([Student(4, n, "state", r) for r in RECIPES for n in sorted({0, 1, ard_n, depth // 2, depth})]
-            + [Student(4, n, "x0", r) for r in RECIPES for n in (0, ard_n)]
-            + [Student(2, n, "state", r) for r in RECIPES for n in (0, ard_n)])
+    axes = ([Student(4, n, "x0", r) for r in DEMO_RECIPES for n in (0, ard_n)]
+            + [Student(4, n, "state", r) for r in DEMO_RECIPES for n in sorted({1, depth // 2, depth} - {ard_n})]
+            + [Student(2, n, "state", r) for r in DEMO_RECIPES for n in (0, ard_n)])
+    ema_fed = [Student(4, n, "state", "ema-fed") for n in (0, ard_n)]
+    return demo_grid(depth) + ema_fed + sorted(axes, key=lambda s: RECIPES.index(s.recipe))
 
 
 def run(script, main, argv):
@@ -150,8 +165,8 @@ class Experiment:
         return path
 
     def train_student(self, student, seed):
-        fed = [] if student.recipe == "teacher-forced" else \
-            ["--student-fed", STUDENT_FED_PROB, "--student-fed-ramp", self.args.iterations // 2]
+        fed = RECIPE_FLAGS[student.recipe]
+        fed = [*fed, "--student-fed-ramp", self.args.iterations // 2] if fed else []
         return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", [
             "--data-path", self.trajectories(student.K), "--teacher", self.teacher, "--num-steps", student.K,
             "--history-layers", student.N, "--target", student.target, *fed, "--global-seed", seed,
@@ -180,9 +195,9 @@ class Experiment:
     def student_row(self, student, seed):
         def compute():
             ckpt = self.train_student(student, seed)
-            free, forced = stage_errors(ckpt, self.trajectories(student.K, held_out=True))
+            free, forced, reliance = stage_errors(ckpt, self.trajectories(student.K, held_out=True))
             return dict(self.metrics(f"{student.key}-s{seed}", ckpt, student.K, []), free_errors=free,
-                        forced_errors=forced)
+                        forced_errors=forced, history_reliance=reliance)
         return cached(os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json"), compute)
 
     def mflops(self, steps, history_layers=0, guided=False):
@@ -209,13 +224,26 @@ def ms_per_image(ckpt, steps, count, repeats=3):
 
 def stage_errors(ckpt, held_out):
     """Per-stage MSE against the teacher's trajectory points, generating freely (each stage fed the
-    student's own outputs) and teacher-forced (each stage fed the teacher's points)."""
+    student's own outputs) and teacher-forced (each stage fed the teacher's points), and how far each
+    stage's output moves when its history is swapped for another sample's (history_reliance)."""
     student, args = load_student(ckpt)
     data = TrajectoryDataset(held_out, args["target"])
     stages, targets, y = (torch.stack(t) for t in zip(*[data[i] for i in range(len(data))]))
     with torch.no_grad():
         free, forced = student.sample(stages[:, 0], y), student(stages, y)
-    return [((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced)]
+        reliance = history_reliance(student, stages, y, forced)
+    free_errors, forced_errors = ([((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced)])
+    return free_errors, forced_errors, reliance
+
+
+def history_reliance(student, stages, y, forced):
+    """For stages k >= 1: the mean squared change of stage k's teacher-forced output when the inputs
+    of stages < k are taken from another trajectory (the batch rolled by one). Exactly 0 with N=0."""
+    changes = []
+    for k in range(1, stages.shape[1]):
+        swapped = torch.cat([stages.roll(1, dims=0)[:, :k], stages[:, k:]], dim=1)
+        changes.append(((student(swapped, y)[:, k] - forced[:, k]) ** 2).mean().item())
+    return changes
 
 
 # ---------------------------------------------------------------------------- aggregation over seeds
@@ -228,6 +256,15 @@ def mean_spread(values, digits=2):
     return f"{values.mean():.{digits}f} ± {(values.max() - values.min()) / 2:.{digits}f}"
 
 
+def diagnostics(row):
+    """exposure_bias: the last step's error generating freely over its teacher-forced error.
+    history_reliance: the change of a stage's output when its history is swapped, over that stage's
+    teacher-forced error, averaged over stages 1..K-1 (0: the history is ignored)."""
+    forced = row["forced_errors"]
+    return dict(exposure_bias=row["free_errors"][-1] / forced[-1],
+                history_reliance=float(np.mean([c / e for c, e in zip(row["history_reliance"], forced[1:])])))
+
+
 def gap_ratios(rows, teacher_fid, ard, baseline):
     """ARD's FID gap to the teacher over step distillation's, per seed that has both."""
     seeds = sorted(set(rows.get(ard, {})) & set(rows.get(baseline, {})))
@@ -238,18 +275,21 @@ def report(experiment, students, seeds, rows):
     """The results table (mean ± spread over seeds) and the gap-ratio lines, as markdown."""
     teacher = {steps: experiment.teacher_row(steps) for steps in [TEACHER_STEPS, *sorted({s.K for s in students})]}
     teacher_fid = teacher[TEACHER_STEPS]["fid"]
-    header = ["model", "recipe", "K", "FID", "precision", "recall", "MFLOPs/img", "ms/img"]
+    header = ["model", "recipe", "K", "FID", "precision", "recall", "exposure bias", "history reliance",
+              "MFLOPs/img", "ms/img"]
     table = [[f"teacher, DDIM {steps}", "-", steps, f"{m['fid']:.2f}", f"{m['precision']:.3f}",
-              f"{m['recall']:.3f}", f"{experiment.mflops(steps, guided=True):.2f}", f"{m['ms_per_image']:.3f}"]
-             for steps, m in teacher.items()]
+              f"{m['recall']:.3f}", "-", "-", f"{experiment.mflops(steps, guided=True):.2f}",
+              f"{m['ms_per_image']:.3f}"] for steps, m in teacher.items()]
     for student in students:
-        done = rows.get(student, {})
+        done = [dict(r, **diagnostics(r)) for _, r in sorted(rows.get(student, {}).items())]
         if not done:
             continue
-        metric = {name: mean_spread([done[s][name] for s in sorted(done)], digits)
-                  for name, digits in (("fid", 2), ("precision", 3), ("recall", 3), ("ms_per_image", 3))}
+        metric = {name: mean_spread([r[name] for r in done], digits) for name, digits in (
+            ("fid", 2), ("precision", 3), ("recall", 3), ("exposure_bias", 2), ("history_reliance", 3),
+            ("ms_per_image", 3))}
         table.append([student.label(), student.recipe, student.K, metric["fid"], metric["precision"],
-                      metric["recall"], f"{experiment.mflops(student.K, student.N):.2f}", metric["ms_per_image"]])
+                      metric["recall"], metric["exposure_bias"], metric["history_reliance"],
+                      f"{experiment.mflops(student.K, student.N):.2f}", metric["ms_per_image"]])
     lines = [f"{experiment.dataset}: {experiment.args.num_images} samples per model, classifier features; "
              f"teacher {TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students {experiment.args.iterations} steps of "
              f"batch {experiment.args.batch_size} on {experiment.args.num_trajectories} trajectories; "
@@ -285,8 +325,9 @@ def plot_fid_vs_history(experiment, students, rows, teacher_fid, path):
 def plot_exposure_bias(experiment, rows, path):
     """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per recipe."""
     ard_n = paper_history_layers(experiment.depth)
-    fig, axes = plt.subplots(1, len(RECIPES), figsize=(9, 3.5), sharey=True)
-    for ax, recipe in zip(axes, RECIPES):
+    recipes = [r for r in RECIPES if rows.get(Student(4, 0, "state", r))]
+    fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 3.5), sharey=True, squeeze=False)
+    for ax, recipe in zip(axes[0], recipes):
         for n, color in zip((0, ard_n), ("C0", "C1")):
             done = rows.get(Student(4, n, "state", recipe))
             if not done:
@@ -298,7 +339,7 @@ def plot_exposure_bias(experiment, rows, path):
             ax.plot(steps, forced, "x--", color=color, label=f"{label}, teacher-forced")
         ax.set(xlabel="student step", yscale="log", xticks=[1, 2, 3, 4], title=f"trained {recipe}")
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("MSE to the teacher's trajectory")
+    axes[0, 0].set_ylabel("MSE to the teacher's trajectory")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -312,8 +353,8 @@ def run_dataset(dataset, students, seeds, args):
     experiment = Experiment(dataset, teacher, out, args)
     students = students(experiment.depth)
     rows = {}
-    for seed in seeds:
-        for student in students:
+    for student in students:
+        for seed in seeds:
             rows.setdefault(student, {})[seed] = experiment.student_row(student, seed)
     text, teacher_fid = report(experiment, students, seeds, rows)
     plot_fid_vs_history(experiment, students, rows, teacher_fid, os.path.join(out, "fid_vs_history.png"))
@@ -324,7 +365,8 @@ def run_dataset(dataset, students, seeds, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--dataset", choices=list(TEACHER_FLAGS), default="digits")
+    p.add_argument("--dataset", choices=list(TEACHER_FLAGS), default=None,
+                   help="one dataset (default: digits; with --study, every dataset)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
     p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 2 seeds")
@@ -337,7 +379,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.time()
     seeds = args.seeds or ([0, 1] if args.study else [0])
-    datasets, grid = (list(TEACHER_FLAGS), study_grid) if args.study else ([args.dataset], demo_grid)
+    grid = study_grid if args.study else demo_grid
+    datasets = [args.dataset] if args.dataset else (list(TEACHER_FLAGS) if args.study else ["digits"])
     runs = sum(len(grid(4)) for _ in datasets) * len(seeds)
     scale = args.iterations / 1000
     print(f"{runs} students on {', '.join(datasets)}: about {runs * MINUTES_PER_STUDENT * scale:.0f} minutes "

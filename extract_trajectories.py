@@ -36,10 +36,9 @@ from models import load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
-TEXT_TABLE = "text.safetensors"
-
-FORMAT_VERSION = 2  # 2: meta.json records teacher_weights_sha256
+FORMAT_VERSION = 3  # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space)
 TARGETS = ("state", "x0")
+TEXT_TABLE = "text.safetensors"
 
 
 def shard_path(directory, index):
@@ -77,12 +76,13 @@ def shard_bytes(meta):
     return meta["shard_size"] * ((2 * meta["num_steps"]) * point + 2 * 8)  # K+1 states, K-1 x0, label/prompt, seed
 
 
-def solver_meta(args, condition):
-    """The meta fields of the solve and the storage, whatever the teacher."""
+def solver_meta(args, condition, clip_denoised):
+    """The meta fields of the solve and the storage, whatever the teacher; `clip_denoised`: whether
+    x0-predictions are clipped to [-1, 1] (pixel space, as in ADM; latents never are)."""
     steps, times = student_timesteps(args.num_steps, args.teacher_steps)
     return dict(
-        format=FORMAT_VERSION, solver="ddim", eta=0.0, teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
-        num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
+        format=FORMAT_VERSION, solver="ddim", eta=0.0, clip_denoised=clip_denoised, teacher_steps=args.teacher_steps,
+        cfg_scale=args.cfg_scale, num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
         precision=args.precision, seed=args.seed, num_samples=args.num_samples, shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
                 "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
@@ -92,19 +92,20 @@ def solver_meta(args, condition):
 def build_meta(args, teacher_info):
     dit = teacher_info["dit"]
     return dict(
-        solver_meta(args, {"labels": "(n,) class labels"}), teacher_ckpt=teacher_info["ckpt"],
-        teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit, image_size=teacher_info["image_size"],
-        vae=teacher_info["vae"], shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
-        guidance_channels=args.guidance_channels, labels=args.labels, num_classes=dit["num_classes"])
+        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=teacher_info["vae"] == "none"),
+        teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit,
+        image_size=teacher_info["image_size"], vae=teacher_info["vae"],
+        shape=[dit["in_channels"], dit["input_size"], dit["input_size"]], guidance_channels=args.guidance_channels,
+        labels=args.labels, num_classes=dit["num_classes"])
 
 
 def build_prompt_meta(args, teacher_info, prompts):
     return dict(
-        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}), condition="prompts",
-        family="pixart", teacher_ckpt=teacher_info["teacher"], teacher_weights_sha256=teacher_info["weights_sha256"],
-        pixart=teacher_info["pixart"], vae=teacher_info["vae"], shape=teacher_info["shape"],
-        text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS, negative_prompt="",
-        prompt_order=args.labels, num_prompts=len(prompts),
+        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}, clip_denoised=False),
+        condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
+        teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],
+        shape=teacher_info["shape"], text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS,
+        negative_prompt="", prompt_order=args.labels, num_prompts=len(prompts),
         prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
 
 
@@ -116,7 +117,7 @@ def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
     boundaries = meta["boundary_steps"][1:]
     states, x0, x = [noise[:n]], [], noise
     for step, out in enumerate(diffusion.ddim_sample_loop_progressive(
-            model_fn, noise.shape, noise, clip_denoised=False, model_kwargs=model_kwargs)):
+            model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"], model_kwargs=model_kwargs)):
         if step in boundaries:
             states.append(x[:n])
             x0.append(out["pred_xstart"][:n])

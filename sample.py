@@ -28,14 +28,17 @@ from utils import autocast, save_grid
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
 
-def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_channels=3, progress=False):
-    """generate(noise, labels) -> samples, by DDIM or DDPM on a uniformly respaced grid."""
+def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_channels=3, progress=False,
+                      clip_denoised=False):
+    """generate(noise, labels) -> samples, by DDIM or DDPM on a uniformly respaced grid; x0-predictions
+    clipped to [-1, 1] with `clip_denoised` (pixel-space models, as in ADM; latents are never clipped)."""
     diffusion = create_diffusion(str(steps))
     loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
 
     def generate(noise, y):
         fn, z, labels = with_guidance(model, noise, y, cfg_scale, guidance_channels)
-        return loop(fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=labels), progress=progress)[: len(noise)]
+        return loop(fn, z.shape, z, clip_denoised=clip_denoised, model_kwargs=dict(y=labels),
+                    progress=progress)[: len(noise)]
     return generate
 
 
@@ -56,7 +59,8 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
                     num_steps=student.num_steps)
         return (lambda noise, y: student.sample(noise, y)[:, -1]), student, info
     teacher, info = load_teacher(ckpt, model, image_size, vae)
-    generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress)
+    generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress,
+                                 clip_denoised=info["vae"] == "none")
     return generate, teacher, dict(info, kind="teacher", num_steps=steps)
 
 

@@ -15,7 +15,8 @@ an uninterrupted one.
 Student-fed inputs (ard and gan): `--student-fed P` feeds a step, with probability P, the
 student's own rollouts as stage inputs instead of the teacher's points: x_T, then the first
 K-1 outputs of its KV-cached `sample` from that x_T with the current weights (no gradient);
-the targets stay the teacher's. `--student-fed-ramp S` raises P linearly from 0 over the
+the targets stay the teacher's. `--student-fed-ema` rolls out with the EMA weights, the ones
+that generate at inference, instead. `--student-fed-ramp S` raises P linearly from 0 over the
 first S steps. The choice depends on (--global-seed, step) alone, so it is the same on every
 rank and after a resume. P = 0 (the default) is the paper's pure teacher forcing; a fed step
 costs one sample of K-1 stages more.
@@ -136,7 +137,8 @@ class TeacherTask:
         return self.diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean(), {}
 
     def generate(self, ema, noise, y):
-        return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale)(noise, y)
+        return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale,
+                                 clip_denoised=self.record["vae"] == "none")(noise, y)
 
     def grid_inputs(self, seed):
         return label_grid(self.model.config, seed)
@@ -171,17 +173,21 @@ class DistillationTask:
         self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
                            **self.model.settings)
-        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+        self.feed_settings(args)
         return teacher
 
+    def feed_settings(self, args):
+        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+        self.rollout_model = self.model  # main() puts the EMA here with --student-fed-ema
+
     def stage_inputs(self, batch, step):
-        """(stages, targets, y, fed): the batch, its stage inputs replaced by the online student's own
-        rollout from the same x_T when this step is student-fed (the module itself, not its DDP or
-        compiled wrapper: the rollout needs no gradient synchronisation)."""
+        """(stages, targets, condition, fed): the batch, its stage inputs replaced by the student's own
+        rollout from the same x_T when this step is student-fed (online or EMA weights; the module itself,
+        not its DDP or compiled wrapper: the rollout needs no gradient synchronisation)."""
         stages, targets, *condition = batch
         fed = feeds_student(self.seed, step, self.student_fed, self.student_fed_ramp)
         if fed:
-            stages = student_fed_stages(self.model, stages, *condition)
+            stages = student_fed_stages(self.rollout_model, stages, *condition)
         return stages, targets, condition, fed
 
     def loss(self, model, batch, step):
@@ -218,7 +224,7 @@ class TextToImageTask(DistillationTask):
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = pixart.load_vae(info["vae"]).to(device)
         self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], **self.model.settings)
-        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+        self.feed_settings(args)
         return teacher
 
     def grid_inputs(self, seed):
@@ -467,6 +473,8 @@ def build_parser():
                           "teacher's (ard and gan; default 0: teacher forcing, the paper's)")
     ard.add_argument("--student-fed-ramp", type=int, default=0, metavar="S",
                      help="raise the --student-fed probability linearly from 0 over the first S steps")
+    ard.add_argument("--student-fed-ema", action="store_true",
+                     help="roll out with the EMA weights (those that generate at inference), not the online ones")
     gan = p.add_argument_group("adversarial fine-tuning")
     gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
     gan.add_argument("--real-data", help="image folder, 'digits' or 'shapes'")
@@ -537,12 +545,15 @@ def check_student_fed(parser, args):
         parser.error(f"--student-fed must be in [0, 1], got {args.student_fed}")
     if args.student_fed_ramp < 0:
         parser.error(f"--student-fed-ramp must be >= 0, got {args.student_fed_ramp}")
-    if args.student_fed_ramp and not args.student_fed:
-        parser.error("--student-fed-ramp needs --student-fed > 0")
+    for flag in ("student_fed_ramp", "student_fed_ema"):
+        if getattr(args, flag) and not args.student_fed:
+            parser.error(f"--{flag.replace('_', '-')} needs --student-fed > 0")
     if args.student_fed and args.stage == "teacher":
         parser.error("--student-fed applies to --stage ard and gan (a student's rollouts), not teacher")
-    if args.student_fed and args.stage == "ard" and args.num_steps < 2:
-        parser.error("--student-fed needs --num-steps >= 2 (one step has no input after x_T)")
+    num_steps = read_checkpoint(args.init).get("args", {}).get("num_steps") \
+        if args.student_fed and args.stage == "gan" and not args.resume else args.num_steps
+    if args.student_fed and num_steps < 2:
+        parser.error(f"--student-fed needs --num-steps >= 2 (one step has no input after x_T); got {num_steps}")
 
 
 # ---------------------------------------------------------------------------- main loop
@@ -582,6 +593,8 @@ def main(argv=None):
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     del checkpoint, resumed
     task.init_checkpoint = None
+    if args.student_fed_ema:
+        task.rollout_model = ema
 
     ddp = distributed(model, device)
     forward_model = torch.compile(ddp) if args.compile else ddp

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import demo
+from ard import ARD
 from models import DiT
+from test_ard import inputs, perturbed_dit
 
 RECIPES = ("teacher-forced", "student-fed")
 
@@ -29,7 +31,8 @@ def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
         ("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *students]
     for row in rows:
-        fid, precision, recall, mflops, ms = (float(c) for c in row.strip("|").split("|")[3:8])
+        cells = row.strip("|").split("|")
+        fid, precision, recall, mflops, ms = (float(cells[i]) for i in (3, 4, 5, 8, 9))
         assert fid >= 0 and 0 <= precision <= 1 and 0 <= recall <= 1 and mflops > 0 and ms > 0
     ratio_lines = [line for line in report.splitlines() if line.startswith("- gap ratio")]
     assert len(ratio_lines) == 2 and all(any(r in line for line in ratio_lines) for r in RECIPES)
@@ -43,6 +46,7 @@ def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
     assert len(fed["free_errors"]) == len(fed["forced_errors"]) == 4
     # the N=0 student's first step is teacher-forced by construction: both errors agree there
     assert fed["free_errors"][0] == pytest.approx(fed["forced_errors"][0], rel=1e-6, abs=1e-9)
+    assert len(fed["history_reliance"]) == 3
 
     # a second run reuses every finished stage
     mtimes = {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
@@ -57,3 +61,21 @@ def test_mean_spread_and_gap_ratios():
     rows = {ard: {0: {"fid": 12.0}, 1: {"fid": 14.0}}, base: {0: {"fid": 20.0}, 1: {"fid": 30.0}}}
     assert demo.gap_ratios(rows, 10.0, ard, base) == [0.2, 0.2]
     assert demo.gap_ratios({ard: rows[ard]}, 10.0, ard, base) == []
+
+
+def test_diagnostics_are_ratios_to_the_teacher_forced_error():
+    row = dict(free_errors=[1.0, 2.0, 6.0], forced_errors=[1.0, 2.0, 3.0], history_reliance=[1.0, 6.0])
+    assert demo.diagnostics(row) == dict(exposure_bias=2.0, history_reliance=1.25)
+
+
+@pytest.mark.parametrize("history_layers", [0, 1, 4])
+def test_history_reliance_is_zero_exactly_when_stages_cannot_see_their_history(history_layers):
+    student = ARD(perturbed_dit(), num_steps=4, history_layers=history_layers).eval()
+    stages, y = inputs(batch=5)
+    with torch.no_grad():
+        changes = demo.history_reliance(student, stages, y, student(stages, y))
+    assert len(changes) == 3
+    if history_layers:
+        assert min(changes) > 1e-7
+    else:
+        assert changes == [0.0] * 3

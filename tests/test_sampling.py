@@ -65,12 +65,15 @@ def test_student_generator_returns_the_last_stage(checkpoints):
 
 
 def test_teacher_generator_with_guidance_one_is_the_plain_solve(checkpoints):
+    """A pixel-space teacher clips its x0-predictions to [-1, 1] (as ADM does); unclipped differs."""
     generate, teacher, info = sample.load_generator(checkpoints[0], sampler="ddim", steps=5, cfg_scale=1.0)
-    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    assert info["vae"] == "none"
+    noise, y = 3 * torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
     from diffusion import create_diffusion
-    expected = create_diffusion("5").ddim_sample_loop(teacher, noise.shape, noise, clip_denoised=False,
-                                                      model_kwargs=dict(y=y))
-    torch.testing.assert_close(generate(noise, y), expected)
+    clipped, unclipped = (create_diffusion("5").ddim_sample_loop(teacher, noise.shape, noise, clip_denoised=clip,
+                                                                 model_kwargs=dict(y=y)) for clip in (True, False))
+    torch.testing.assert_close(generate(noise, y), clipped)
+    assert not torch.allclose(clipped, unclipped)
 
 
 def ddp_args(ckpt, out, *extra):

@@ -401,7 +401,7 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
     elif stage == "ard":
         argv = lambda results: ard_argv(teacher_ckpt, traj, results)  # noqa: E731
     elif stage == "ard-fed":
-        argv = lambda results: ard_argv(teacher_ckpt, traj, results, *FED_HALF)  # noqa: E731
+        argv = lambda results: ard_argv(teacher_ckpt, traj, results, *FED_HALF, "--student-fed-ema")  # noqa: E731
     else:
         argv = lambda results: gan_argv(ckpt(ard_run, 6), traj, results, "--gan-warmup", 2)  # noqa: E731
     extra = ["--num-workers", workers]
@@ -415,8 +415,8 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
     assert a["step"] == b["step"] == 6
     if stage == "gan":
         assert "disc_heads" in a and "disc_opt" in a
-    if stage == "ard-fed":  # student-fed and teacher-forced steps both before and after the resume
-        assert b["args"]["student_fed"] == 0.5
+    if stage == "ard-fed":  # EMA-fed and teacher-forced steps both before and after the resume
+        assert b["args"]["student_fed"] == 0.5 and b["args"]["student_fed_ema"]
         fed = [r["fed"] for _, r in log_steps(part)]
         assert set(fed[:3]) == set(fed[3:]) == {0, 1}, fed
     # the resumed run logged steps 4..6 only, after the first run's 1..3
@@ -715,28 +715,45 @@ def teacher_batch(traj, step):
     return [torch.stack(t) for t in zip(*[data[i] for i in indices])]
 
 
-@pytest.mark.parametrize("stage, probability", [("ard", 0), ("ard", 1), ("gan", 1)])
-def test_stage_inputs_are_the_teachers_or_the_students_own_rollout(stage, probability, teacher_ckpt, traj, ard_run,
-                                                                   tmp_path, monkeypatch):
+def ema_of(weights, decay):
+    """The EMA weights at each of a run's steps, from the online weights at each step."""
+    ema = {k: v.clone() for k, v in weights[0].items()}
+    for w in weights:
+        for k, v in ema.items():
+            if v.is_floating_point():
+                torch._foreach_lerp_([v], [w[k]], 1 - decay)
+        yield {k: v.clone() for k, v in ema.items()}
+
+
+@pytest.mark.parametrize("stage, probability, ema", [("ard", 0, False), ("ard", 1, False), ("gan", 1, False),
+                                                     ("ard", 1, True)])
+def test_stage_inputs_are_the_teachers_or_the_students_own_rollout(stage, probability, ema, teacher_ckpt, traj,
+                                                                   ard_run, tmp_path, monkeypatch):
     """--student-fed 0: the teacher's points, exactly. --student-fed 1: x_T, then the rollout
-    (KV-cached sample) of the student's weights at that very step; targets stay the teacher's."""
+    (KV-cached sample) of the student's weights at that very step, online or (--student-fed-ema)
+    EMA; targets stay the teacher's."""
     calls = record_forward_calls(monkeypatch)
     argv = (ard_argv(teacher_ckpt, traj, tmp_path) if stage == "ard" else
             gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--gan-warmup", 1))
-    experiment = run(argv + ["--iterations", 3, "--ckpt-every", 3, "--student-fed", probability])
+    experiment = run(argv + ["--iterations", 3, "--ckpt-every", 3, "--student-fed", probability,
+                             *(["--student-fed-ema", "--ema-decay", 0.5] if ema else [])])
     args = load(ckpt(experiment, 3))["args"]
-    assert len(calls) == 3 and args["student_fed"] == probability
-    for step, (stages, y, weights) in enumerate(calls):
+    assert len(calls) == 3 and args["student_fed"] == probability and args["student_fed_ema"] == ema
+    online = [weights for _, _, weights in calls]
+    rollout_weights = list(ema_of(online, 0.5)) if ema else online
+    for step, (stages, y, _) in enumerate(calls):
         teacher_stages, targets, labels = teacher_batch(traj, step)
         assert torch.equal(y, labels) and torch.equal(stages[:, 0], teacher_stages[:, 0])
         if probability == 0:
             assert torch.equal(stages, teacher_stages)
             continue
         student = ard.ARD(models.DiT(**args["dit"]), **ard.student_kwargs(args))
-        student.load_state_dict(weights)
+        student.load_state_dict(rollout_weights[step])
         rollout = student.sample(stages[:, 0], y)
         assert torch.equal(stages[:, 1:], rollout[:, :-1]), f"step {step}"
         assert not torch.equal(stages[:, 1:], teacher_stages[:, 1:])
+        if ema:
+            continue
         logged = log_steps(experiment)[step][1]
         loss = ard.distillation_loss(rollout, targets)[0].item()  # fed its rollout, forward reproduces it
         assert logged["reg" if stage == "gan" else "loss"] == pytest.approx(loss, rel=1e-3)
@@ -773,10 +790,19 @@ def test_student_fed_ramp():
     (["--student-fed", "nan"], "--student-fed must be in [0, 1], got nan"),
     (["--student-fed", "0.5", "--student-fed-ramp", "-1"], "--student-fed-ramp must be >= 0, got -1"),
     (["--student-fed-ramp", "100"], "--student-fed-ramp needs --student-fed > 0"),
+    (["--student-fed-ema"], "--student-fed-ema needs --student-fed > 0"),
     (["--student-fed", "0.5", "--num-steps", "1"], "--student-fed needs --num-steps >= 2"),
 ])
 def test_bad_student_fed_flags(extra, message, teacher_ckpt, traj, tmp_path, capsys):
     expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, *extra), capsys, message)
+    assert experiments(tmp_path) == []
+
+
+def test_student_fed_gan_of_a_one_step_student_stops(traj, tmp_path, capsys):
+    init = str(tmp_path / "one_step.pt")
+    torch.save({"args": {"stage": "ard", "num_steps": 1}}, init)
+    expect_usage_error(gan_argv(init, traj, tmp_path, "--student-fed", 0.5), capsys,
+                       "--student-fed needs --num-steps >= 2 (one step has no input after x_T); got 1")
     assert experiments(tmp_path) == []
 
 
