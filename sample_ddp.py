@@ -56,10 +56,11 @@ def chunk_path(parts_dir, index):
     return os.path.join(parts_dir, f"chunk_{index:05d}.npz")
 
 
-def checkpoint_identity(ckpt):
+def checkpoint_identity(ckpt, hub_names=False):
     """An official name as it is; a file by absolute path, size and modification time, so that
-    a file rewritten at the same path counts as another checkpoint."""
-    if ckpt in OFFICIAL_CHECKPOINTS:
+    a file rewritten at the same path counts as another checkpoint. With `hub_names` (PixArt
+    pipelines), a name that is no local path is a hub name, also kept as it is."""
+    if ckpt in OFFICIAL_CHECKPOINTS or hub_names and not os.path.exists(ckpt):
         return ckpt
     stat = os.stat(ckpt)
     return dict(path=os.path.abspath(ckpt), bytes=stat.st_size, modified_ns=stat.st_mtime_ns)
@@ -69,7 +70,7 @@ def parts_settings(args):
     """Everything the images depend on: the flags, with the checkpoint identified by its file."""
     settings = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     prompts = dict(prompts=checkpoint_identity(args.prompts)) if args.prompts else {}
-    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args)), **prompts)
+    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args), hub_names=bool(args.prompts)), **prompts)
 
 
 def prepare_parts(parts_dir, settings):

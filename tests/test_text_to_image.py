@@ -300,6 +300,14 @@ def test_teacher_pipeline_samples_with_guidance(pipeline, tmp_path):
     assert guided.shape == (2, 4, 8, 8) and (guided - plain).abs().max() > 0.01
 
 
+def test_sample_ddp_identifies_a_hub_pipeline_by_name(prompt_file, tmp_path):
+    args = sample_ddp.parse_args(["--ckpt", pixart.PIXART_SIGMA[512], "--prompts", prompt_file,
+                                  "--out", str(tmp_path / "s.npz")])
+    settings = sample_ddp.parts_settings(args)
+    assert settings["ckpt"] == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+    assert settings["prompts"]["path"] == os.path.abspath(prompt_file)
+
+
 def save_tiny_clip(path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     torch.manual_seed(0)
