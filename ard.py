@@ -36,6 +36,34 @@ def stage_mask(variant, num_steps):
     return torch.ones(num_steps, num_steps, dtype=torch.bool).tril()
 
 
+def check_student_settings(num_steps, history_layers, depth, stage_times=None, teacher_steps=25):
+    """The K stage times of a student with N history blocks out of `depth`, validated; by default
+    the points of a `teacher_steps`-step grid nearest to T(K-k)/K."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= history_layers <= depth:
+        raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, got {history_layers}")
+    if stage_times is None:
+        stage_times = student_timesteps(num_steps, teacher_steps)[1]
+    stage_times = [int(t) for t in stage_times]
+    if len(stage_times) != num_steps:
+        raise ValueError(f"expected {num_steps} stage times, got {len(stage_times)}")
+    if any(a <= b for a, b in zip(stage_times, stage_times[1:])) or stage_times[-1] < 0:
+        raise ValueError(f"stage times must be strictly decreasing and non-negative, got {stage_times}")
+    return stage_times
+
+
+def stage_layout(variant, num_steps, tokens):
+    """(stage mask (K, K), token mask (K·L, K·L) for L tokens per stage, sampling plan): the plan
+    gives per sampling step the first stage whose keys it reads and whether a stage in between
+    is hidden (M3), in which case the cached keys need a mask."""
+    stages = stage_mask(variant, num_steps)
+    tokens_mask = stages.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+    rows = [stages[k, : k + 1].tolist() for k in range(num_steps)]
+    plan = [(row.index(True), not all(row[row.index(True):])) for row in rows]
+    return stages, tokens_mask, plan
+
+
 class ARD(nn.Module):
     """Student initialised from (a copy of) `teacher`; see the module docstring.
 
@@ -49,19 +77,8 @@ class ARD(nn.Module):
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False, attention="sdpa"):
         super().__init__()
-        depth = len(teacher.blocks)
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if not 0 <= history_layers <= depth:
-            raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, "
-                             f"got {history_layers}")
-        if stage_times is None:
-            stage_times = student_timesteps(num_steps, teacher_steps)[1]
-        stage_times = [int(t) for t in stage_times]
-        if len(stage_times) != num_steps:
-            raise ValueError(f"expected {num_steps} stage times, got {len(stage_times)}")
-        if any(a <= b for a, b in zip(stage_times, stage_times[1:])) or stage_times[-1] < 0:
-            raise ValueError(f"stage times must be strictly decreasing and non-negative, got {stage_times}")
+        stage_times = check_student_settings(num_steps, history_layers, len(teacher.blocks), stage_times,
+                                             teacher_steps)
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
@@ -80,14 +97,10 @@ class ARD(nn.Module):
                                                             for _ in range(0 if shared_head else num_steps - 1)])
         self.out_channels = teacher.out_channels
         self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
-        self.register_buffer("stage_mask", stage_mask(mask, num_steps), persistent=False)
-        L = self.x_embedder.num_patches
-        token_mask = self.stage_mask.repeat_interleave(L, 0).repeat_interleave(L, 1)
+        stages, token_mask, self.sampling_plan = stage_layout(mask, num_steps, self.x_embedder.num_patches)
+        self.register_buffer("stage_mask", stages, persistent=False)
         self.register_buffer("token_mask", token_mask, persistent=False)
         self._block_mask = None
-        # Per sampling step: the first stage whose keys it reads, and whether stages in between are hidden.
-        rows = [self.stage_mask[k, : k + 1].tolist() for k in range(num_steps)]
-        self.sampling_plan = [(row.index(True), not all(row[row.index(True):])) for row in rows]
 
     # ------------------------------------------------------------------ pieces
 
@@ -176,10 +189,11 @@ class ARD(nn.Module):
 
 
 @torch.no_grad()
-def student_fed_stages(student, stages, y):
+def student_fed_stages(student, stages, *condition):
     """Stage inputs (B, K, C, H, W) fed the student's own outputs: x_T from `stages`, then the first
-    K-1 outputs of its KV-cached `sample` from that x_T (no gradient), in the dtype of `stages`."""
-    rollout = student.sample(stages[:, 0], y, steps=student.num_steps - 1)
+    K-1 outputs of its KV-cached `sample` from that x_T (no gradient), in the dtype of `stages`.
+    `condition`: what the student's `sample` takes after the noise (labels; or text and its mask)."""
+    rollout = student.sample(stages[:, 0], *condition, steps=student.num_steps - 1)
     return torch.cat([stages[:, :1], rollout.to(stages.dtype)], dim=1)
 
 
@@ -220,5 +234,7 @@ def load_student(path, attention="sdpa"):
     args = checkpoint.get("args", {})
     if args.get("stage") not in ("ard", "gan"):
         raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
+    if args.get("family") == "pixart":
+        raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
     model = ARD(DiT(**args["dit"]), attention=attention, **student_kwargs(args))
     return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args

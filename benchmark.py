@@ -11,12 +11,18 @@ multiply-accumulate convention), training samples/s with model-FLOPs utilisation
 memory, K-step sampling latency for 1 and 32 images, and the teacher's trajectory-extraction
 rate against its bare forward rate.
 Weights are random: speed does not depend on them.
+
+    python benchmark.py --pixart    # text-to-image: PixArt-Sigma at 512 and 1024, GFLOPs only (no weights)
+
+prints the GFLOPs of a 4-step student (N=0 and N=6) against the teacher's 20-step CFG solve,
+counted from the architecture of a weightless (meta-device) PixArt-Sigma-XL/2.
 """
 import argparse
 import time
 
 import torch
 
+import pixart
 from ard import ARD, distillation_loss, gflops
 from diffusion import create_diffusion, student_timesteps
 from extract_trajectories import solve_trajectories
@@ -88,7 +94,7 @@ def extraction_rates(teacher, batch, args, device, bf16):
         teacher.forward = torch.compile(teacher.forward)  # as extract_trajectories.py --compile does
     S = args.teacher_steps
     steps, _ = student_timesteps(args.num_steps, S)
-    meta = dict(cfg_scale=1.5, boundary_steps=steps)
+    meta = dict(cfg_scale=1.5, boundary_steps=steps, clip_denoised=False)
     diffusion = create_diffusion(str(S))
     noise = torch.randn(batch, teacher.in_channels, teacher.config["input_size"], teacher.config["input_size"],
                         device=device)
@@ -101,9 +107,28 @@ def extraction_rates(teacher, batch, args, device, bf16):
             return guided(x, t, y).float()
 
     with torch.no_grad():
-        solve = timed(lambda: solve_trajectories(model_fn, diffusion, z, labels, meta), args.repeats, device)
+        solve = timed(lambda: solve_trajectories(model_fn, diffusion, z, dict(y=labels), meta), args.repeats, device)
         forward = timed(lambda: model_fn(z, t, labels), args.repeats, device)
     return batch / solve, batch / (S * forward)
+
+
+def pixart_table(num_steps, history_layers, teacher_steps):
+    """GFLOPs per image of PixArt-Sigma's teacher solve and its students, at 512 and 1024."""
+    from diffusers import PixArtTransformer2DModel
+    print(f"PixArt-Sigma-XL/2, {pixart.TEXT_TOKENS} T5 tokens (the T5 encoder not counted), GFLOPs per image "
+          f"(multiply-accumulates)", flush=True)
+    header = ["resolution", "parameters", f"teacher {teacher_steps}-step CFG", f"ARD K={num_steps} N=0",
+              f"ARD K={num_steps} N={history_layers}", "teacher / ARD"]
+    print_row(header)
+    print_row(["---"] * len(header))
+    for resolution in (512, 1024):
+        with torch.device("meta"):
+            model = PixArtTransformer2DModel(**pixart.sigma_config(resolution))
+        config = pixart.public_config(model.config)
+        teacher = pixart.teacher_gflops(config, teacher_steps)
+        students = [pixart.gflops(config, num_steps, n) for n in (0, history_layers)]
+        print_row([f"{resolution}²", f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M", f"{teacher:,.0f}",
+                   *(f"{s:,.0f}" for s in students), f"{teacher / students[1]:.1f}x"])
 
 
 def main(argv=None):
@@ -115,7 +140,7 @@ def main(argv=None):
     p.add_argument("--num-heads", type=int)
     p.add_argument("--num-steps", type=int, default=4)
     p.add_argument("--history-layers", type=int, default=6)
-    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--teacher-steps", type=int, default=None, help="default 25 (DiT), 20 (--pixart)")
     p.add_argument("--train-batch", type=int, default=32, help="per-GPU training batch")
     p.add_argument("--sample-batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--extract-batch", type=int, default=64)
@@ -127,7 +152,13 @@ def main(argv=None):
                    help="what to measure (compiling every part of DiT-XL/2 takes minutes)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--pixart", action="store_true",
+                   help="print the GFLOPs of PixArt-Sigma's teacher and students at 512 and 1024 (20 teacher steps "
+                        "unless --teacher-steps says otherwise) and exit")
     args = p.parse_args(argv)
+    if args.pixart:
+        return pixart_table(args.num_steps, args.history_layers, args.teacher_steps or 20)
+    args.teacher_steps = args.teacher_steps or 25
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16 = autocast(device, args.precision)

@@ -7,8 +7,18 @@ Per sample: the noise x_T, the ODE state and the teacher's x0-prediction at the 
 intermediate student boundaries, and the final sample. The output directory holds meta.json
 and fixed-size safetensors shards; shard i depends only on (seed, i), so the bytes do not
 depend on the number of processes, and a re-run skips the shards already complete.
+
+Text-to-image (PixArt-Sigma through diffusers): --prompts gives a prompt file and --ckpt the pipeline,
+
+    torchrun --nproc_per_node=8 extract_trajectories.py --prompts captions.txt \
+        --ckpt PixArt-alpha/PixArt-Sigma-XL-2-512-MS --out trajectories/pixart512 --num-samples 1000000
+
+Shards then hold prompt indices in place of labels. Every prompt is encoded once, by rank 0
+before any solve, into text.safetensors (T5 embeddings without their padding, the negative
+prompt "" last) beside prompts.json; no embedding is stored per trajectory.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +30,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import pixart
 from diffusion import create_diffusion, student_timesteps
 from models import load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
@@ -27,6 +38,7 @@ from utils import (add_distributed_args, atomic_write, autocast, barrier, check_
 
 FORMAT_VERSION = 3  # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space)
 TARGETS = ("state", "x0")
+TEXT_TABLE = "text.safetensors"
 
 
 def shard_path(directory, index):
@@ -36,7 +48,12 @@ def shard_path(directory, index):
 def shard_shapes(meta):
     """The tensors of one shard and their shapes."""
     K, shape, n = meta["num_steps"], tuple(meta["shape"]), meta["shard_size"]
-    return {"state": (n, K + 1, *shape), "x0": (n, K - 1, *shape), "labels": (n,), "seeds": (n,)}
+    return {"state": (n, K + 1, *shape), "x0": (n, K - 1, *shape), condition_key(meta): (n,), "seeds": (n,)}
+
+
+def condition_key(meta):
+    """What a shard stores per sample besides its points and seed: class labels, or prompt indices."""
+    return meta.get("condition", "labels")
 
 
 def check_shard(path, expected_shapes):
@@ -56,34 +73,51 @@ def check_shard(path, expected_shapes):
 def shard_bytes(meta):
     """Bytes of one full shard's arrays (the header adds a few hundred)."""
     point = 2 * meta["shape"][0] * meta["shape"][1] * meta["shape"][2]  # float16
-    return meta["shard_size"] * ((2 * meta["num_steps"]) * point + 2 * 8)  # K+1 states, K-1 x0, label, seed
+    return meta["shard_size"] * ((2 * meta["num_steps"]) * point + 2 * 8)  # K+1 states, K-1 x0, label/prompt, seed
+
+
+def solver_meta(args, condition, clip_denoised):
+    """The meta fields of the solve and the storage, whatever the teacher; `clip_denoised`: whether
+    x0-predictions are clipped to [-1, 1] (pixel space, as in ADM; latents never are)."""
+    steps, times = student_timesteps(args.num_steps, args.teacher_steps)
+    return dict(
+        format=FORMAT_VERSION, solver="ddim", eta=0.0, clip_denoised=clip_denoised, teacher_steps=args.teacher_steps,
+        cfg_scale=args.cfg_scale, num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
+        precision=args.precision, seed=args.seed, num_samples=args.num_samples, shard_size=args.shard_size,
+        points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
+                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
+                **condition, "seeds": "(n,) the seed of each sample's noise"})
 
 
 def build_meta(args, teacher_info):
-    steps, times = student_timesteps(args.num_steps, args.teacher_steps)
     dit = teacher_info["dit"]
     return dict(
-        format=FORMAT_VERSION, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"],
-        dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
-        shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
-        solver="ddim", eta=0.0, clip_denoised=teacher_info["vae"] == "none", teacher_steps=args.teacher_steps, cfg_scale=args.cfg_scale,
-        guidance_channels=args.guidance_channels, num_steps=args.num_steps, boundary_steps=steps,
-        boundary_times=times, dtype="float16", precision=args.precision, seed=args.seed, labels=args.labels,
-        num_classes=dit["num_classes"], num_samples=args.num_samples, shard_size=args.shard_size,
-        points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
-                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
-                "labels": "(n,) class labels", "seeds": "(n,) the seed of each sample's noise"})
+        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=teacher_info["vae"] == "none"),
+        teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit,
+        image_size=teacher_info["image_size"], vae=teacher_info["vae"],
+        shape=[dit["in_channels"], dit["input_size"], dit["input_size"]], guidance_channels=args.guidance_channels,
+        labels=args.labels, num_classes=dit["num_classes"])
+
+
+def build_prompt_meta(args, teacher_info, prompts):
+    return dict(
+        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}, clip_denoised=False),
+        condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
+        teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],
+        shape=teacher_info["shape"], text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS,
+        negative_prompt="", prompt_order=args.labels, num_prompts=len(prompts),
+        prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
 
 
 @torch.no_grad()
-def solve_trajectories(model_fn, diffusion, noise, labels, meta):
+def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
     """(states (n, K+1, ...), x0 (n, K-1, ...)) of DDIM solves; `model_fn` is the guided teacher
-    and `noise`/`labels` its (possibly doubled) batch, whose first n rows are kept."""
+    and `noise`/`model_kwargs` its (possibly doubled) batch, whose first n rows are kept."""
     n = noise.shape[0] // (2 if meta["cfg_scale"] > 1 else 1)
     boundaries = meta["boundary_steps"][1:]
     states, x0, x = [noise[:n]], [], noise
     for step, out in enumerate(diffusion.ddim_sample_loop_progressive(
-            model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"], model_kwargs=dict(y=labels))):
+            model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"], model_kwargs=model_kwargs)):
         if step in boundaries:
             states.append(x[:n])
             x0.append(out["pred_xstart"][:n])
@@ -94,7 +128,9 @@ def solve_trajectories(model_fn, diffusion, noise, labels, meta):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="official DiT name (DiT-XL-2-256x256.pt) or a teacher checkpoint")
+    p.add_argument("--ckpt", required=True, help="official DiT name (DiT-XL-2-256x256.pt) or a teacher checkpoint; "
+                                                 "with --prompts a PixArt pipeline (hub name or local folder)")
+    p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
     p.add_argument("--model", default="DiT-XL/2", help="architecture of an official/bare checkpoint")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--vae", default="ema", help="the VAE an official checkpoint works with (ema, mse, none)")
@@ -105,14 +141,17 @@ def parse_args(argv=None):
                    help="samples per teacher forward (doubled by CFG); on GPUs the last bits may depend on it")
     p.add_argument("--num-steps", type=int, default=4, help="student steps K")
     p.add_argument("--teacher-steps", type=int, default=25)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, default=None, help=f"default 1.5, with --prompts {pixart.CFG_SCALE}")
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels (DiT: 3)")
-    p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced")
+    p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced",
+                   help="class labels, or with --prompts the prompt of each sample: index mod count, or random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     add_distributed_args(p)
     args = p.parse_args(argv)
+    if args.cfg_scale is None:
+        args.cfg_scale = pixart.CFG_SCALE if args.prompts else 1.5
     if min(args.num_samples, args.shard_size, args.batch_size) < 1:
         p.error("--num-samples, --shard-size and --batch-size must be positive")
     if args.num_samples % args.shard_size:
@@ -151,28 +190,93 @@ def prepare_output(args, meta, missing):
     save_json(meta, meta_path)
 
 
+class LabelTeacher:
+    """A class-conditional DiT on seeded labels, guided by DiT's CFG with the null class."""
+
+    def __init__(self, args):
+        self.network, info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
+        self.meta = build_meta(args, info)
+        self.args = args
+
+    def prepare(self, directory, device):
+        """Rank 0's work before any shard: none here."""
+
+    def conditions(self, indices):
+        """(noise, labels) of the samples at `indices`."""
+        return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], self.meta["num_classes"],
+                                      self.args.labels)
+
+    def guided(self, noise, labels):
+        """(model_fn, noise, model_kwargs) of the guided solve; the batch doubled under CFG."""
+        fn, noise, labels = with_guidance(self.network, noise, labels, self.args.cfg_scale,
+                                          self.args.guidance_channels)
+        return fn, noise, dict(y=labels)
+
+
+class PromptTeacher:
+    """A PixArt transformer (diffusers; a hub name or a pipeline folder) on the prompts of a file.
+    Sample i takes prompt i mod P (--labels balanced) or a random one (uniform); CFG takes the
+    negative prompt "". Rank 0 encodes every prompt once into text.safetensors, beside prompts.json."""
+
+    def __init__(self, args):
+        self.prompts = pixart.read_prompts(args.prompts)
+        pixart.check_pixart(args.ckpt)  # before any weights are read
+        self.network, info = pixart.load_pixart(args.ckpt)
+        self.meta = build_prompt_meta(args, info, self.prompts)
+        self.args, self.table = args, None
+
+    def prepare(self, directory, device):
+        path = os.path.join(directory, TEXT_TABLE)
+        save_json(self.prompts, os.path.join(directory, "prompts.json"))
+        if os.path.isfile(path) and len(pixart.TextTable(path)) == len(self.prompts) + 1:
+            return
+        encode = pixart.PromptEncoder(self.args.ckpt, device)
+        batch = self.args.batch_size
+        texts = [*self.prompts, self.meta["negative_prompt"]]
+        embeddings = [e for i in tqdm(range(0, len(texts), batch), desc="T5", unit="batch")
+                      for e in encode(texts[i:i + batch])]
+        pixart.write_text_table(path, embeddings)
+
+    def conditions(self, indices):
+        return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], len(self.prompts),
+                                      self.args.labels)
+
+    def guided(self, noise, prompts):
+        if self.table is None:
+            self.table = pixart.TextTable(os.path.join(self.args.out, TEXT_TABLE))
+        text, mask = self.table.batch(prompts)
+        if self.args.cfg_scale > 1:
+            null_text, null_mask = self.table.batch([self.table.null] * len(prompts))
+            noise, text, mask = torch.cat([noise, noise]), torch.cat([text, null_text]), torch.cat([mask, null_mask])
+        fn = pixart.guided_teacher(self.network, self.args.cfg_scale)
+        return fn, noise, dict(text=text.to(noise.device), text_mask=mask.to(noise.device))
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model, teacher_info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
-    meta = build_meta(args, teacher_info)
+    teacher = (PromptTeacher if args.prompts else LabelTeacher)(args)
+    meta = teacher.meta
     os.makedirs(args.out, exist_ok=True)
     missing = missing_shards(args.out, meta)  # listed by every rank before any shard is written
-    on_rank_zero(rank, lambda: prepare_output(args, meta, missing))
-    model = model.to(device)
+
+    def prepare():
+        prepare_output(args, meta, missing)
+        teacher.prepare(args.out, device)
+    on_rank_zero(rank, prepare)
+    model = teacher.network.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too
     diffusion = create_diffusion(str(args.teacher_steps))
     bf16 = autocast(device, args.precision)
 
-    def solve(noise, labels):
-        guided, noise, labels = with_guidance(model, noise.to(device), labels.to(device), args.cfg_scale,
-                                              args.guidance_channels)
-        def model_fn(x, t, y):
+    def solve(noise, condition):
+        guided, noise, model_kwargs = teacher.guided(noise.to(device), condition.to(device))
+        def model_fn(x, t, **kwargs):
             with bf16:
-                return guided(x, t, y).float()
-        return solve_trajectories(model_fn, diffusion, noise, labels, meta)
+                return guided(x, t, **kwargs).float()
+        return solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta)
 
     mine = list(missing)[rank::world_size]
     bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
@@ -180,12 +284,12 @@ def main(argv=None):
         pending = None
         for j, shard in enumerate(mine):
             indices = range(shard * args.shard_size, (shard + 1) * args.shard_size)
-            noise, labels = index_noise_and_labels(args.seed, indices, meta["shape"], meta["num_classes"], args.labels)
-            parts = [solve(noise[i:i + args.batch_size], labels[i:i + args.batch_size])
+            noise, condition = teacher.conditions(indices)
+            parts = [solve(noise[i:i + args.batch_size], condition[i:i + args.batch_size])
                      for i in range(0, len(indices), args.batch_size)]
             tensors = {"state": torch.cat([s for s, _ in parts]).half().cpu(),
                        "x0": torch.cat([x for _, x in parts]).half().cpu(),
-                       "labels": labels, "seeds": torch.tensor([index_seed(args.seed, i) for i in indices])}
+                       condition_key(meta): condition, "seeds": torch.tensor([index_seed(args.seed, i) for i in indices])}
             if pending is not None:
                 pending.result()
             path = shard_path(args.out, shard)
@@ -201,7 +305,8 @@ def main(argv=None):
 
 
 class TrajectoryDataset(Dataset):
-    """Stage inputs, targets and label of each stored trajectory, read lazily from the shards.
+    """Stage inputs, targets and condition of each stored trajectory, read lazily from the shards:
+    the class label, or for prompts the T5 text padded to the table's longest prompt and its mask.
 
     target "state": inputs [x_T, x_τ1, ..., x_τ(K-1)], targets [x_τ1, ..., x_τ(K-1), x_0];
     target "x0": the intermediate points are the teacher's x0-predictions at τ_1..τ_(K-1).
@@ -223,6 +328,12 @@ class TrajectoryDataset(Dataset):
         self.num_shards = self.meta["num_samples"] // self.shard_size
         for i in range(self.num_shards):
             check_shard(shard_path(directory, i), shard_shapes(self.meta))
+        self.condition, self.text = condition_key(self.meta), None
+        if self.condition == "prompts":
+            self.text = pixart.TextTable(os.path.join(directory, TEXT_TABLE))
+            if len(self.text) != self.meta["num_prompts"] + 1:
+                raise ValueError(f"{self.text.path} holds {len(self.text)} embeddings, expected "
+                                 f"{self.meta['num_prompts']} prompts and the negative one")
         self._handles = {}
 
     def __len__(self):
@@ -241,11 +352,12 @@ class TrajectoryDataset(Dataset):
         f = self._handle(index // self.shard_size)
         row = index % self.shard_size
         state = f.get_slice("state")[row].float()
-        label = f.get_slice("labels")[row]
+        label = f.get_slice(self.condition)[row]
+        condition = (label,) if self.text is None else self.text[int(label)]
         if self.target == "state":
-            return state[:-1], state[1:], label
+            return state[:-1], state[1:], *condition
         x0 = f.get_slice("x0")[row].float()
-        return torch.cat([state[:1], x0]), torch.cat([x0, state[-1:]]), label
+        return torch.cat([state[:1], x0]), torch.cat([x0, state[-1:]]), *condition
 
     def __getstate__(self):  # handles are not picklable; workers reopen their own
         return {**self.__dict__, "_handles": {}}

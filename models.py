@@ -259,10 +259,15 @@ class DiT(nn.Module):
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
         n = self.in_channels if guidance_channels is None else min(guidance_channels, self.in_channels)
-        eps, rest = out[:, :n], out[:, n:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        return guided_output(out, cfg_scale, n)
+
+
+def guided_output(out, cfg_scale, channels):
+    """A model output on a [conditional; unconditional] batch with its first `channels` channels
+    guided, uncond + scale·(cond - uncond), in both halves; the other channels as they are."""
+    cond, uncond = out[:, :channels].chunk(2)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided]), out[:, channels:]], dim=1)
 
 
 def with_guidance(model, noise, y, cfg_scale, guidance_channels=3):

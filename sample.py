@@ -6,11 +6,20 @@
 
 A checkpoint written by train.py carries its own architecture, VAE and image size; official
 checkpoints take them from --model, --image-size and --vae.
+
+Text-to-image: prompts in place of labels, from a PixArt student checkpoint or a PixArt pipeline
+(the teacher, with CFG on the negative prompt ""); the prompts are encoded by the pipeline's T5.
+
+    python sample.py --ckpt results/000-ard-N6/checkpoints/0100000.pt --prompt "a red car" --prompt "a cat"
+    python sample.py --ckpt PixArt-alpha/PixArt-Sigma-XL-2-512-MS --sampler ddim --num-sampling-steps 25 \
+        --cfg-scale 4.5 --prompts prompts.txt
 """
 import argparse
+import os
 
 import torch
 
+import pixart
 from ard import load_student
 from diffusion import create_diffusion
 from models import OFFICIAL_CHECKPOINTS, load_autoencoder, load_teacher, read_checkpoint, with_guidance
@@ -55,6 +64,44 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
     return generate, teacher, dict(info, kind="teacher", num_steps=steps)
 
 
+def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CFG_SCALE, progress=False):
+    """(generate(noise, prompts) -> model-space samples, the network, its description) of a PixArt
+    student checkpoint (its K steps) or a PixArt pipeline (the teacher; sampler, steps and CFG apply)."""
+    if os.path.isfile(ckpt):
+        student, args = pixart.load_student(ckpt)
+        size = args["pixart"]["sample_size"]
+        info = dict(family="pixart", kind="student", num_steps=student.num_steps, vae=args["vae"],
+                    text_encoder=args["teacher"], shape=[args["pixart"]["in_channels"], size, size])
+        guided, network = False, student
+
+        def run(noise, text, mask):
+            return student.sample(noise, text, mask)[:, -1]
+    else:
+        network, info = pixart.load_pixart(ckpt)
+        info = dict(info, kind="teacher", num_steps=steps, text_encoder=ckpt)
+        diffusion = create_diffusion(str(steps))
+        loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
+        model_fn, guided = pixart.guided_teacher(network, cfg_scale), cfg_scale > 1
+
+        def run(noise, text, mask):
+            z = torch.cat([noise, noise]) if guided else noise
+            return loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=dict(text=text, text_mask=mask),
+                        progress=progress)[: len(noise)]
+    encode = pixart.PromptEncoder(info["text_encoder"], device)
+
+    def generate(noise, prompts):
+        """Under CFG the negative prompt's rows follow the prompts', padded alike."""
+        embeddings = encode(list(prompts) + [""] * len(prompts) * guided)
+        text, mask = pixart.pad_texts([e.to(noise.device) for e in embeddings])
+        return run(noise, text, mask)
+    return generate, network, info
+
+
+def load_decoder(info):
+    """The autoencoder a generator's samples decode with: the PixArt pipeline's VAE, or DiT's."""
+    return pixart.load_vae(info["vae"]) if info.get("family") == "pixart" else load_autoencoder(info["vae"])
+
+
 def add_generator_args(p):
     """The flags that pick and configure a generator, shared with sample_ddp.py."""
     p.add_argument("--ckpt", default=None, help="official DiT name, a teacher or a student checkpoint "
@@ -66,6 +113,7 @@ def add_generator_args(p):
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
+    p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
 
 
 def checkpoint_from_args(args):
@@ -73,7 +121,11 @@ def checkpoint_from_args(args):
     return args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
 
 
-def generator_from_args(args, progress=False):
+def generator_from_args(args, device, text_to_image=False, progress=False):
+    if text_to_image:
+        if not args.ckpt:
+            raise ValueError("text-to-image needs --ckpt: a PixArt student checkpoint or a PixArt pipeline")
+        return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress)
     return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
                           args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress)
 
@@ -86,6 +138,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="default: DiT's eight ImageNet classes, or every class once for smaller label sets")
+    p.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat the flag for more)")
     p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
     p.add_argument("--out", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,20 +148,25 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    generate, network, info = generator_from_args(args, progress=True)
+    prompts = args.prompt or (pixart.read_prompts(args.prompts) if args.prompts else None)
+    generate, network, info = generator_from_args(args, device, text_to_image=bool(prompts), progress=True)
     network.to(device)
-    num_classes = info["dit"]["num_classes"]
-    labels = args.class_labels or (DIT_LABELS if num_classes == 1000 else list(range(num_classes)))
-    if not all(0 <= y < num_classes for y in labels):
-        p.error(f"class labels must be in [0, {num_classes}), got {labels}")
-    shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
-    noise = torch.randn(len(labels), *shape, device=device)
-    y = torch.tensor(labels, device=device)
+    if prompts:
+        conditions, shape = prompts, info["shape"]
+    else:
+        num_classes = info["dit"]["num_classes"]
+        labels = args.class_labels or (DIT_LABELS if num_classes == 1000 else list(range(num_classes)))
+        if not all(0 <= y < num_classes for y in labels):
+            p.error(f"class labels must be in [0, {num_classes}), got {labels}")
+        conditions = torch.tensor(labels, device=device)
+        shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
+    noise = torch.randn(len(conditions), *shape, device=device)
     with autocast(device, args.precision):
-        samples = generate(noise, y)
-    images = load_autoencoder(info["vae"]).to(device).decode(samples.float())
-    save_grid(images.clamp(-1, 1), args.out, nrow=min(len(labels), args.nrow), scale=max(1, 64 // images.shape[-1]))
-    print(f"{info['kind']} ({info['num_steps']} steps): {len(labels)} images in {args.out}")
+        samples = generate(noise, conditions)
+    images = load_decoder(info).to(device).decode(samples.float())
+    save_grid(images.clamp(-1, 1), args.out, nrow=min(len(conditions), args.nrow),
+              scale=max(1, 64 // images.shape[-1]))
+    print(f"{info['kind']} ({info['num_steps']} steps): {len(conditions)} images in {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Image i comes from its own seed (global seed, i), so the result does not depend 
 of processes or the batch size. Work is done in chunks of --chunk-size images, each saved
 as it completes in OUT.parts; a re-run with the same settings (recorded there in
 settings.json) keeps them and makes only the missing ones, and one with other settings stops.
+
+Text-to-image: --prompts FILE with a PixArt student checkpoint or pipeline; image i takes prompt
+i mod P (--labels balanced) or a random one, and arr_1 holds the prompt indices, for
+`python -m evaluations.clip_score SAMPLES.npz FILE`.
 """
 import argparse
 import json
@@ -17,8 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import OFFICIAL_CHECKPOINTS, load_autoencoder
-from sample import add_generator_args, checkpoint_from_args, generator_from_args
+import pixart
+from models import OFFICIAL_CHECKPOINTS
+from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
 from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
                    init_distributed, on_rank_zero, save_json, save_npz, to_uint8)
 
@@ -51,10 +56,11 @@ def chunk_path(parts_dir, index):
     return os.path.join(parts_dir, f"chunk_{index:05d}.npz")
 
 
-def checkpoint_identity(ckpt):
+def checkpoint_identity(ckpt, hub_names=False):
     """An official name as it is; a file by absolute path, size and modification time, so that
-    a file rewritten at the same path counts as another checkpoint."""
-    if ckpt in OFFICIAL_CHECKPOINTS:
+    a file rewritten at the same path counts as another checkpoint. With `hub_names` (PixArt
+    pipelines), a name that is no local path is a hub name, also kept as it is."""
+    if ckpt in OFFICIAL_CHECKPOINTS or hub_names and not os.path.exists(ckpt):
         return ckpt
     stat = os.stat(ckpt)
     return dict(path=os.path.abspath(ckpt), bytes=stat.st_size, modified_ns=stat.st_mtime_ns)
@@ -63,7 +69,8 @@ def checkpoint_identity(ckpt):
 def parts_settings(args):
     """Everything the images depend on: the flags, with the checkpoint identified by its file."""
     settings = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args)))
+    prompts = dict(prompts=checkpoint_identity(args.prompts)) if args.prompts else {}
+    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args), hub_names=bool(args.prompts)), **prompts)
 
 
 def prepare_parts(parts_dir, settings):
@@ -88,11 +95,15 @@ def main(argv=None):
     parts_dir = args.out[: -len(".npz")] + ".parts"
     on_rank_zero(rank, lambda: prepare_parts(parts_dir, parts_settings(args)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    generate, network, info = generator_from_args(args)
+    prompts = pixart.read_prompts(args.prompts) if args.prompts else None
+    generate, network, info = generator_from_args(args, device, text_to_image=bool(prompts))
     network.to(device)
-    autoencoder = load_autoencoder(info["vae"]).to(device)
-    dit = info["dit"]
-    shape = (dit["in_channels"], dit["input_size"], dit["input_size"])
+    autoencoder = load_decoder(info).to(device)
+    if prompts:
+        shape, num_conditions = info["shape"], len(prompts)
+    else:
+        dit = info["dit"]
+        shape, num_conditions = (dit["in_channels"], dit["input_size"], dit["input_size"]), dit["num_classes"]
     bf16 = autocast(device, args.precision)
 
     num_chunks = -(-args.num_fid_samples // args.chunk_size)
@@ -107,9 +118,9 @@ def main(argv=None):
         images, labels = [], []
         for start in range(indices.start, indices.stop, args.per_proc_batch_size):
             batch = range(start, min(start + args.per_proc_batch_size, indices.stop))
-            noise, y = index_noise_and_labels(args.global_seed, batch, shape, dit["num_classes"], args.labels)
+            noise, y = index_noise_and_labels(args.global_seed, batch, shape, num_conditions, args.labels)
             with bf16:
-                samples = generate(noise.to(device), y.to(device))
+                samples = generate(noise.to(device), [prompts[i] for i in y] if prompts else y.to(device))
             images.append(to_uint8(autoencoder.decode(samples.float()).clamp(-1, 1)))
             labels.append(y.numpy())
             bar.update(len(batch) * min(world_size, len(missing) - j * world_size))  # all ranks' progress

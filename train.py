@@ -5,6 +5,8 @@
         --data-path trajectories/imagenet256 --real-data /data/imagenet/train --global-batch-size 48
     torchrun --nproc_per_node=8 train.py --stage teacher --data-path /data/imagenet/train --model DiT-XL/2
     torchrun --nproc_per_node=8 train.py --resume results/000-ard          # continue where it stopped
+    torchrun --nproc_per_node=8 train.py --stage ard --teacher PixArt-alpha/PixArt-Sigma-XL-2-512-MS \
+        --data-path trajectories/pixart512                                   # text-to-image (pixart.py)
 
 Every step is a pure function of (checkpoint, seed, step): batches come from a per-epoch
 permutation and the RNG is reseeded per step and rank, so a resumed run is bit-identical to
@@ -22,6 +24,7 @@ costs one sample of K-1 stages more.
 import argparse
 import copy
 import glob
+import json
 import logging
 import math
 import os
@@ -36,15 +39,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ard import ARD, distillation_loss, student_fed_stages
+import pixart
+from ard import ARD, check_student_settings, distillation_loss, student_fed_stages
 from data import DIGITS, EMBEDDED, image_dataset, random_flip
 from diffusion import create_diffusion
-from extract_trajectories import TrajectoryDataset
+from extract_trajectories import TrajectoryDataset, condition_key
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
-from utils import (add_distributed_args, atomic_write, autocast, cleanup_distributed, init_distributed, on_rank_zero,
-                   save_grid)
+from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
+                   on_rank_zero, save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
@@ -136,6 +140,9 @@ class TeacherTask:
         return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale,
                                  clip_denoised=self.record["vae"] == "none")(noise, y)
 
+    def grid_inputs(self, seed):
+        return label_grid(self.model.config, seed)
+
 
 class DistillationTask:
     """ARD regression on teacher trajectories, teacher-forced (the paper's main stage) or
@@ -166,27 +173,65 @@ class DistillationTask:
         self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
                            **self.model.settings)
-        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
-        self.rollout_model = self.model  # main() puts the EMA here with --student-fed-ema
+        self.feed_settings(args)
         return teacher
 
+    def feed_settings(self, args):
+        self.seed, self.student_fed, self.student_fed_ramp = args.global_seed, args.student_fed, args.student_fed_ramp
+        self.rollout_model = self.model  # main() puts the EMA here with --student-fed-ema
+
     def stage_inputs(self, batch, step):
-        """(stages, targets, y, fed): the batch, its stage inputs replaced by the student's own rollout
-        from the same x_T when this step is student-fed (online or EMA weights; the module itself, not
-        its DDP or compiled wrapper: the rollout needs no gradient synchronisation)."""
-        stages, targets, y = batch
+        """(stages, targets, condition, fed): the batch, its stage inputs replaced by the student's own
+        rollout from the same x_T when this step is student-fed (online or EMA weights; the module itself,
+        not its DDP or compiled wrapper: the rollout needs no gradient synchronisation)."""
+        stages, targets, *condition = batch
         fed = feeds_student(self.seed, step, self.student_fed, self.student_fed_ramp)
         if fed:
-            stages = student_fed_stages(self.rollout_model, stages, y)
-        return stages, targets, y, fed
+            stages = student_fed_stages(self.rollout_model, stages, *condition)
+        return stages, targets, condition, fed
 
     def loss(self, model, batch, step):
-        stages, targets, y, fed = self.stage_inputs(batch, step)
-        loss, per_stage = distillation_loss(model(stages, y), targets)
+        stages, targets, condition, fed = self.stage_inputs(batch, step)
+        loss, per_stage = distillation_loss(model(stages, *condition), targets)
         return loss, distillation_logs(per_stage, fed)
 
-    def generate(self, ema, noise, y):
-        return ema.sample(noise, y)[:, -1]
+    def generate(self, ema, noise, *condition):
+        return ema.sample(noise, *condition)[:, -1]
+
+    def grid_inputs(self, seed):
+        return label_grid(self.model.dit_config, seed)
+
+
+class TextToImageTask(DistillationTask):
+    """ARD regression of a PixArt student on trajectories extracted from prompts (pixart.py).
+    Settings are checked against the trajectories and the teacher's config before its weights load."""
+
+    def build(self, args, device, student):
+        if args.attention != "sdpa":
+            raise ValueError("--attention flex is for the DiT student; the PixArt student uses sdpa")
+        config = pixart.check_pixart(args.teacher)
+        check_student_settings(args.num_steps, args.history_layers, config["num_layers"])
+        size = config["sample_size"]
+        expected = dict(num_steps=args.num_steps, family="pixart", shape=[config["in_channels"], size, size])
+        if student is not None:
+            expected["boundary_times"] = student["stage_times"]
+        self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
+        teacher, info = pixart.load_pixart(args.teacher)
+        check_meta(self.data.meta, dict(pixart=info["pixart"], teacher_weights_sha256=info["weights_sha256"]),
+                   os.path.join(args.data_path, "meta.json"))
+        self.model = pixart.PixArtARD(teacher, args.num_steps, args.history_layers, args.mask,
+                                      stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head)
+        self.model.grad_checkpointing = args.grad_checkpointing
+        self.autoencoder = pixart.load_vae(info["vae"]).to(device)
+        self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], **self.model.settings)
+        self.feed_settings(args)
+        return teacher
+
+    def grid_inputs(self, seed):
+        """Fixed noise and the first (up to 8) prompts of the trajectories."""
+        count = min(8, len(self.data.text) - 1)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(count, *self.data.meta["shape"], generator=generator), self.data.text.batch(range(count))
 
 
 class AdversarialTask(DistillationTask):
@@ -226,7 +271,7 @@ class AdversarialTask(DistillationTask):
             return self.generator_loss(model, batch, step)
 
     def generator_loss(self, model, batch, step):
-        stages, targets, y, fed = self.stage_inputs(batch, step)
+        stages, targets, (y,), fed = self.stage_inputs(batch, step)
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)
         self.fake, self.fake_labels = prediction[:, -1].detach(), y
@@ -255,6 +300,20 @@ class AdversarialTask(DistillationTask):
 
 
 TASKS = {"teacher": TeacherTask, "ard": DistillationTask, "gan": AdversarialTask}
+
+
+def task_class(args):
+    """The stage's task; text-to-image when its trajectories come from prompts."""
+    meta_path = os.path.join(args.data_path, "meta.json")
+    if args.stage == "teacher" or not os.path.isfile(meta_path):
+        return TASKS[args.stage]
+    with open(meta_path) as f:
+        if condition_key(json.load(f)) != "prompts":
+            return TASKS[args.stage]
+    if args.stage == "gan":
+        raise ValueError("--stage gan (adversarial fine-tuning) is class-conditional only; "
+                         f"{args.data_path} holds text-to-image trajectories")
+    return TextToImageTask
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -388,7 +447,9 @@ def build_parser():
     run.add_argument("--sample-cfg-scale", type=float, default=4.0,
                      help="CFG of the teacher's sample grids (none with --class-dropout 0)")
     arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
-    arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt", help="official name or teacher checkpoint")
+    arch.add_argument("--teacher", default="DiT-XL-2-256x256.pt",
+                      help="official name or teacher checkpoint; for text-to-image trajectories the PixArt pipeline "
+                           "they were extracted with (hub name or local folder)")
     arch.add_argument("--model", default="DiT-XL/2")
     arch.add_argument("--image-size", type=int, default=256)
     arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder, or none (pixel space)")
@@ -507,7 +568,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     resumed, resume_notes = resume_point(args.resume)
-    task = TASKS[args.stage](args, device, resumed)
+    task = task_class(args)(args, device, resumed)
     checkpoint = resumed or task.init_checkpoint
     start_step = resumed["step"] if resumed else 0
     data = batches(task.data, args, rank, world_size, start_step)
@@ -599,17 +660,21 @@ def main(argv=None):
     return experiment_dir
 
 
-@torch.no_grad()
-def save_samples(task, ema, args, path, device):
-    """A grid from the EMA weights, on fixed noise and labels (two per class, up to 32 images)."""
-    config = ema.dit_config if isinstance(ema, ARD) else ema.config
+def label_grid(config, seed):
+    """Fixed noise and labels (two per class, up to 32 images) of a DiT's sample grids."""
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     count = min(32, 2 * config["num_classes"])
-    generator = torch.Generator().manual_seed(args.global_seed)
-    noise = torch.randn(count, *shape, generator=generator).to(device)
-    labels = (torch.arange(count) % config["num_classes"]).to(device)
-    images = task.autoencoder.decode(task.generate(ema, noise, labels))
-    save_grid(images.clamp(-1, 1), path, nrow=min(8, count), scale=max(1, 64 // images.shape[-1]))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, *shape, generator=generator), (torch.arange(count) % config["num_classes"],)
+
+
+@torch.no_grad()
+def save_samples(task, ema, args, path, device):
+    """A grid from the EMA weights, on the task's fixed noise and conditions."""
+    noise, condition = task.grid_inputs(args.global_seed)
+    samples = task.generate(ema, noise.to(device), *(c.to(device) for c in condition))
+    images = task.autoencoder.decode(samples)
+    save_grid(images.clamp(-1, 1), path, nrow=min(8, len(noise)), scale=max(1, 64 // images.shape[-1]))
 
 
 if __name__ == "__main__":

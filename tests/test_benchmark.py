@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 import benchmark
 
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--image-size", "32",
@@ -19,3 +21,29 @@ def test_benchmark_prints_the_table_for_a_tiny_config(capsys):
     overhead = float(re.search(r"history overhead at sampling: ([0-9.]+)%", out).group(1))
     assert 0 < overhead < 5
     assert re.search(r"trajectory extraction .*: [0-9.]+ traj/s, [0-9.]+% of the bare forward rate", out)
+
+
+def test_pixart_table_counts_the_real_architecture(capsys):
+    """512 and 1024 rows from the weightless PixArt-Sigma-XL/2; the formula agrees with PyTorch's
+    FLOP counter on a meta-device forward of the 512 model (no weights, no compute)."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import pixart
+    benchmark.main(["--pixart"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert rows[0][2] == "teacher 20-step CFG" and [r[0] for r in rows[2:]] == ["512²", "1024²"]
+    assert rows[2][1] == rows[3][1] == "611M"
+    with torch.device("meta"):
+        model = PixArtTransformer2DModel(**pixart.sigma_config(512))
+        x, text = torch.empty(1, 4, 64, 64), torch.empty(1, 300, 4096)
+        mask, t = torch.ones(1, 300), torch.tensor([999])
+    config = pixart.public_config(model.config)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t)
+    assert counter.get_total_flops() / 2e9 == pytest.approx(pixart.gflops(config), rel=1e-9)
+    assert float(rows[2][2].replace(",", "")) == pytest.approx(pixart.teacher_gflops(config, 20), abs=0.5)
+    assert float(rows[2][4].replace(",", "")) == pytest.approx(pixart.gflops(config, 4, 6), abs=0.5)

@@ -1,0 +1,406 @@
+"""Text-to-image ARD on PixArt-Sigma (diffusers' PixArtTransformer2DModel, T5 text, SDXL VAE).
+
+The student is the class-conditional ARD of ard.py on PixArt's own blocks. The K stages of a
+sample sit side by side in the batch (B·K rows of L tokens), so every block's adaLN-single is
+applied per stage, once, and its cross-attention reads the sample's text per stage, unchanged.
+In the lower N blocks a self-attention processor joins each sample's K·L tokens under the
+block mask (or, when sampling, appends each stage's keys to a cache); the upper blocks keep
+diffusers' processor and see one stage at a time. Stage 0 keeps the transformer's output head;
+stages 1..K-1 get copies of it.
+
+Text: prompts are encoded once, with diffusers' own PixArtSigmaPipeline.encode_prompt, and
+kept without their padding (T5 ignores masked tokens, and so does PixArt's cross-attention);
+`TextTable` holds them, the negative prompt "" last, and pads them back to a fixed length.
+"""
+import copy
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+from ard import check_student_settings, stage_layout, stage_mask, student_kwargs
+from models import Autoencoder, KVCache, guided_output, load_state_dict_strict, read_checkpoint, unpatchify, \
+    weights_sha256
+from utils import atomic_write
+
+PIXART_SIGMA = {512: "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", 1024: "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+TEXT_TOKENS = 300  # PixArt-Sigma's max_sequence_length
+CFG_SCALE = 4.5  # PixArt-Sigma's default guidance
+TRANSFORMER_CLASS = "PixArtTransformer2DModel"
+
+
+def sigma_config(resolution):
+    """PixArt-Sigma-XL/2's transformer config (as in the hub repos above) at 512 or 1024 pixels."""
+    return dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                cross_attention_dim=1152, sample_size=resolution // 8, patch_size=2, caption_channels=4096,
+                use_additional_conditions=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _from_pretrained(load, source, subfolder, **kwargs):
+    """load(source, subfolder=subfolder) (a from_pretrained or load_config) with an error that says what to do offline."""
+    try:
+        return load(source, subfolder=subfolder, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {subfolder!r} of {source!r} ({e.__class__.__name__}); when offline, "
+                                f"pass a local folder saved with the pipeline's layout (transformer/, text_encoder/, "
+                                f"tokenizer/, vae/)") from None
+
+
+def check_pixart(source):
+    """Raises unless `source` (a hub name or a pipeline folder) holds a PixArt transformer; reads its config only."""
+    from diffusers import PixArtTransformer2DModel
+    config = _from_pretrained(PixArtTransformer2DModel.load_config, source, "transformer")
+    if config.get("_class_name") != TRANSFORMER_CLASS:
+        raise ValueError(f"{source}: the teacher must be a {TRANSFORMER_CLASS}, its transformer/ is a "
+                         f"{config.get('_class_name')!r}")
+    if config.get("out_channels") != 2 * config.get("in_channels", 4):
+        raise ValueError(f"{source}: expected a learned-sigma transformer (out_channels = 2 x in_channels), got "
+                         f"{config.get('out_channels')} and {config.get('in_channels')}")
+    return config
+
+
+def public_config(config):
+    """A diffusers config as plain JSON-able fields, without its bookkeeping entries (_class_name, ...)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def load_pixart(source):
+    """(PixArt transformer in eval mode, its description) from a hub name or a local pipeline folder."""
+    from diffusers import PixArtTransformer2DModel
+    check_pixart(source)
+    transformer = _from_pretrained(PixArtTransformer2DModel.from_pretrained, source, "transformer").eval()
+    config = public_config(transformer.config)
+    size = config["sample_size"]
+    info = dict(family="pixart", teacher=str(source), pixart=config, shape=[config["in_channels"], size, size],
+                vae=str(source), weights_sha256=weights_sha256(transformer))
+    return transformer, info
+
+
+def load_vae(source):
+    """The pipeline's VAE (vae/) with its own scaling factor (SDXL's 0.13025 for PixArt-Sigma)."""
+    from diffusers import AutoencoderKL
+    vae = _from_pretrained(AutoencoderKL.from_pretrained, source, "vae").eval()
+    return Autoencoder(vae, vae.config.scaling_factor)
+
+
+class PromptEncoder:
+    """Prompts -> T5 embeddings as PixArt-Sigma's pipeline makes them (its encode_prompt, captions
+    lower-cased and stripped, no caption cleaning), each cut to its real tokens."""
+
+    def __init__(self, source, device, max_tokens=TEXT_TOKENS):
+        from diffusers import PixArtSigmaPipeline
+        from transformers import AutoTokenizer, T5EncoderModel
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # T5-XXL: 9.5 GB in bf16
+        encoder = _from_pretrained(T5EncoderModel.from_pretrained, source, "text_encoder", dtype=dtype).to(device).eval()
+        self.pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
+                                            scheduler=None)
+        self.device, self.max_tokens = device, max_tokens
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        embeddings, mask = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                       device=self.device, max_sequence_length=self.max_tokens,
+                                                       clean_caption=False)[:2]
+        return [e[: int(m.sum())].float().cpu() for e, m in zip(embeddings, mask)]
+
+
+def read_prompts(path):
+    """Prompts from a text file (one per line, blank lines skipped) or a COCO captions JSON
+    (its annotations' captions, in file order)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the prompt file {path}: {e}") from None
+    if path.endswith(".json"):
+        try:
+            prompts = [a["caption"].strip() for a in json.loads(text)["annotations"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a COCO captions file (annotations with a caption each): "
+                             f"{e.__class__.__name__}: {e}") from None
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompt file {path} holds no prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------- the text table
+
+def pad_text(embedding, length):
+    """(text (length, C), mask (length,)): a prompt's embedding (tokens, C) padded with zeros."""
+    text = embedding.new_zeros(length, embedding.shape[1])
+    text[: len(embedding)] = embedding
+    return text, torch.arange(length, device=embedding.device) < len(embedding)
+
+
+def pad_texts(embeddings):
+    """(text (n, T, C), mask (n, T)) of prompt embeddings, padded to the longest."""
+    length = max(len(e) for e in embeddings)
+    texts, masks = zip(*(pad_text(e, length) for e in embeddings))
+    return torch.stack(texts), torch.stack(masks)
+
+
+def write_text_table(path, embeddings):
+    """One safetensors file of variable-length embeddings: their rows end to end and the offsets."""
+    offsets = torch.tensor([0] + [len(e) for e in embeddings]).cumsum(0)
+    tensors = {"embeddings": torch.cat(embeddings).half().contiguous(), "offsets": offsets}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+class TextTable:
+    """Embeddings of the prompts, the negative prompt last (index `null`), each returned padded
+    with zeros to `length` tokens with its mask; the file is memory-mapped."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing text table {path}: re-run extract_trajectories.py to complete it")
+        self.path = path
+        self._file = None
+        with safe_open(path, "pt") as f:
+            self.offsets = f.get_tensor("offsets")
+            self.channels = f.get_slice("embeddings").get_shape()[1]
+        lengths = self.offsets.diff()
+        self.null, self.length = len(lengths) - 1, int(lengths.max())
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if self._file is None:  # opened lazily: each DataLoader worker maps the file itself
+            self._file = safe_open(self.path, "pt")
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return pad_text(self._file.get_slice("embeddings")[start:end].float(), self.length)
+
+    def batch(self, indices):
+        """(text (n, length, C), mask (n, length)) of the prompts at `indices`."""
+        texts, masks = zip(*(self[int(i)] for i in indices))
+        return torch.stack(texts), torch.stack(masks)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+
+# ---------------------------------------------------------------------------- teacher
+
+def text_conditioning(transformer, text, text_mask):
+    """(projected text (B, T, D), additive cross-attention bias (B, 1, T)) as PixArt's forward makes them."""
+    bias = (1 - text_mask.to(text.dtype)) * -10000.0
+    return transformer.caption_projection(text), bias.unsqueeze(1)
+
+
+def guided_teacher(transformer, cfg_scale):
+    """model_fn(x, t, text, text_mask) for the DDIM solver: PixArt's output (eps and learned sigma);
+    with cfg_scale > 1 the batch's second half holds the negative prompt and the eps channels of
+    both halves are the guided ones (PixArt guides every channel)."""
+    def model_fn(x, t, text, text_mask):
+        out = transformer(x, encoder_hidden_states=text, encoder_attention_mask=text_mask, timestep=t).sample
+        return out if cfg_scale == 1 else guided_output(out, cfg_scale, x.shape[1])
+    return model_fn
+
+
+# ---------------------------------------------------------------------------- student
+
+class StageAttention:
+    """Self-attention processor of the history blocks (diffusers' processor interface).
+
+    Teacher forcing (`cache` None): the batch holds the K stages of each sample as consecutive
+    rows, which are joined into one sequence of K·L tokens under `mask`. Sampling: the rows are
+    one stage, whose keys/values are appended to `cache`, and the queries read what it returns.
+    """
+
+    def __init__(self):
+        self.num_steps, self.mask, self.cache = 1, None, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        rows, L, D = hidden_states.shape
+        batch, tokens = (rows, L) if self.cache is not None else (rows // self.num_steps, self.num_steps * L)
+        q, k, v = (proj(hidden_states).view(batch, tokens, attn.heads, -1).transpose(1, 2)
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if self.cache is not None:
+            k, v = self.cache.append(k, v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return attn.to_out[1](attn.to_out[0](x.transpose(1, 2).reshape(rows, L, D)))
+
+
+class StageHead(nn.Module):
+    """A copy of PixArt's output head: its modulation table and projection (its norm has no weights)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(transformer.scale_shift_table.detach().clone())
+        self.proj_out = copy.deepcopy(transformer.proj_out)
+
+
+class PixArtARD(nn.Module):
+    """ARD student initialised from (a copy of) a PixArt transformer; see the module docstring.
+
+    The arguments are ard.ARD's. The transformer's weights keep diffusers' names under
+    `transformer.`, so a teacher's state dict loads into it as it is (`load_teacher_weights`).
+    """
+
+    def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
+                 shared_head=False):
+        super().__init__()
+        if type(teacher).__name__ != TRANSFORMER_CLASS:
+            raise TypeError(f"the teacher must be a diffusers {TRANSFORMER_CLASS}, got {type(teacher).__name__}")
+        if teacher.use_additional_conditions:
+            raise ValueError("teachers with resolution/aspect-ratio conditions (PixArt-alpha 1024) are not supported; "
+                             "PixArt-Sigma has none")
+        stage_times = check_student_settings(num_steps, history_layers, len(teacher.transformer_blocks), stage_times,
+                                             teacher_steps)
+        self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
+                             stage_times=stage_times, shared_head=shared_head)
+        self.pixart_config = public_config(teacher.config)
+        self.num_steps, self.history_layers = num_steps, history_layers
+        self.in_channels, self.patch_size = teacher.config.in_channels, teacher.config.patch_size
+        self.input_size = teacher.config.sample_size
+        self.grad_checkpointing = False
+
+        self.transformer = copy.deepcopy(teacher)
+        self.extra_heads = nn.ModuleList([StageHead(teacher) for _ in range(0 if shared_head else num_steps - 1)])
+        self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
+        tokens = (self.input_size // self.patch_size) ** 2
+        _, token_mask, self.sampling_plan = stage_layout(mask, num_steps, tokens)
+        self.register_buffer("token_mask", token_mask, persistent=False)
+        self.history = [StageAttention() for _ in range(history_layers)]
+        for block, processor in zip(self.transformer.transformer_blocks, self.history):
+            block.attn1.set_processor(processor)
+
+    def load_teacher_weights(self, state_dict, source="teacher state dict"):
+        """A diffusers state dict of the teacher, loaded strictly; every stage head starts as its head again."""
+        load_state_dict_strict(self.transformer, state_dict, source)
+        for head in self.extra_heads:
+            head.load_state_dict(StageHead(self.transformer).state_dict())
+        return self
+
+    # ------------------------------------------------------------------ pieces
+
+    def stage_conditioning(self, repeats):
+        """adaLN-single of the K stage times, once per stage: (timestep (repeats·K, 6D), embedded (repeats·K, D)),
+        row r·K + k for stage k."""
+        t, embedded = self.transformer.adaln_single(self.stage_times, None, batch_size=self.num_steps,
+                                                    hidden_dtype=self.transformer.pos_embed.proj.weight.dtype)
+        return t.repeat(repeats, 1), embedded.repeat(repeats, 1)
+
+    def head(self, x, embedded_t, k):
+        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D); the first C of the 2C channels."""
+        head = self.transformer if k == 0 or not self.extra_heads else self.extra_heads[k - 1]
+        shift, scale = (head.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        x = self.transformer.norm_out(x) * (1 + scale) + shift
+        out_channels = self.transformer.out_channels
+        return unpatchify(head.proj_out(x), self.patch_size, out_channels)[:, : self.in_channels]
+
+    def run_block(self, block, x, t, text, bias):
+        if self.grad_checkpointing and self.training:
+            return checkpoint(block, x, None, text, bias, t, use_reentrant=False)
+        return block(x, encoder_hidden_states=text, encoder_attention_mask=bias, timestep=t)
+
+    def check_inputs(self, x, text, text_mask, what, with_stages):
+        expected = (self.num_steps,) * with_stages + (self.in_channels, self.input_size, self.input_size)
+        if tuple(x.shape[1:]) != expected:
+            layout = "(B, K, C, H, W)" if with_stages else "(B, C, H, W)"
+            raise ValueError(f"{what} must be {layout} = (B, {', '.join(map(str, expected))}) for this student, "
+                             f"got {tuple(x.shape)}")
+        channels = self.pixart_config["caption_channels"]
+        if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != channels:
+            raise ValueError(f"text must be (B={x.shape[0]}, T, {channels}), got {tuple(text.shape)}")
+        if tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(f"text_mask must be {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+
+    def use_history(self, caches=None, mask=None):
+        """Sets the history blocks' processors: teacher forcing (no caches), or a sampling step's caches."""
+        for i, processor in enumerate(self.history):
+            processor.num_steps, processor.mask = self.num_steps, mask
+            processor.cache = None if caches is None else caches[i]
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def forward(self, stages, text, text_mask):
+        """Teacher-forced predictions (B, K, C, H, W) of all K stages from their inputs (B, K, C, H, W)
+        (x_T first), the T5 text (B, T, C_text) and its mask (B, T)."""
+        self.check_inputs(stages, text, text_mask, "stages", with_stages=True)
+        B, K = stages.shape[:2]
+        x = self.transformer.pos_embed(stages.flatten(0, 1))  # (B·K, L, D)
+        t, embedded_t = self.stage_conditioning(B)
+        text, bias = (c.repeat_interleave(K, dim=0) for c in text_conditioning(self.transformer, text, text_mask))
+        self.use_history(mask=self.token_mask)
+        for block in self.transformer.transformer_blocks:
+            x = self.run_block(block, x, t, text, bias)
+        x, embedded_t = x.unflatten(0, (B, K)), embedded_t.unflatten(0, (B, K))
+        return torch.stack([self.head(x[:, k], embedded_t[:, k], k) for k in range(K)], dim=1)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def sample(self, noise, text, text_mask, steps=None):
+        """K-step generation from noise (B, C, H, W); every stage's output (B, K, C, H, W), the last
+        the sample. As ard.ARD.sample: each step runs its own L tokens, the history blocks cache keys."""
+        self.check_inputs(noise, text, text_mask, "noise", with_stages=False)
+        B, K, L = noise.shape[0], self.num_steps, self.token_mask.shape[0] // self.num_steps
+        t_all, embedded_all = self.stage_conditioning(1)
+        text, bias = text_conditioning(self.transformer, text, text_mask)
+        caches = [KVCache(capacity=K * L) for _ in self.history]
+        x_in, outputs = noise, []
+        for k, (first, hidden_between) in enumerate(self.sampling_plan[:steps]):
+            mask = self.token_mask[k * L:(k + 1) * L, first * L:(k + 1) * L] if hidden_between else None
+            for cache in caches:
+                cache.visible_from = first * L
+            self.use_history(caches, mask)
+            x = self.transformer.pos_embed(x_in)
+            t = t_all[k:k + 1].expand(B, -1)
+            for block in self.transformer.transformer_blocks:
+                x = block(x, encoder_hidden_states=text, encoder_attention_mask=bias, timestep=t)
+            x_in = self.head(x, embedded_all[k:k + 1].expand(B, -1), k)
+            outputs.append(x_in)
+        self.use_history()
+        return torch.stack(outputs, dim=1)
+
+
+def build_student(pixart_config, args):
+    """A PixArtARD of the architecture in `pixart_config` (random weights) with a checkpoint's settings."""
+    from diffusers import PixArtTransformer2DModel
+    return PixArtARD(PixArtTransformer2DModel.from_config(pixart_config), **student_kwargs(args))
+
+
+def load_student(path):
+    """A PixArt student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
+    checkpoint = read_checkpoint(path)
+    args = checkpoint.get("args", {})
+    if args.get("family") != "pixart" or args.get("stage") != "ard":
+        raise ValueError(f"{path} is not a text-to-image ARD checkpoint")
+    model = build_student(args["pixart"], args)
+    return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args
+
+
+# ---------------------------------------------------------------------------- cost
+
+def gflops(config, num_steps=1, history_layers=0, text_tokens=TEXT_TOKENS, mask="M4"):
+    """GFLOPs (multiply-accumulates) of one image: K stage passes of L tokens, each with
+    cross-attention to `text_tokens` T5 tokens, the history attention of the lower N blocks and
+    one caption projection. num_steps=1 is one teacher forward. The T5 encoder is not counted."""
+    D = config["num_attention_heads"] * config["attention_head_dim"]
+    p, C, depth = config["patch_size"], config["in_channels"], config["num_layers"]
+    L, T = (config["sample_size"] // p) ** 2, text_tokens
+    block = (4 * L * D * D + 2 * L * L * D  # self-attention
+             + 2 * L * D * D + 2 * T * D * D + 2 * L * T * D  # cross-attention
+             + 8 * L * D * D)  # MLP (4x)
+    stage = (L * p * p * C * D + 256 * D + D * D + 6 * D * D  # patch embedding, adaLN-single
+             + depth * block + L * D * p * p * config["out_channels"])
+    caption = T * (config["caption_channels"] * D + D * D)
+    earlier_visible = int(stage_mask(mask, num_steps).sum()) - num_steps
+    history = history_layers * 2 * L * L * D * earlier_visible
+    return (num_steps * stage + caption + history) / 1e9
+
+
+def teacher_gflops(config, steps, cfg_scale=CFG_SCALE, text_tokens=TEXT_TOKENS):
+    """GFLOPs of the teacher's `steps`-step solve of one image; CFG doubles every forward."""
+    return steps * (2 if cfg_scale > 1 else 1) * gflops(config, text_tokens=text_tokens)

@@ -1,0 +1,354 @@
+"""Text-to-image through the scripts on a tiny random PixArt pipeline saved to disk (CPU, offline):
+extraction from a prompt file (1 process and 2 gloo processes), training and its resume,
+sampling, the CLIP score, and the bad inputs that must stop before any expensive work."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import extract_trajectories as et
+import pixart
+import sample
+import sample_ddp
+import train
+from diffusion import create_diffusion, student_timesteps
+from evaluations import clip_score
+from tiny_pixart import MAX_TOKENS, WORDS, save_tiny_pipeline, tiny_t5, tiny_tokenizer, tiny_transformer
+from utils import index_noise_and_labels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red car", "the cat on the grass", "a blue house", "a dog", "the tree on the sky"]
+K, S, SEED, NUM_SAMPLES, SHARD_SIZE, BATCH_SIZE, NUM_SHARDS = 4, 6, 3, 12, 4, 3, 3
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pixart") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")  # a blank line is skipped
+    return str(path)
+
+
+def extract_argv(pipeline, prompts, out, *extra):
+    return ["--prompts", prompts, "--ckpt", pipeline, "--out", str(out), "--num-samples", str(NUM_SAMPLES),
+            "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE), "--num-steps", str(K),
+            "--teacher-steps", str(S), "--seed", str(SEED), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def single(pipeline, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "traj"
+    et.main(extract_argv(pipeline, prompt_file, out))
+    return str(out)
+
+
+def contents(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("expensive work started before the error")
+
+
+# ---------------------------------------------------------------------------- extraction
+
+def test_two_processes_write_the_same_bytes_as_one(single, pipeline, prompt_file, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "extract_trajectories.py"), *extract_argv(pipeline, prompt_file, tmp_path / "traj")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    expected = ["meta.json", "prompts.json", "text.safetensors"] + [f"shard_{i:05d}.safetensors" for i in range(3)]
+    assert sorted(contents(single)) == sorted(expected)
+    assert contents(single) == contents(tmp_path / "traj")
+
+
+def test_resume_writes_only_the_missing_shard_and_encodes_nothing(single, pipeline, prompt_file, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "traj"
+    shutil.copytree(single, out)
+    os.remove(out / "shard_00001.safetensors")
+    written = []
+    write = et.atomic_write
+    monkeypatch.setattr(et, "atomic_write", lambda path, fn: (written.append(os.path.basename(path)), write(path, fn)))
+    monkeypatch.setattr(pixart, "PromptEncoder", must_not_run)
+    et.main(extract_argv(pipeline, prompt_file, out))
+    assert written == ["shard_00001.safetensors"]
+    assert contents(out) == contents(single)
+
+
+def test_meta_and_shards_hold_prompt_indices(single):
+    meta = json.load(open(os.path.join(single, "meta.json")))
+    assert (meta["condition"], meta["family"], meta["num_prompts"], meta["cfg_scale"]) == ("prompts", "pixart", 5, 4.5)
+    assert meta["boundary_times"] == student_timesteps(K, S)[1]
+    assert json.load(open(os.path.join(single, "prompts.json"))) == PROMPTS
+    shard = load_file(os.path.join(single, "shard_00002.safetensors"))
+    assert set(shard) == {"state", "x0", "prompts", "seeds"}
+    assert shard["prompts"].tolist() == [i % 5 for i in range(8, 12)]  # balanced: sample i takes prompt i mod P
+
+
+def test_text_table_is_the_pipelines_t5_without_padding(single, pipeline):
+    """Row i: T5 on prompt i padded to PixArt-Sigma's 300 tokens, cut to its real tokens; the tokenizer
+    read from the hub's layout (spiece.model)."""
+    table = pixart.TextTable(os.path.join(single, "text.safetensors"))
+    assert (len(table), table.null) == (6, 5)
+    from transformers import AutoTokenizer
+    tokenizer, t5 = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer"), tiny_t5()
+    for i, prompt in enumerate([*PROMPTS, ""]):
+        tokens = tokenizer(prompt, padding="max_length", max_length=pixart.TEXT_TOKENS, return_tensors="pt")
+        with torch.no_grad():
+            full = t5(**tokens).last_hidden_state[0]
+        length = int(tokens["attention_mask"].sum())
+        text, mask = table[i]
+        assert mask.tolist() == [True] * length + [False] * (table.length - length)
+        torch.testing.assert_close(text[:length], full[:length], atol=2e-3, rtol=2e-3)  # fp16 storage
+        assert text[length:].abs().sum() == 0
+
+
+def test_final_point_is_the_guided_ddim_solve(single, pipeline):
+    """Shard 0's final states against diffusion.ddim_sample_loop with PixArt's CFG on the negative prompt."""
+    teacher = pixart.load_pixart(pipeline)[0]
+    table = pixart.TextTable(os.path.join(single, "text.safetensors"))
+    noise, prompts = index_noise_and_labels(SEED, range(SHARD_SIZE), [4, 8, 8], 5, "balanced")
+    text, mask = table.batch(prompts)
+    null_text, null_mask = table.batch([table.null] * SHARD_SIZE)
+    z = torch.cat([noise, noise])
+    with torch.no_grad():
+        final = create_diffusion(str(S)).ddim_sample_loop(
+            pixart.guided_teacher(teacher, 4.5), z.shape, z, clip_denoised=False,
+            model_kwargs=dict(text=torch.cat([text, null_text]), text_mask=torch.cat([mask, null_mask])))[:SHARD_SIZE]
+        unguided = create_diffusion(str(S)).ddim_sample_loop(
+            pixart.guided_teacher(teacher, 1), noise.shape, noise, clip_denoised=False,
+            model_kwargs=dict(text=text, text_mask=mask))
+    stored = load_file(os.path.join(single, "shard_00000.safetensors"))["state"][:, -1].float()
+    torch.testing.assert_close(stored, final, atol=2e-3, rtol=2e-3)
+    assert (stored - unguided).abs().max() > 0.02
+
+
+def test_dataset_items_carry_the_text(single):
+    data = et.TrajectoryDataset(single)
+    inputs, targets, text, mask = data[7]
+    assert inputs.shape == targets.shape == (K, 4, 8, 8)
+    expected_text, expected_mask = data.text[7 % 5]
+    assert torch.equal(text, expected_text) and torch.equal(mask, expected_mask)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
+    assert [tuple(t.shape) for t in batch] == [(4, K, 4, 8, 8), (4, K, 4, 8, 8), (4, data.text.length, 24),
+                                               (4, data.text.length)]
+
+
+def test_coco_captions_json(pipeline, tmp_path):
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "id": 5, "caption": " A dog. "},
+                                                               {"image_id": 2, "id": 6, "caption": "a red car"}]}))
+    assert pixart.read_prompts(str(path)) == ["A dog.", "a red car"]
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        pixart.read_prompts(str(path))
+
+
+@pytest.mark.parametrize("problem", ["empty", "missing", "directory", "binary"])
+def test_bad_prompt_file_stops_before_loading_anything(pipeline, tmp_path, monkeypatch, problem):
+    path = tmp_path / "prompts.txt"
+    if problem == "empty":
+        path.write_text("\n  \n")
+    elif problem == "directory":
+        path.mkdir()
+    elif problem == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81")
+    monkeypatch.setattr(pixart, "load_pixart", must_not_run)
+    message = "holds no prompts" if problem == "empty" else "cannot read the prompt file"
+    with pytest.raises(ValueError, match=message):
+        et.main(extract_argv(pipeline, str(path), tmp_path / "traj"))
+
+
+def test_teacher_that_is_not_pixart_stops_before_loading_weights(prompt_file, tmp_path, monkeypatch):
+    from diffusers import DiTTransformer2DModel
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8,
+                          num_embeds_ada_norm=10).save_pretrained(tmp_path / "dit" / "transformer")
+    monkeypatch.setattr(pixart, "load_pixart", must_not_run)
+    with pytest.raises(ValueError, match="must be a PixArtTransformer2DModel, its transformer/ is a 'DiTTransformer2D"):
+        et.main(extract_argv(str(tmp_path / "dit"), prompt_file, tmp_path / "traj"))
+    with pytest.raises(FileNotFoundError, match="could not load 'transformer'"):
+        et.main(extract_argv(str(tmp_path / "nothing-here"), prompt_file, tmp_path / "traj"))
+
+
+# ---------------------------------------------------------------------------- training
+
+QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1"]
+
+
+def train_argv(pipeline, traj, results, *extra):
+    return ["--stage", "ard", "--teacher", pipeline, "--data-path", traj, "--history-layers", "1",
+            "--global-batch-size", "4", "--results-dir", str(results), *QUIET, *extra]
+
+
+def run(argv):
+    torch.manual_seed(0)
+    return train.main([str(a) for a in argv])
+
+
+def checkpoint(experiment, step):
+    return torch.load(os.path.join(experiment, "checkpoints", f"{step:07d}.pt"), map_location="cpu",
+                      weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def run4(pipeline, single, tmp_path_factory):
+    """4 uninterrupted steps, checkpoints at 2 and 4, and a sample grid at the end."""
+    return run(train_argv(pipeline, single, tmp_path_factory.mktemp("whole"), "--iterations", 4, "--ckpt-every", 2))
+
+
+def test_training_resumes_bit_identically(run4, pipeline, single, tmp_path):
+    part = run(train_argv(pipeline, single, tmp_path, "--iterations", 2, "--ckpt-every", 2))
+    assert run(["--resume", part, "--iterations", 4]) == part
+    a, b = checkpoint(run4, 4), checkpoint(part, 4)
+    for key in ("model", "ema", "opt"):
+        for name, tensor in a[key].items() if key != "opt" else a[key]["state"].items():
+            other = b[key][name] if key != "opt" else b[key]["state"][name]
+            if isinstance(tensor, dict):
+                assert all(torch.equal(tensor[k], other[k]) for k in tensor), (key, name)
+            else:
+                assert torch.equal(tensor, other), (key, name)
+    assert any(not torch.equal(checkpoint(run4, 2)["model"][k], v) for k, v in a["model"].items())
+    assert a["args"]["family"] == "pixart" and a["args"]["teacher"] == pipeline
+    assert os.path.isfile(os.path.join(run4, "samples", "0000004.png"))
+
+
+def test_two_processes_train_like_one(run4, pipeline, single, tmp_path):
+    """`torchrun train.py` on 2 gloo processes, the same global batch split over them: the same
+    training up to float rounding (DDP over the PixArt student: every parameter gets a gradient)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    argv = train_argv(pipeline, single, tmp_path, "--iterations", 4, "--ckpt-every", 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *map(str, argv)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (experiment,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    one, two = checkpoint(run4, 4), checkpoint(experiment, 4)
+    for key in ("model", "ema"):
+        for name, tensor in one[key].items():
+            torch.testing.assert_close(two[key][name], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_student_fed_training_runs(pipeline, single, tmp_path):
+    experiment = run(train_argv(pipeline, single, tmp_path, "--iterations", 1, "--student-fed", 1))
+    assert checkpoint(experiment, 1)["step"] == 1
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--num-steps", 2], ValueError, "num_steps is 4, expected 2"),
+    (["--history-layers", 4], ValueError, r"history_layers must be in \[0, 3\]"),
+    (["--attention", "flex"], ValueError, "--attention flex is for the DiT student"),
+])
+def test_mismatches_stop_before_the_teacher_loads(pipeline, single, tmp_path, monkeypatch, extra, error, message):
+    monkeypatch.setattr(pixart, "load_pixart", must_not_run)
+    with pytest.raises(error, match=message):
+        run(train_argv(pipeline, single, tmp_path, *extra))
+
+
+def test_shape_and_teacher_mismatches(single, tmp_path, monkeypatch):
+    bigger = save_tiny_pipeline(tmp_path / "bigger", transformer=tiny_transformer(sample_size=16))
+    with pytest.raises(ValueError, match=r"shape is \[4, 8, 8\], expected \[4, 16, 16\]"):
+        run(train_argv(bigger, single, tmp_path))
+    other = save_tiny_pipeline(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="teacher_weights_sha256 is"):
+        run(train_argv(other, single, tmp_path))
+
+
+def test_gan_stage_is_class_conditional_only(run4, single, tmp_path):
+    with pytest.raises(ValueError, match="class-conditional only"):
+        run(["--stage", "gan", "--init", os.path.join(run4, "checkpoints", "0000004.pt"), "--data-path", single,
+             "--real-data", "digits", "--results-dir", tmp_path, *QUIET])
+
+
+# ---------------------------------------------------------------------------- sampling and evaluation
+
+def test_student_checkpoint_samples_what_its_model_samples(run4, pipeline, tmp_path):
+    path = os.path.join(run4, "checkpoints", "0000004.pt")
+    generate, student, info = sample.prompt_generator(path, torch.device("cpu"))
+    noise = torch.randn(2, *info["shape"])
+    got = generate(noise, PROMPTS[:2])
+    encoded = pixart.PromptEncoder(pipeline, torch.device("cpu"))(PROMPTS[:2])
+    torch.testing.assert_close(got, student.sample(noise, *pixart.pad_texts(encoded))[:, -1])
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", path, "--prompt", PROMPTS[0], "--prompt", PROMPTS[3], "--out", str(out), "--device", "cpu"])
+    assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="text-to-image student: sample it with prompts"):
+        sample.load_generator(path)
+
+
+def test_teacher_pipeline_samples_with_guidance(pipeline, tmp_path):
+    generate, teacher, info = sample.prompt_generator(pipeline, torch.device("cpu"), steps=3, cfg_scale=4.5)
+    noise = torch.randn(2, *info["shape"])
+    guided = generate(noise, PROMPTS[:2])
+    plain = sample.prompt_generator(pipeline, torch.device("cpu"), steps=3, cfg_scale=1)[0](noise, PROMPTS[:2])
+    assert guided.shape == (2, 4, 8, 8) and (guided - plain).abs().max() > 0.01
+
+
+def test_sample_ddp_identifies_a_hub_pipeline_by_name(prompt_file, tmp_path):
+    args = sample_ddp.parse_args(["--ckpt", pixart.PIXART_SIGMA[512], "--prompts", prompt_file,
+                                  "--out", str(tmp_path / "s.npz")])
+    settings = sample_ddp.parts_settings(args)
+    assert settings["ckpt"] == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+    assert settings["prompts"]["path"] == os.path.abspath(prompt_file)
+
+
+def save_tiny_clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
+                                         eos_token_id=1, pad_token_id=0, bos_token_id=1),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8), projection_dim=8)
+    CLIPModel(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
+def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path):
+    out = tmp_path / "samples.npz"
+    sample_ddp.main(["--ckpt", os.path.join(run4, "checkpoints", "0000004.pt"), "--prompts", prompt_file,
+                     "--num-fid-samples", "6", "--per-proc-batch-size", "4", "--chunk-size", "3", "--labels", "balanced",
+                     "--out", str(out)])
+    with np.load(out) as f:
+        images, indices = f["arr_0"], f["arr_1"]
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8  # the tiny VAE upsamples by 2
+    assert indices.tolist() == [0, 1, 2, 3, 4, 0]
+    clip = save_tiny_clip(tmp_path / "clip")
+    score = clip_score.main([str(out), prompt_file, "--clip-model", clip, "--device", "cpu"])
+    model, tokenizer, processor = clip_score.load_clip(clip)
+    texts = [PROMPTS[i] for i in indices]
+    with torch.no_grad():
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        o = model(**tokens, pixel_values=processor(images=list(images), return_tensors="pt")["pixel_values"])
+    by_hand = 100 * torch.nn.functional.cosine_similarity(o.image_embeds, o.text_embeds).clamp(min=0).mean()
+    assert score == pytest.approx(by_hand.item(), rel=1e-5)
+    with pytest.raises(SystemExit, match="another prompt file"):
+        short = tmp_path / "short.txt"
+        short.write_text("a dog\n")
+        clip_score.main([str(out), str(short), "--clip-model", clip, "--device", "cpu"])
+
+
+def test_clip_score_closed_forms():
+    e = torch.randn(3, 8)
+    assert torch.allclose(clip_score.clip_score_of_embeddings(e, 2.5 * e), torch.full((3,), 100.0))
+    angle = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[math.cos(math.pi / 3), math.sin(math.pi / 3)], [0.0, 1.0], [-1.0, 0.2]])
+    torch.testing.assert_close(clip_score.clip_score_of_embeddings(angle, text), torch.tensor([50.0, 0.0, 0.0]))
