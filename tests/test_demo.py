@@ -11,7 +11,7 @@ from ard import ARD
 from models import DiT
 from test_ard import inputs, perturbed_dit
 
-RECIPES = ("teacher-forced", "student-fed")
+RECIPES = ("teacher-forced", "ema-fed")  # the demo's
 
 
 def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
@@ -42,7 +42,10 @@ def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
         assert Image.open(digits / f"grid_{key}.png").size[0] > 0
     for plot in ("exposure_bias.png", "fid_vs_history.png"):
         assert Image.open(digits / plot).size[0] > 0
-    fed = json.loads((digits / "metrics" / "K4-N0-state-student-fed-s0.json").read_text())
+    [fed_ckpt] = (digits / "runs").glob("*-ard-K4-N0-state-ema-fed-s0/checkpoints/*.pt")
+    fed_args = torch.load(fed_ckpt, weights_only=True)["args"]
+    assert (fed_args["student_fed"], fed_args["student_fed_ramp"], fed_args["student_fed_ema"]) == (0.5, 2, True)
+    fed = json.loads((digits / "metrics" / "K4-N0-state-ema-fed-s0.json").read_text())
     assert len(fed["free_errors"]) == len(fed["forced_errors"]) == 4
     # the N=0 student's first step is teacher-forced by construction: both errors agree there
     assert fed["free_errors"][0] == pytest.approx(fed["forced_errors"][0], rel=1e-6, abs=1e-9)
