@@ -2,13 +2,15 @@
 the trajectory's history helps.
 
     python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~7 min, 2 CPU cores)
-    python demo.py --study             # the study: N, target, K=2, 2 seeds (prints its time first)
+    python demo.py --dataset shapes    # the same on 16x16 procedural shapes (slower: a wider teacher)
+    python demo.py --study             # the study: recipes, N, target, K=2, 2 seeds (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
 
 Recipes. "teacher-forced" is the paper's: every stage input is the teacher's trajectory point.
-"student-fed" is ours: from a linear ramp over the first half of training up to probability 0.5,
-a step feeds the student's own free-running outputs as the inputs after x_T (train.py
---student-fed), so it is trained on the errors it will make when it generates.
+"ema-fed" is ours: from a linear ramp over the first half of training up to probability 0.5, a
+step feeds the student's own free-running outputs, rolled out with its EMA weights, as the inputs
+after x_T (train.py --student-fed --student-fed-ema), so it is trained on the errors it makes when
+it generates. "student-fed" (study only) rolls out with the online weights instead.
 
 Every stage is one of the project's own scripts, run with the command line printed before it:
 a tiny DiT teacher in pixel space (shipped in assets/, or trained with --teacher train), 25-step
