@@ -128,13 +128,6 @@ class ARD(nn.Module):
             return checkpoint(block, x, c, mask, cache, use_reentrant=False)
         return block(x, c, mask, cache)
 
-    def check_shape(self, tensor, what, with_stages):
-        expected = (self.num_steps,) * with_stages + (self.in_channels, self.input_size, self.input_size)
-        if tuple(tensor.shape[1:]) != expected:
-            layout = "(B, K, C, H, W)" if with_stages else "(B, C, H, W)"
-            raise ValueError(f"{what} must be {layout} = (B, {', '.join(map(str, expected))}) for this student, "
-                             f"got {tuple(tensor.shape)}")
-
     # ------------------------------------------------------------------ teacher forcing
 
     def forward(self, stages, y):
@@ -143,7 +136,7 @@ class ARD(nn.Module):
         stages: (B, K, C, H, W), stage k's input (x_T first); y: (B,) labels.
         Returns (B, K, C, H, W): stage k's prediction of the next trajectory point.
         """
-        self.check_shape(stages, "stages", with_stages=True)
+        check_stage_shape(self, stages, "stages", with_stages=True)
         B, K = stages.shape[:2]
         x = self.x_embedder(stages.flatten(0, 1)) + self.pos_embed  # (B·K, L, D)
         L, D = x.shape[1:]
@@ -169,7 +162,7 @@ class ARD(nn.Module):
         earlier stages, so stage k attends to exactly what the mask lets it see in `forward`.
         `steps` < K stops after that many stages (and returns only theirs).
         """
-        self.check_shape(noise, "noise", with_stages=False)
+        check_stage_shape(self, noise, "noise", with_stages=False)
         K, N, L = self.num_steps, self.history_layers, self.x_embedder.num_patches
         c_all = self.conditioning(y)
         caches = [KVCache(capacity=K * L) for _ in range(N)]
@@ -186,6 +179,16 @@ class ARD(nn.Module):
             x_in = self.head(x, c, k)
             outputs.append(x_in)
         return torch.stack(outputs, dim=1)
+
+
+def check_stage_shape(student, tensor, what, with_stages):
+    """Raises unless `tensor` is (B, K, C, H, W) stage inputs (or (B, C, H, W) noise) for `student`
+    (any student with num_steps, in_channels and input_size: ARD or pixart.PixArtARD)."""
+    expected = (student.num_steps,) * with_stages + (student.in_channels, student.input_size, student.input_size)
+    if tuple(tensor.shape[1:]) != expected:
+        layout = "(B, K, C, H, W)" if with_stages else "(B, C, H, W)"
+        raise ValueError(f"{what} must be {layout} = (B, {', '.join(map(str, expected))}) for this student, "
+                         f"got {tuple(tensor.shape)}")
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from ard import check_student_settings, stage_layout, stage_mask, student_kwargs
+from ard import check_stage_shape, check_student_settings, stage_layout, stage_mask, student_kwargs
 from models import Autoencoder, KVCache, guided_output, load_state_dict_strict, read_checkpoint, unpatchify, \
     weights_sha256
 from utils import atomic_write
@@ -305,11 +305,7 @@ class PixArtARD(nn.Module):
         return block(x, encoder_hidden_states=text, encoder_attention_mask=bias, timestep=t)
 
     def check_inputs(self, x, text, text_mask, what, with_stages):
-        expected = (self.num_steps,) * with_stages + (self.in_channels, self.input_size, self.input_size)
-        if tuple(x.shape[1:]) != expected:
-            layout = "(B, K, C, H, W)" if with_stages else "(B, C, H, W)"
-            raise ValueError(f"{what} must be {layout} = (B, {', '.join(map(str, expected))}) for this student, "
-                             f"got {tuple(x.shape)}")
+        check_stage_shape(self, x, what, with_stages)
         channels = self.pixart_config["caption_channels"]
         if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != channels:
             raise ValueError(f"text must be (B={x.shape[0]}, T, {channels}), got {tuple(text.shape)}")
