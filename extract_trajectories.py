@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import pixart
 from diffusion import create_diffusion, student_timesteps
-from models import load_teacher, with_guidance
+from models import clips_x0, load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
@@ -92,7 +92,7 @@ def solver_meta(args, condition, clip_denoised):
 def build_meta(args, teacher_info):
     dit = teacher_info["dit"]
     return dict(
-        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=teacher_info["vae"] == "none"),
+        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=clips_x0(teacher_info["vae"])),
         teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit,
         image_size=teacher_info["image_size"], vae=teacher_info["vae"],
         shape=[dit["in_channels"], dit["input_size"], dit["input_size"]], guidance_channels=args.guidance_channels,

@@ -437,6 +437,12 @@ class Autoencoder(nn.Module):
         return self.vae.decode(latents / self.scale_factor).sample
 
 
+def clips_x0(vae):
+    """Whether DDIM clips a teacher's x0-predictions to [-1, 1]: in pixel space (no VAE), as ADM does;
+    latents never are, as in DiT."""
+    return vae == "none"
+
+
 def load_autoencoder(vae):
     """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder."""
     if vae == "none":

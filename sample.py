@@ -22,7 +22,7 @@ import torch
 import pixart
 from ard import load_student
 from diffusion import create_diffusion
-from models import OFFICIAL_CHECKPOINTS, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
 from utils import autocast, save_grid
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
@@ -60,7 +60,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
         return (lambda noise, y: student.sample(noise, y)[:, -1]), student, info
     teacher, info = load_teacher(ckpt, model, image_size, vae)
     generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress,
-                                 clip_denoised=info["vae"] == "none")
+                                 clip_denoised=clips_x0(info["vae"]))
     return generate, teacher, dict(info, kind="teacher", num_steps=steps)
 
 

@@ -45,7 +45,7 @@ from data import DIGITS, EMBEDDED, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
+from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
 from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
                    on_rank_zero, save_grid)
@@ -138,7 +138,7 @@ class TeacherTask:
 
     def generate(self, ema, noise, y):
         return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale,
-                                 clip_denoised=self.record["vae"] == "none")(noise, y)
+                                 clip_denoised=clips_x0(self.record["vae"]))(noise, y)
 
     def grid_inputs(self, seed):
         return label_grid(self.model.config, seed)
@@ -550,8 +550,9 @@ def check_student_fed(parser, args):
             parser.error(f"--{flag.replace('_', '-')} needs --student-fed > 0")
     if args.student_fed and args.stage == "teacher":
         parser.error("--student-fed applies to --stage ard and gan (a student's rollouts), not teacher")
-    num_steps = read_checkpoint(args.init).get("args", {}).get("num_steps") \
-        if args.student_fed and args.stage == "gan" and not args.resume else args.num_steps
+    num_steps = args.num_steps
+    if args.student_fed and args.stage == "gan" and not args.resume:  # a new GAN run's student is --init's
+        num_steps = read_checkpoint(args.init).get("args", {}).get("num_steps", num_steps)
     if args.student_fed and num_steps < 2:
         parser.error(f"--student-fed needs --num-steps >= 2 (one step has no input after x_T); got {num_steps}")
 
