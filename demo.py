@@ -1,7 +1,7 @@
 """The embedded default: ARD end to end on small embedded datasets on a CPU, and the study of when
 the trajectory's history helps.
 
-    python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~7 min, 2 CPU cores)
+    python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~8 min, 2 CPU cores)
     python demo.py --dataset shapes    # the same on 16x16 procedural shapes (slower: a wider teacher)
     python demo.py --study             # the study: recipes, N, target, K=2, 2 seeds (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
@@ -96,7 +96,7 @@ def paper_history_layers(depth):
 
 
 def demo_grid(depth, K=4):
-    """Step distillation and ARD at the paper's N under the demo's two recipes: four students, ~7 minutes."""
+    """Step distillation and ARD at the paper's N under the demo's two recipes: four students, ~8 minutes."""
     return [Student(K, n, "state", recipe) for recipe in DEMO_RECIPES for n in (0, paper_history_layers(depth))]
 
 
@@ -123,19 +123,22 @@ def run(script, main, argv):
     return main(argv)
 
 
-def train_once(results_dir, stage, name, flags):
-    """The final checkpoint of train.py run with `flags`, reusing a finished earlier run."""
+def train_once(results_dir, stage, name, flags, may_train=True):
+    """The final checkpoint of train.py run with `flags`, reusing a finished earlier run (which must
+    exist unless `may_train`)."""
     for experiment in sorted(glob.glob(os.path.join(results_dir, f"*-{stage}-{name}"))):
         if os.path.exists(os.path.join(experiment, "done")):
             return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
+    if not may_train:
+        raise FileNotFoundError(f"no finished {stage} run {name!r} in {results_dir} (--report trains nothing)")
     experiment = run("train.py", train.main, ["--stage", stage, *flags, "--results-dir", results_dir, "--name", name])
     open(os.path.join(experiment, "done"), "w").close()
     return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
 
 
-def trained_teacher(dataset, out):
-    """Trains the dataset's teacher and exports it as assets/ holds it."""
-    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, TEACHER_FLAGS[dataset])
+def trained_teacher(dataset, out, may_train=True):
+    """Trains the dataset's teacher (or, unless `may_train`, finds it trained) and exports it as assets/ holds it."""
+    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, TEACHER_FLAGS[dataset], may_train)
     exported = os.path.join(out, f"{dataset}_teacher.safetensors")
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
@@ -204,10 +207,10 @@ class Experiment:
         return cached(os.path.join(self.out, "metrics", f"teacher_ddim{steps}.json"),
                       lambda: self.metrics(f"teacher_ddim{steps}", self.teacher, steps, flags))
 
-    def student_row(self, student, seed, train=True):
-        """The student's metrics, trained and measured if need be (or None if not `train`)."""
+    def student_row(self, student, seed, may_train=True):
+        """The student's metrics, trained and measured if need be (or None if not `may_train`)."""
         path = os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json")
-        if not train and not os.path.exists(path):
+        if not may_train and not os.path.exists(path):
             return None
 
         def compute():
@@ -249,7 +252,7 @@ def stage_errors(ckpt, held_out):
     with torch.no_grad():
         free, forced = student.sample(stages[:, 0], y), student(stages, y)
         reliance = history_reliance(student, stages, y, forced)
-    free_errors, forced_errors = ([((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced)])
+    free_errors, forced_errors = (((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced))
     return free_errors, forced_errors, reliance
 
 
@@ -367,14 +370,14 @@ def plot_exposure_bias(experiment, rows, path):
 def run_dataset(dataset, seeds, args):
     out = os.path.join(args.out, dataset)
     os.makedirs(out, exist_ok=True)
-    teacher = trained_teacher(dataset, out) if args.teacher == "train" else \
+    teacher = trained_teacher(dataset, out, may_train=not args.report) if args.teacher == "train" else \
         args.teacher or os.path.join(ROOT, "assets", f"{dataset}_teacher.safetensors")
     experiment = Experiment(dataset, teacher, out, args)
     students = students_of(dataset, experiment.depth, args.study)
     rows = {}
     for student in students:
         for seed in seeds:
-            row = experiment.student_row(student, seed, train=not args.report)
+            row = experiment.student_row(student, seed, may_train=not args.report)
             if row is not None:
                 rows.setdefault(student, {})[seed] = row
     text, teacher_fid = report(experiment, students, seeds, rows)

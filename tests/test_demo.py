@@ -85,3 +85,9 @@ def test_history_reliance_is_zero_exactly_when_stages_cannot_see_their_history(h
         assert min(changes) > 1e-7
     else:
         assert changes == [0.0] * 3
+
+
+def test_report_does_not_train_a_missing_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.train, "main", lambda argv: pytest.fail(f"train.py ran: {argv}"))
+    with pytest.raises(FileNotFoundError, match=r"no finished teacher run 'digits' .* \(--report trains nothing\)"):
+        demo.main(["--out", str(tmp_path), "--teacher", "train", "--report"])
