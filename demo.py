@@ -67,10 +67,11 @@ TEACHER_FLAGS = {
     "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
                "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
 }
-# 1000 steps of batch 64, samples and metrics, on two CPU cores (the shapes cost about 4x the digits).
-MINUTES_PER_STUDENT = {"digits": 1.3, "shapes": 5.0}
-# The study keeps to about two hours on two cores: on the shapes it runs only the first 8 students of
-# study_grid (the demo's four, online rollouts, the x0 target).
+# 1000 steps of batch 64, samples and metrics, on two CPU cores: the demo's four digits students took 8.3 min
+# from a fresh clone; the shapes cost about 2.5x the digits.
+MINUTES_PER_STUDENT = {"digits": 2.0, "shapes": 5.0}
+# To keep the study near two hours on two cores (about 2.5 by the estimate above), the shapes run only the
+# first 8 students of study_grid (the demo's four, online rollouts, the x0 target).
 STUDY_SIZE = {"shapes": 8}
 
 
