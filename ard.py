@@ -4,7 +4,9 @@ step seeing the whole history of its trajectory.
 The K stage inputs [x_T, x_τ1, ..., x_τ(K-1)] are patchified into K·L tokens. Stage k is
 conditioned on its own time τ_k through adaLN, computed once per stage. The lower N blocks
 attend across stages under a block mask (M4: stage k sees stages 0..k); the upper blocks
-process every stage on its own, exactly like the teacher. One output head per stage.
+process every stage on its own, exactly like the teacher. One output head per stage, read
+either as the prediction itself ("direct") or as the teacher reads its own output ("ddim": an
+ε-prediction mapped through the DDIM step from the stage's input to the next stage's time).
 """
 import copy
 
@@ -14,10 +16,15 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
-from diffusion import student_timesteps
+from diffusion import ddim_jump, stage_alphas, student_timesteps
 from models import DiT, KVCache, load_state_dict_strict, read_checkpoint, unpatchify
 
 MASKS = ("M1", "M2", "M3", "M4")
+PARAMETRIZATIONS = ("direct", "ddim")
+# What the history tokens hold: the trajectory's stage inputs, or (a control) the same stages computed from
+# zero inputs, which carry the stage times and the label but nothing of the sample.
+HISTORY_INPUTS = ("trajectory", "zeros")
+TARGETS = ("state", "x0")
 
 
 def stage_mask(variant, num_steps):
@@ -36,9 +43,16 @@ def stage_mask(variant, num_steps):
     return torch.ones(num_steps, num_steps, dtype=torch.bool).tril()
 
 
-def check_student_settings(num_steps, history_layers, depth, stage_times=None, teacher_steps=25):
+def check_student_settings(num_steps, history_layers, depth, stage_times=None, teacher_steps=25,
+                           parametrization="direct", target="state", history_input="trajectory"):
     """The K stage times of a student with N history blocks out of `depth`, validated; by default
     the points of a `teacher_steps`-step grid nearest to T(K-k)/K."""
+    if history_input not in HISTORY_INPUTS:
+        raise ValueError(f"history_input must be one of {', '.join(HISTORY_INPUTS)}, got {history_input!r}")
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 <= history_layers <= depth:
@@ -53,6 +67,13 @@ def check_student_settings(num_steps, history_layers, depth, stage_times=None, t
     return stage_times
 
 
+def zero_history_layout(stages):
+    """(2K, 2K) stage mask of the zero-history control over [zero-input copy of the K stages, the K stages]:
+    the copy attends as `stages` says; stage k sees the copy's visible earlier stages and itself."""
+    eye = torch.eye(len(stages), dtype=torch.bool)
+    return torch.cat([torch.cat([stages, torch.zeros_like(stages)], 1), torch.cat([stages & ~eye, eye], 1)])
+
+
 def stage_layout(variant, num_steps, tokens):
     """(stage mask (K, K), token mask (K·L, K·L) for L tokens per stage, sampling plan): the plan
     gives per sampling step the first stage whose keys it reads and whether a stage in between
@@ -64,25 +85,56 @@ def stage_layout(variant, num_steps, tokens):
     return stages, tokens_mask, plan
 
 
+class StageReadout(nn.Module):
+    """A stage's prediction from its head's raw output (DESIGN.md, stage heads), for both student families.
+
+    "direct": the raw output is the prediction (the public re-implementation). "ddim": the raw
+    output is read as the teacher reads its own, an ε-prediction at the stage's time τ_k, and the
+    prediction is the deterministic DDIM step from the stage's input to τ_(k+1) (the final sample
+    after the last stage), or for the x0 target the x0 of that step, with the teacher's x0
+    clipping (`clip_x0`). At initialisation a stage then equals the teacher's one-jump DDIM from
+    its input. Stage inputs after x_T are states only for the state target: with the x0 target
+    the step reads them as states all the same, and is the teacher's jump at stage 0 alone.
+    """
+
+    def __init__(self, parametrization, target, stage_times, clip_x0):
+        super().__init__()
+        self.parametrization, self.target, self.clip_x0 = parametrization, target, clip_x0
+        self.register_buffer("alphas", stage_alphas(stage_times).float(), persistent=False)
+
+    def forward(self, raw, stage_input, k):
+        if self.parametrization == "direct":
+            return raw
+        alpha_bar, alpha_bar_next = self.alphas[:, k]
+        state, x0 = ddim_jump(stage_input.float(), raw.float(), alpha_bar, alpha_bar_next, self.clip_x0)
+        return (x0 if self.target == "x0" else state).to(raw.dtype)
+
+
 class ARD(nn.Module):
     """Student initialised from (a copy of) `teacher`; see the module docstring.
 
     num_steps: K; history_layers: N, the number of lower blocks that see the history;
     mask: M1-M4; stage_times: the K timesteps the stages are conditioned on (default: the
     points of a `teacher_steps`-step grid nearest to T(K-k)/K); shared_head: one output head
-    for all stages instead of one per stage; attention: "sdpa" (any device) or "flex"
+    for all stages instead of one per stage; parametrization, target, clip_x0: how a head's
+    output reads as the prediction of the next state or x0 (StageReadout); history_input:
+    "trajectory", or the "zeros" control (HISTORY_INPUTS); attention: "sdpa" (any device) or "flex"
     (FlexAttention block mask in the history blocks, for compiled GPU training).
     """
 
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
-                 shared_head=False, attention="sdpa"):
+                 shared_head=False, parametrization="direct", target="state", clip_x0=False,
+                 history_input="trajectory", attention="sdpa"):
         super().__init__()
         stage_times = check_student_settings(num_steps, history_layers, len(teacher.blocks), stage_times,
-                                             teacher_steps)
+                                             teacher_steps, parametrization, target, history_input)
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
-                             stage_times=stage_times, shared_head=shared_head)
+                             stage_times=stage_times, shared_head=shared_head, parametrization=parametrization,
+                             target=target, clip_x0=clip_x0, history_input=history_input)
+        self.readout = StageReadout(parametrization, target, stage_times, clip_x0)
+        self.zero_history = history_input == "zeros" and history_layers > 0
         self.dit_config = dict(teacher.config)
         self.num_steps, self.history_layers, self.attention = num_steps, history_layers, attention
         self.in_channels, self.patch_size = teacher.in_channels, teacher.patch_size
@@ -98,6 +150,9 @@ class ARD(nn.Module):
         self.out_channels = teacher.out_channels
         self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
         stages, token_mask, self.sampling_plan = stage_layout(mask, num_steps, self.x_embedder.num_patches)
+        if self.zero_history:
+            tokens = self.x_embedder.num_patches
+            token_mask = zero_history_layout(stages).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
         self.register_buffer("stage_mask", stages, persistent=False)
         self.register_buffer("token_mask", token_mask, persistent=False)
         self._block_mask = None
@@ -108,11 +163,12 @@ class ARD(nn.Module):
         """(B, K, D): stage k's time embedding plus the label embedding (never dropped)."""
         return self.t_embedder(self.stage_times).unsqueeze(0) + self.y_embedder(y, train=False).unsqueeze(1)
 
-    def head(self, x, c, k):
-        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D) and conditioning (B, 1, D);
-        of a learned-sigma head only the first C channels are used."""
+    def head(self, x, c, k, stage_input):
+        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D), conditioning (B, 1, D) and
+        input (B, C, H, W); of a learned-sigma head only the first C channels are used."""
         head = self.heads[0 if len(self.heads) == 1 else k]
-        return unpatchify(head(x, c), self.patch_size, self.out_channels)[:, : self.in_channels]
+        raw = unpatchify(head(x, c), self.patch_size, self.out_channels)[:, : self.in_channels]
+        return self.readout(raw, stage_input, k)
 
     def history_mask(self):
         if self.attention == "sdpa":
@@ -143,14 +199,18 @@ class ARD(nn.Module):
         c = self.conditioning(y)
         N = self.history_layers
         if N:
-            x, mask = x.reshape(B, K * L, D), self.history_mask()
+            x, mask, c_lower = x.reshape(B, K * L, D), self.history_mask(), c
+            if self.zero_history:  # the zero-input copy first, in the layout of zero_history_layout
+                zeros = self.x_embedder(torch.zeros_like(stages[:, 0])) + self.pos_embed
+                x, c_lower = torch.cat([zeros.repeat(1, K, 1), x], dim=1), torch.cat([c, c], dim=1)
             for block in self.blocks[:N]:
-                x = self.run_block(block, x, c, mask)
+                x = self.run_block(block, x, c_lower, mask)
+            x = x[:, -K * L:]
         x, c = x.reshape(B * K, L, D), c.reshape(B * K, 1, D)  # stages folded into the batch
         for block in self.blocks[N:]:
             x = self.run_block(block, x, c)
         x, c = x.view(B, K, L, D), c.view(B, K, 1, D)
-        return torch.stack([self.head(x[:, k], c[:, k], k) for k in range(K)], dim=1)
+        return torch.stack([self.head(x[:, k], c[:, k], k, stages[:, k]) for k in range(K)], dim=1)
 
     # ------------------------------------------------------------------ generation
 
@@ -163,6 +223,8 @@ class ARD(nn.Module):
         `steps` < K stops after that many stages (and returns only theirs).
         """
         check_stage_shape(self, noise, "noise", with_stages=False)
+        if self.zero_history:
+            return self.sample_uncached(noise, y, steps)
         K, N, L = self.num_steps, self.history_layers, self.x_embedder.num_patches
         c_all = self.conditioning(y)
         caches = [KVCache(capacity=K * L) for _ in range(N)]
@@ -176,8 +238,21 @@ class ARD(nn.Module):
             c = c_all[:, k:k + 1]
             for i, block in enumerate(self.blocks):
                 x = block(x, c, mask, caches[i]) if i < N else block(x, c)
-            x_in = self.head(x, c, k)
+            x_in = self.head(x, c, k, x_in)
             outputs.append(x_in)
+        return torch.stack(outputs, dim=1)
+
+
+    @torch.no_grad()
+    def sample_uncached(self, noise, y, steps=None):
+        """`sample` through teacher-forced passes over the stages so far (the zero-history control, whose
+        history is no cache of earlier stages); stage k's output depends only on stages <= k."""
+        stages = noise.new_zeros(noise.shape[0], self.num_steps, *noise.shape[1:])
+        stages[:, 0], outputs = noise, []
+        for k in range(steps or self.num_steps):
+            outputs.append(self(stages, y)[:, k])
+            if k + 1 < self.num_steps:
+                stages[:, k + 1] = outputs[-1]
         return torch.stack(outputs, dim=1)
 
 
@@ -228,7 +303,8 @@ def gflops(dit_config, num_steps=1, history_layers=0, mask="M4"):
 
 def student_kwargs(args):
     """The ARD constructor's settings as stored in a checkpoint's args."""
-    return {k: args[k] for k in ("num_steps", "history_layers", "mask", "stage_times", "shared_head")}
+    return {k: args[k] for k in ("num_steps", "history_layers", "mask", "stage_times", "shared_head",
+                                 "parametrization", "target", "clip_x0", "history_input")}
 
 
 def load_student(path, attention="sdpa"):

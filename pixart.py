@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from ard import check_stage_shape, check_student_settings, stage_layout, stage_mask, student_kwargs
+from ard import StageReadout, check_stage_shape, check_student_settings, stage_layout, stage_mask, student_kwargs
 from models import Autoencoder, KVCache, guided_output, load_state_dict_strict, read_checkpoint, unpatchify, \
     weights_sha256
 from utils import atomic_write
@@ -248,7 +248,8 @@ class PixArtARD(nn.Module):
     """
 
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
-                 shared_head=False):
+                 shared_head=False, parametrization="direct", target="state", clip_x0=False,
+                 history_input="trajectory"):
         super().__init__()
         if type(teacher).__name__ != TRANSFORMER_CLASS:
             raise TypeError(f"the teacher must be a diffusers {TRANSFORMER_CLASS}, got {type(teacher).__name__}")
@@ -256,9 +257,14 @@ class PixArtARD(nn.Module):
             raise ValueError("teachers with resolution/aspect-ratio conditions (PixArt-alpha 1024) are not supported; "
                              "PixArt-Sigma has none")
         stage_times = check_student_settings(num_steps, history_layers, len(teacher.transformer_blocks), stage_times,
-                                             teacher_steps)
+                                             teacher_steps, parametrization, target, history_input)
+        if history_input != "trajectory":
+            raise ValueError(f"history_input {history_input!r}: the zero-history control is the DiT student's "
+                             "(a study control); the PixArt student's history is its trajectory")
         self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
-                             stage_times=stage_times, shared_head=shared_head)
+                             stage_times=stage_times, shared_head=shared_head, parametrization=parametrization,
+                             target=target, clip_x0=clip_x0, history_input=history_input)
+        self.readout = StageReadout(parametrization, target, stage_times, clip_x0)
         self.pixart_config = public_config(teacher.config)
         self.num_steps, self.history_layers = num_steps, history_layers
         self.in_channels, self.patch_size = teacher.config.in_channels, teacher.config.patch_size
@@ -291,13 +297,15 @@ class PixArtARD(nn.Module):
                                                     hidden_dtype=self.transformer.pos_embed.proj.weight.dtype)
         return t.repeat(repeats, 1), embedded.repeat(repeats, 1)
 
-    def head(self, x, embedded_t, k):
-        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D); the first C of the 2C channels."""
+    def head(self, x, embedded_t, k, stage_input):
+        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D) and its input (B, C, H, W), through
+        the first C of the 2C channels and the readout."""
         head = self.transformer if k == 0 or not self.extra_heads else self.extra_heads[k - 1]
         shift, scale = (head.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
         x = self.transformer.norm_out(x) * (1 + scale) + shift
         out_channels = self.transformer.out_channels
-        return unpatchify(head.proj_out(x), self.patch_size, out_channels)[:, : self.in_channels]
+        raw = unpatchify(head.proj_out(x), self.patch_size, out_channels)[:, : self.in_channels]
+        return self.readout(raw, stage_input, k)
 
     def run_block(self, block, x, t, text, bias):
         if self.grad_checkpointing and self.training:
@@ -332,7 +340,7 @@ class PixArtARD(nn.Module):
         for block in self.transformer.transformer_blocks:
             x = self.run_block(block, x, t, text, bias)
         x, embedded_t = x.unflatten(0, (B, K)), embedded_t.unflatten(0, (B, K))
-        return torch.stack([self.head(x[:, k], embedded_t[:, k], k) for k in range(K)], dim=1)
+        return torch.stack([self.head(x[:, k], embedded_t[:, k], k, stages[:, k]) for k in range(K)], dim=1)
 
     # ------------------------------------------------------------------ generation
 
@@ -355,7 +363,7 @@ class PixArtARD(nn.Module):
             t = t_all[k:k + 1].expand(B, -1)
             for block in self.transformer.transformer_blocks:
                 x = block(x, encoder_hidden_states=text, encoder_attention_mask=bias, timestep=t)
-            x_in = self.head(x, embedded_all[k:k + 1].expand(B, -1), k)
+            x_in = self.head(x, embedded_all[k:k + 1].expand(B, -1), k, x_in)
             outputs.append(x_in)
         self.use_history()
         return torch.stack(outputs, dim=1)

@@ -1,8 +1,12 @@
 """Gaussian diffusion for DiT: linear/cosine schedules, respacing, DDPM and DDIM sampling."""
+import numpy as np
+import torch
+
 from .gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from .respace import SpacedDiffusion, space_timesteps
 
-__all__ = ["GaussianDiffusion", "SpacedDiffusion", "create_diffusion", "space_timesteps", "student_timesteps"]
+__all__ = ["GaussianDiffusion", "SpacedDiffusion", "create_diffusion", "ddim_jump", "space_timesteps",
+           "stage_alphas", "student_timesteps"]
 
 
 def create_diffusion(timestep_respacing, noise_schedule="linear", diffusion_steps=1000):
@@ -30,3 +34,22 @@ def student_timesteps(num_steps, teacher_steps=25, diffusion_steps=1000):
     if len(set(steps)) != num_steps:
         raise ValueError(f"{num_steps} student steps do not fall on distinct points of a {teacher_steps}-step grid")
     return steps, [grid[i] for i in steps]
+
+
+def stage_alphas(stage_times, noise_schedule="linear", diffusion_steps=1000):
+    """(2, K) float64: ᾱ at each stage time and at the next stage's (1 after the last: the final sample)."""
+    alphas_cumprod = GaussianDiffusion(get_named_beta_schedule(noise_schedule, diffusion_steps)).alphas_cumprod
+    now = alphas_cumprod[list(stage_times)]
+    return torch.tensor(np.stack([now, np.append(now[1:], 1.0)]))
+
+
+def ddim_jump(x, eps, alpha_bar, alpha_bar_next, clip_x0):
+    """(the state at ᾱ_next, x0) of one deterministic DDIM step from state x at ᾱ with ε-prediction eps,
+    computed as GaussianDiffusion.ddim_sample(eta=0) does, in the dtype of x. With `clip_x0`, x0 is clipped
+    to [-1, 1] with a straight-through gradient: the values are the solver's, and pixels predicted outside
+    the range still learn (a plain clamp would pass them no gradient)."""
+    x0 = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    if clip_x0:
+        x0 = x0 + (x0.clamp(-1, 1) - x0).detach()
+    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * eps, x0

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ard import ARD, MASKS, distillation_loss, gflops, stage_mask, student_fed_stages
+from ard import ARD, MASKS, PARAMETRIZATIONS, StageReadout, distillation_loss, gflops, stage_mask, student_fed_stages
+from diffusion.gaussian_diffusion import get_named_beta_schedule
+from diffusion.respace import SpacedDiffusion
 from models import DiT
 
 K = 4
@@ -62,14 +64,61 @@ def reference_forward(student, stages, y):
         p, C2 = student.patch_size, student.out_channels
         h = int(L ** 0.5)
         image = tokens.reshape(B, h, h, p, p, C2).permute(0, 5, 1, 3, 2, 4).reshape(B, C2, h * p, h * p)
-        outputs.append(image[:, : student.in_channels])
+        outputs.append(student.readout(image[:, : student.in_channels], stages[:, k], k))
     return torch.stack(outputs, dim=1)
 
 
+def teacher_jump(model_fn, x, t_from, t_to, clip_x0, **model_kwargs):
+    """The teacher's own one-step DDIM from x at timestep t_from to t_to (None: to the final sample),
+    through the solver of diffusion/ on the two-point grid {t_to, t_from} (for the final sample, the step
+    from the grid's first point, {t_from, t_from + 1}): (next state, x0)."""
+    grid, index = ({t_to, t_from}, 1) if t_to is not None else ({t_from, t_from + 1}, 0)
+    solver = SpacedDiffusion(grid, get_named_beta_schedule("linear", 1000))
+    t = torch.full((x.shape[0],), index)
+    out = solver.ddim_sample(model_fn, x, t, clip_denoised=clip_x0, model_kwargs=model_kwargs)
+    return out["sample"], out["pred_xstart"]
+
+
+@pytest.mark.parametrize("target", ["state", "x0"])
+@pytest.mark.parametrize("clip_x0", [False, True])
+@pytest.mark.parametrize("history_layers", [0, 2])
+def test_ddim_heads_start_as_the_teachers_one_jump_solve(teacher, target, clip_x0, history_layers):
+    """With ddim heads every stage of an N=0 student (and stage 0 of any) is, at initialisation, the
+    teacher's DDIM step from the stage's input to the next stage time (x0 target: that step's x0)."""
+    student = ARD(teacher, num_steps=K, history_layers=history_layers, parametrization="ddim", target=target,
+                  clip_x0=clip_x0).eval()
+    stages, y = inputs()
+    stages = stages * 3 if clip_x0 else stages  # inputs whose x0 leaves [-1, 1], so clipping acts
+    times = student.stage_times.tolist() + [None]
+    with torch.no_grad():
+        got = student(stages, y)
+        for k in range(K if history_layers == 0 else 1):
+            state, x0 = teacher_jump(teacher, stages[:, k], times[k], times[k + 1], clip_x0, y=y)
+            torch.testing.assert_close(got[:, k], x0 if target == "x0" else state, rtol=1e-4, atol=1e-5)
+    unclipped = ARD(teacher, num_steps=K, history_layers=history_layers, parametrization="ddim", target=target)
+    with torch.no_grad():
+        assert torch.equal(unclipped(stages, y), got) != clip_x0
+
+
+def test_clipped_ddim_heads_pass_gradient_to_pixels_outside_the_range():
+    """The straight-through clip: values as the solver's clamp, gradient as if unclipped."""
+    readout = StageReadout("ddim", "state", [999, 749, 500, 250], clip_x0=True)
+    eps = torch.randn(2, 1, 8, 8, requires_grad=True)
+    x0 = readout(eps, 3 * torch.randn(2, 1, 8, 8), K - 1)  # the last stage ends at the final sample: x0 itself
+    assert x0.abs().max() <= 1 and (x0.abs() == 1).float().mean() > 0.5
+    x0.sum().backward()
+    alpha_bar = readout.alphas[0, K - 1]
+    torch.testing.assert_close(eps.grad, torch.full_like(eps, -((1 - alpha_bar) / alpha_bar).sqrt().item()))
+
+
+@pytest.mark.parametrize("parametrization, history_input", [("direct", "trajectory"), ("ddim", "trajectory"),
+                                                             ("direct", "zeros")])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
-def test_cached_sampling_equals_teacher_forcing_on_own_outputs(teacher, mask, history_layers):
-    student = ARD(teacher, num_steps=K, history_layers=history_layers, mask=mask).eval()
+def test_cached_sampling_equals_teacher_forcing_on_own_outputs(teacher, mask, history_layers, parametrization,
+                                                               history_input):
+    student = ARD(teacher, num_steps=K, history_layers=history_layers, mask=mask,
+                  parametrization=parametrization, history_input=history_input).eval()
     noise, y = inputs()[0][:, 0], inputs()[1]
     sampled = student.sample(noise, y)
     assert sampled.shape == (3, K, 2, 8, 8)
@@ -94,9 +143,11 @@ def test_student_fed_stages_are_the_students_own_rollout(teacher, history_layers
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("history_layers", [0, 2, DEPTH])
-@pytest.mark.parametrize("shared_head", [False, True])
-def test_efficient_forward_equals_plain_masked_formulation(teacher, mask, history_layers, shared_head):
-    student = ARD(teacher, num_steps=K, history_layers=history_layers, mask=mask, shared_head=shared_head).eval()
+@pytest.mark.parametrize("shared_head, parametrization", [(False, "direct"), (True, "direct"), (False, "ddim")])
+def test_efficient_forward_equals_plain_masked_formulation(teacher, mask, history_layers, shared_head,
+                                                           parametrization):
+    student = ARD(teacher, num_steps=K, history_layers=history_layers, mask=mask, shared_head=shared_head,
+                  parametrization=parametrization).eval()
     with torch.no_grad():  # heads start equal; make them differ so a wrong head index shows
         for head in student.heads:
             head.linear.bias.add_(torch.randn_like(head.linear.bias))
@@ -144,6 +195,24 @@ def test_block_causal_history_flows_forward_only(teacher, history_layers):
     student = ARD(teacher, num_steps=K, history_layers=history_layers, mask="M4")
     for changed in range(K):
         assert stage_changes(student, changed).tolist() == [k >= changed for k in range(K)]
+
+
+@pytest.mark.parametrize("mask", ["M4", "M3"])
+def test_zero_history_is_the_student_on_zeroed_earlier_stages(teacher, mask):
+    """The control's stage k equals the student itself fed zeros in place of stages < k: its history tokens
+    are stages computed from zero inputs; so no earlier stage's content reaches a stage."""
+    control = ARD(teacher, num_steps=K, history_layers=2, mask=mask, history_input="zeros").eval()
+    plain = ARD(teacher, num_steps=K, history_layers=2, mask=mask).eval()
+    stages, y = inputs()
+    with torch.no_grad():
+        got = control(stages, y)
+        for k in range(K):
+            zeroed = stages.clone()
+            zeroed[:, :k] = 0
+            torch.testing.assert_close(got[:, k], plain(zeroed, y)[:, k], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got[:, 1:], plain(stages, y)[:, 1:], atol=1e-4)
+    for changed in range(K):
+        assert stage_changes(control, changed).tolist() == [k == changed for k in range(K)]
 
 
 def test_mask_variants():
@@ -197,6 +266,9 @@ def test_history_overhead_is_below_target():
     (dict(stage_times=[999, 500]), "expected 4 stage times"),
     (dict(mask="M5"), "unknown mask"),
     (dict(attention="xformers"), "attention"),
+    (dict(parametrization="eps"), "parametrization must be one of direct, ddim"),
+    (dict(target="v"), "target must be one of state, x0"),
+    (dict(history_input="noise"), "history_input must be one of trajectory, zeros"),
 ])
 def test_bad_settings_are_rejected(teacher, kwargs, message):
     with pytest.raises(ValueError, match=message):

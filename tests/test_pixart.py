@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pixart
 from ard import student_fed_stages
+from test_ard import teacher_jump
 from tiny_pixart import TEXT_CHANNELS, tiny_text, tiny_transformer
 
 K, DEPTH = 4, 3
@@ -45,19 +46,36 @@ def test_every_stage_at_initialisation_is_the_teacher_at_its_time_without_histor
         torch.testing.assert_close(got[:, k], expected[:, :4], atol=1e-5, rtol=1e-5)
 
 
-def perturbed_student(teacher, history_layers, mask="M4", shared_head=False):
+@pytest.mark.parametrize("history_layers", [0, 2])
+def test_ddim_heads_start_as_the_teachers_one_jump_solve(teacher, history_layers):
+    student = pixart.PixArtARD(teacher, K, history_layers=history_layers, parametrization="ddim").eval()
+    stages, text, mask = stages_and_text()
+    times = student.stage_times.tolist() + [None]
+
+    def model_fn(x, t, text, mask):
+        return teacher(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t).sample
+    with torch.no_grad():
+        got = student(stages, text, mask)
+        for k in range(K if history_layers == 0 else 1):
+            state, _ = teacher_jump(model_fn, stages[:, k], times[k], times[k + 1], False, text=text, mask=mask)
+            torch.testing.assert_close(got[:, k], state, atol=1e-4, rtol=1e-4)
+
+
+def perturbed_student(teacher, history_layers, mask="M4", shared_head=False, parametrization="direct"):
     """A student whose stage heads differ, as after training."""
-    student = pixart.PixArtARD(teacher, K, history_layers, mask=mask, shared_head=shared_head).eval()
+    student = pixart.PixArtARD(teacher, K, history_layers, mask=mask, shared_head=shared_head,
+                               parametrization=parametrization).eval()
     with torch.no_grad():
         for head in student.extra_heads:
             head.proj_out.weight.add_(0.1 * torch.randn_like(head.proj_out.weight))
     return student
 
 
+@pytest.mark.parametrize("parametrization", ["direct", "ddim"])
 @pytest.mark.parametrize("history_layers", [0, 1, DEPTH])
 @pytest.mark.parametrize("mask", ["M4", "M3"])
-def test_cached_sample_equals_teacher_forcing_on_its_own_outputs(teacher, history_layers, mask):
-    student = perturbed_student(teacher, history_layers, mask)
+def test_cached_sample_equals_teacher_forcing_on_its_own_outputs(teacher, history_layers, mask, parametrization):
+    student = perturbed_student(teacher, history_layers, mask, parametrization=parametrization)
     noise, text, text_mask = stages_and_text()[0][:, 0], *tiny_text(3)
     outputs = student.sample(noise, text, text_mask)
     with torch.no_grad():
