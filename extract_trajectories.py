@@ -31,13 +31,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import pixart
+from ard import TARGETS
 from diffusion import create_diffusion, student_timesteps
 from models import clips_x0, load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
 
-FORMAT_VERSION = 3  # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space)
-TARGETS = ("state", "x0")
+# 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream
+FORMAT_VERSION = 4
 TEXT_TABLE = "text.safetensors"
 
 
@@ -83,10 +84,17 @@ def solver_meta(args, condition, clip_denoised):
     return dict(
         format=FORMAT_VERSION, solver="ddim", eta=0.0, clip_denoised=clip_denoised, teacher_steps=args.teacher_steps,
         cfg_scale=args.cfg_scale, num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
-        precision=args.precision, seed=args.seed, num_samples=args.num_samples, shard_size=args.shard_size,
+        precision=args.precision, seed=args.seed, noise_stream=noise_stream(args), num_samples=args.num_samples,
+        shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
                 "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
                 **condition, "seeds": "(n,) the seed of each sample's noise"})
+
+
+def noise_stream(args):
+    """Training trajectories draw from the trajectory stream; held-out ones (--held-out) from the evaluation
+    stream, which train.py refuses."""
+    return "evaluation" if args.held_out else "trajectories"
 
 
 def build_meta(args, teacher_info):
@@ -146,6 +154,9 @@ def parse_args(argv=None):
     p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced",
                    help="class labels, or with --prompts the prompt of each sample: index mod count, or random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", action="store_true",
+                   help="draw the noise from the evaluation stream (as sample_ddp.py does): trajectories for "
+                        "diagnostics and fidelity, never for training (train.py refuses them)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     add_distributed_args(p)
@@ -204,7 +215,7 @@ class LabelTeacher:
     def conditions(self, indices):
         """(noise, labels) of the samples at `indices`."""
         return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], self.meta["num_classes"],
-                                      self.args.labels)
+                                      self.args.labels, self.meta["noise_stream"])
 
     def guided(self, noise, labels):
         """(model_fn, noise, model_kwargs) of the guided solve; the batch doubled under CFG."""
@@ -239,7 +250,7 @@ class PromptTeacher:
 
     def conditions(self, indices):
         return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], len(self.prompts),
-                                      self.args.labels)
+                                      self.args.labels, self.meta["noise_stream"])
 
     def guided(self, noise, prompts):
         if self.table is None:
@@ -311,10 +322,11 @@ class TrajectoryDataset(Dataset):
     target "state": inputs [x_T, x_τ1, ..., x_τ(K-1)], targets [x_τ1, ..., x_τ(K-1), x_0];
     target "x0": the intermediate points are the teacher's x0-predictions at τ_1..τ_(K-1).
     `expected` holds meta fields the student relies on (K, boundary times, shape, teacher);
-    a mismatch stops here with the differing field.
+    a mismatch stops here with the differing field. Unless `held_out`, the trajectories must be
+    training ones: a student never trains on evaluation noise.
     """
 
-    def __init__(self, directory, target="state", expected=None):
+    def __init__(self, directory, target="state", expected=None, held_out=False):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         meta_path = os.path.join(directory, "meta.json")
@@ -322,6 +334,12 @@ class TrajectoryDataset(Dataset):
             raise FileNotFoundError(f"no trajectories at {directory} (missing {meta_path})")
         with open(meta_path) as f:
             self.meta = json.load(f)
+        stream = "evaluation" if held_out else "trajectories"
+        if self.meta.get("noise_stream") != stream:
+            raise ValueError(f"{meta_path}: expected {stream} trajectories (noise_stream {stream!r}), found noise_stream "
+                             f"{self.meta.get('noise_stream')!r}" + ("; held-out trajectories (extract_trajectories.py "
+                                                                     "--held-out) are for evaluation, never training"
+                                                                     if not held_out else ""))
         check_meta(self.meta, expected or {}, meta_path)
         self.directory, self.target = directory, target
         self.shard_size = self.meta["shard_size"]

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-ard-N6/checkpoints/0300000.pt \\
         --num-fid-samples 50000 --out samples/ard-N6.npz
 
-Image i comes from its own seed (global seed, i), so the result does not depend on the number
-of processes or the batch size. Work is done in chunks of --chunk-size images, each saved
+Image i comes from its own seed (global seed, i) in the evaluation noise stream, which no
+training trajectory draws from (utils.NOISE_STREAMS), so the result does not depend on the
+number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in chunks of --chunk-size images, each saved
 as it completes in OUT.parts; a re-run with the same settings (recorded there in
 settings.json) keeps them and makes only the missing ones, and one with other settings stops.
 
@@ -70,7 +71,8 @@ def parts_settings(args):
     """Everything the images depend on: the flags, with the checkpoint identified by its file."""
     settings = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     prompts = dict(prompts=checkpoint_identity(args.prompts)) if args.prompts else {}
-    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args), hub_names=bool(args.prompts)), **prompts)
+    return dict(settings, ckpt=checkpoint_identity(checkpoint_from_args(args), hub_names=bool(args.prompts)),
+                noise_stream="evaluation", **prompts)
 
 
 def prepare_parts(parts_dir, settings):
@@ -118,7 +120,8 @@ def main(argv=None):
         images, labels = [], []
         for start in range(indices.start, indices.stop, args.per_proc_batch_size):
             batch = range(start, min(start + args.per_proc_batch_size, indices.stop))
-            noise, y = index_noise_and_labels(args.global_seed, batch, shape, num_conditions, args.labels)
+            noise, y = index_noise_and_labels(args.global_seed, batch, shape, num_conditions, args.labels,
+                                              stream="evaluation")
             with bf16:
                 samples = generate(noise.to(device), [prompts[i] for i in y] if prompts else y.to(device))
             images.append(to_uint8(autoencoder.decode(samples.float()).clamp(-1, 1)))

@@ -81,14 +81,24 @@ def index_seed(seed, index):
     return seed * 2 ** 32 + index
 
 
-def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform"):
+# Where noise comes from: the teacher trajectories students train on, or the evaluation (samples for
+# metrics, held-out trajectories). Evaluation noise is the child stream spawn_key (1,) of the same
+# SeedSequence: numpy's independent streams, so no evaluation draw equals a training trajectory's noise,
+# whatever the seeds of either.
+NOISE_STREAMS = {"trajectories": (), "evaluation": (1,)}
+
+
+def index_noise_and_labels(seed, indices, shape, num_classes, labels="uniform", stream="trajectories"):
     """Gaussian noise (len(indices), *shape) and class labels, each item from its own generator.
 
-    labels: "uniform" (random, drawn after the item's noise) or "balanced" (index mod classes).
+    labels: "uniform" (random, drawn after the item's noise) or "balanced" (index mod classes);
+    stream: a key of NOISE_STREAMS.
     """
+    if stream not in NOISE_STREAMS:
+        raise ValueError(f"noise stream must be one of {', '.join(NOISE_STREAMS)}, got {stream!r}")
     noise, drawn = [], []
     for i in indices:
-        rng = np.random.default_rng(index_seed(seed, i))
+        rng = np.random.default_rng(np.random.SeedSequence(index_seed(seed, i), spawn_key=NOISE_STREAMS[stream]))
         noise.append(torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)))
         drawn.append(int(rng.integers(num_classes)) if labels == "uniform" else i % num_classes)
     return torch.stack(noise), torch.tensor(drawn, dtype=torch.long)

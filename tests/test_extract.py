@@ -260,8 +260,8 @@ def test_meta_records_the_run(single, teacher):
     assert (meta["boundary_steps"], meta["boundary_times"]) == (steps, times) == ([0, 2, 4, 7], [999, 777, 555, 222])
     expected = dict(format=et.FORMAT_VERSION, teacher_ckpt=teacher[0], dit=teacher[1], image_size=8, vae="none",
                     shape=SHAPE, solver="ddim", eta=0.0, clip_denoised=True, teacher_steps=S, cfg_scale=CFG, guidance_channels=3,
-                    num_steps=K, dtype="float16", seed=SEED, labels=LABELS, num_classes=NUM_CLASSES,
-                    num_samples=NUM_SAMPLES, shard_size=SHARD_SIZE)
+                    num_steps=K, dtype="float16", seed=SEED, noise_stream="trajectories", labels=LABELS,
+                    num_classes=NUM_CLASSES, num_samples=NUM_SAMPLES, shard_size=SHARD_SIZE)
     for key, value in expected.items():
         assert meta[key] == value, key
     assert set(meta["points"]) == {"state", "x0", "labels", "seeds"}
@@ -480,6 +480,21 @@ def test_missing_shard_names_the_file(broken):
     os.remove(path)
     with pytest.raises(FileNotFoundError, match=re.escape(path)):
         et.TrajectoryDataset(broken)
+
+
+def test_held_out_trajectories_come_from_the_evaluation_stream_and_never_train(single, teacher, tmp_path):
+    held_out = str(tmp_path / "held_out")
+    et.main(argv(teacher[0], held_out, "--held-out"))
+    assert json.load(open(os.path.join(held_out, "meta.json")))["noise_stream"] == "evaluation"
+    evaluation, _ = index_noise_and_labels(SEED, range(NUM_SAMPLES), SHAPE, NUM_CLASSES, LABELS, stream="evaluation")
+    held, trained = (load_file(os.path.join(d, shard_name(0)))["state"][:, 0] for d in (held_out, single))
+    assert torch.equal(held, evaluation[:SHARD_SIZE].half())
+    assert not (held[:, None] == trained[None]).flatten(2).all(2).any()  # no x_T in common, same seed
+    et.TrajectoryDataset(held_out, held_out=True)
+    with pytest.raises(ValueError, match="expected trajectories trajectories .* never training"):
+        et.TrajectoryDataset(held_out)
+    with pytest.raises(ValueError, match="expected evaluation trajectories"):
+        et.TrajectoryDataset(single, held_out=True)
 
 
 def test_missing_meta(tmp_path):

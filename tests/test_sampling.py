@@ -92,7 +92,7 @@ def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
     images, labels = reference_npz["arr_0"], reference_npz["arr_1"]
     assert images.shape == (30, 8, 8, 3) and images.dtype == np.uint8
     assert labels.shape == (30,) and labels.max() < 10
-    noise, expected_labels = utils.index_noise_and_labels(0, range(30), (1, 8, 8), 10, "uniform")
+    noise, expected_labels = utils.index_noise_and_labels(0, range(30), (1, 8, 8), 10, "uniform", "evaluation")
     np.testing.assert_array_equal(labels, expected_labels.numpy())
     student = load_student(checkpoints[1])[0]
     expected = utils.to_uint8(student.sample(noise[:3], expected_labels[:3])[:, -1].clamp(-1, 1))

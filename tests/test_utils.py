@@ -2,7 +2,9 @@
 import datetime
 import os
 
+import numpy as np
 import pytest
+import torch
 
 import extract_trajectories
 import sample_ddp
@@ -50,3 +52,16 @@ def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypat
     utils.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"weights"))
     assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", os.path.dirname(path))]
     assert open(path, "rb").read() == b"weights"
+
+
+def test_evaluation_noise_never_equals_trajectory_noise():
+    """Both streams over several seeds and indices: every draw is distinct, and the trajectory stream
+    is the plain per-index generator (so earlier trajectories keep their bytes)."""
+    draws = {stream: torch.cat([utils.index_noise_and_labels(seed, range(200), (4,), 10, stream=stream)[0]
+                                for seed in range(3)]) for stream in utils.NOISE_STREAMS}
+    everything = torch.cat(list(draws.values()))
+    assert len(set(map(tuple, everything.tolist()))) == len(everything)
+    plain = torch.from_numpy(np.random.default_rng(utils.index_seed(2, 7)).standard_normal(4, dtype=np.float32))
+    assert torch.equal(draws["trajectories"][2 * 200 + 7], plain)
+    with pytest.raises(ValueError, match="noise stream must be one of trajectories, evaluation"):
+        utils.index_noise_and_labels(0, range(2), (4,), 10, stream="test")
