@@ -54,7 +54,8 @@ from utils import (add_distributed_args, atomic_write, autocast, check_meta, cle
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
                "export", "export_half", "dist_timeout")
 # Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
-INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "teacher", "model", "image_size", "vae")
+INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "parametrization", "history_input",
+              "teacher", "model", "image_size", "vae")
 
 
 # ---------------------------------------------------------------------------- data order
@@ -166,9 +167,8 @@ class DistillationTask:
         if student is not None:
             expected["boundary_times"] = student["stage_times"]
         self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
-        self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask,
-                         stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head,
-                         attention=args.attention)
+        self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask, attention=args.attention,
+                         **stage_readout(args, self.data.meta))
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
@@ -210,7 +210,9 @@ class TextToImageTask(DistillationTask):
         if args.attention != "sdpa":
             raise ValueError("--attention flex is for the DiT student; the PixArt student uses sdpa")
         config = pixart.check_pixart(args.teacher)
-        check_student_settings(args.num_steps, args.history_layers, config["num_layers"])
+        check_student_settings(args.num_steps, args.history_layers, config["num_layers"],
+                               parametrization=args.parametrization, target=args.target,
+                               history_input=args.history_input)
         size = config["sample_size"]
         expected = dict(num_steps=args.num_steps, family="pixart", shape=[config["in_channels"], size, size])
         if student is not None:
@@ -220,7 +222,7 @@ class TextToImageTask(DistillationTask):
         check_meta(self.data.meta, dict(pixart=info["pixart"], teacher_weights_sha256=info["weights_sha256"]),
                    os.path.join(args.data_path, "meta.json"))
         self.model = pixart.PixArtARD(teacher, args.num_steps, args.history_layers, args.mask,
-                                      stage_times=self.data.meta["boundary_times"], shared_head=args.shared_head)
+                                      **stage_readout(args, self.data.meta))
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = pixart.load_vae(info["vae"]).to(device)
         self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], **self.model.settings)
@@ -318,6 +320,12 @@ def task_class(args):
 
 # ---------------------------------------------------------------------------- helpers
 
+def stage_readout(args, meta):
+    """The student settings that come from the trajectories (stage times, the solver's x0 clipping) and the heads' flags."""
+    return dict(stage_times=meta["boundary_times"], clip_x0=meta["clip_denoised"], shared_head=args.shared_head,
+                parametrization=args.parametrization, target=args.target, history_input=args.history_input)
+
+
 def flips_images(args, path):
     """--random-flip if given; else on for image folders, off for the digits (a mirrored 2 is no digit)."""
     return args.random_flip if args.random_flip is not None else path != DIGITS
@@ -338,6 +346,16 @@ def distillation_logs(per_stage, fed):
     """Each stage's loss and whether the step was student-fed (1) or teacher-forced (0)."""
     logs = {f"stage{k}": v for k, v in enumerate(per_stage)}
     return dict(logs, fed=torch.tensor(float(fed), device=per_stage.device))
+
+
+def ema_decay(decay, step, rampup):
+    """The EMA decay of update number `step` (1: the first): `decay`, or with rampup R > 0 EDM's ramp-up,
+    the EMA's half-life at most R times the steps so far, so that a short run (or a new stage) is not
+    dominated by its initial weights; `decay` is reached at step half_life / R."""
+    if not rampup:
+        return decay
+    half_life = math.log(0.5) / math.log(decay)
+    return 0.5 ** (1 / min(half_life, rampup * step))
 
 
 @torch.no_grad()
@@ -435,6 +453,9 @@ def build_parser():
     run.add_argument("--weight-decay", type=float, default=0.0)
     run.add_argument("--max-grad-norm", type=float, default=1.0)
     run.add_argument("--ema-decay", type=float, default=0.9999)
+    run.add_argument("--ema-rampup", type=float, default=0.05, metavar="R",
+                     help="EDM's EMA ramp-up: the EMA's half-life is at most R times the steps so far (--ema-decay "
+                          "0.9999 is reached at step 138,626 with 0.05); 0: the constant decay of the paper")
     run.add_argument("--global-seed", type=int, default=0)
     run.add_argument("--num-workers", type=int, default=4)
     run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on GPU")
@@ -465,7 +486,14 @@ def build_parser():
     ard.add_argument("--history-layers", type=int, default=6)
     ard.add_argument("--mask", choices=["M1", "M2", "M3", "M4"], default="M4")
     ard.add_argument("--target", choices=["state", "x0"], default="state")
+    ard.add_argument("--history-input", choices=["trajectory", "zeros"], default="trajectory",
+                     help="what the history tokens hold: the trajectory, or (a control) stages computed from zero "
+                          "inputs, which keep the extra tokens but carry nothing of the sample")
     ard.add_argument("--shared-head", action="store_true")
+    ard.add_argument("--parametrization", choices=["direct", "ddim"], default="direct",
+                     help="how a stage head's output reads: the prediction itself (direct, the public "
+                          "re-implementation), or an ε-prediction mapped through the teacher's DDIM step from the "
+                          "stage's input to the next stage time (ddim: at initialisation the teacher's one-jump solve)")
     ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
     ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",
                      help="probability that a step feeds the stages after x_T the student's own rollout (its "
@@ -537,7 +565,15 @@ def check_args(parser, args):
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
+    check_ema(parser, args)
     check_student_fed(parser, args)
+
+
+def check_ema(parser, args):
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.ema_rampup < 0 or args.ema_rampup and args.ema_decay == 0:
+        parser.error(f"--ema-rampup must be >= 0 (and needs --ema-decay > 0), got {args.ema_rampup}")
 
 
 def check_student_fed(parser, args):
@@ -620,7 +656,7 @@ def main(argv=None):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
-        update_ema(ema, model, args.ema_decay)
+        update_ema(ema, model, ema_decay(args.ema_decay, step + 1, args.ema_rampup))
         logs = dict(logs, loss=loss.detach(), grad_norm=grad_norm)
         if discriminator is not None:
             real_batch = [t.to(device, non_blocking=True) for t in next(real_data)]
