@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 from .small import DATASETS, load_small_features
 from .inception import load_inception
-from .metrics import frechet_distance, gaussian_statistics, inception_score, precision_recall, softmax
+from .metrics import (frechet_distance, gaussian_statistics, inception_score, kernel_inception_distance,
+                      precision_recall, softmax)
 from .npz import open_images, stored_statistics
 
 K_NEAREST = 3
-LABELS = {"is": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
+LABELS = {"is": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall",
+          "kid": "KID"}
 
 
 @contextlib.contextmanager
@@ -120,10 +122,11 @@ def check_inputs(ref, samples, features, classifier):
 
 
 def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
-             batch_size=250, device=None, progress=True):
+             batch_size=250, device=None, progress=True, return_features=False):
     """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
-    {"is", "fid", "sfid", "precision", "recall"}; with features="digits" or "shapes" that dataset's
-    classifier at `classifier` replaces Inception and there is no "sfid"."""
+    {"is", "fid", "sfid", "precision", "recall", "kid"}; with features="digits" or "shapes" that dataset's
+    classifier at `classifier` replaces Inception and there is no "sfid". With `return_features`, also
+    the samples' pool features (N, D) and the reference statistics, for paired comparisons."""
     ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
     check_inputs(ref, samples, features, classifier)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -141,7 +144,9 @@ def evaluate(ref, samples, features="inception", inception_weights=None, classif
     for name, mu, sigma in [("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")]:
         if mu in sample_stats:  # no spatial statistics (sFID) in the small-data modes
             results[name] = frechet_distance(sample_stats[mu], sample_stats[sigma], ref_stats[mu], ref_stats[sigma])
-    return {**results, "precision": precision, "recall": recall}
+    results = {**results, "precision": precision, "recall": recall,
+               "kid": kernel_inception_distance(acts["pool"], ref_stats["pool"])}
+    return (results, acts["pool"], ref_stats) if return_features else results
 
 
 def main(argv=None):

@@ -1,6 +1,9 @@
 """Small-data mode: a CNN trained on an embedded dataset (the 8x8 digits or the 16x16 shapes) stands
 in for Inception. Its penultimate features replace pool_3 for FID and precision/recall, its softmax
-gives the Inception Score; there is no spatial feature map, so no sFID."""
+gives the Inception Score; there is no spatial feature map, so no sFID. The features are the
+penultimate layer before its ReLU: a ReLU's output has dead units (half of them zero on every
+digit, in an earlier version), which a Fréchet distance cannot see."""
+import contextlib
 import os
 
 import numpy as np
@@ -41,7 +44,7 @@ def reference_images(dataset):
 
 
 class SmallClassifier(nn.Module):
-    """(B, channels, H, W) images in [0, 1] -> 10 logits, through `features` (B, 128)."""
+    """(B, channels, H, W) images in [0, 1] -> 10 logits, through `features` (B, 128), pre-activation."""
 
     def __init__(self, channels=1, width=32, feature_dim=128, num_classes=10):
         super().__init__()
@@ -49,9 +52,9 @@ class SmallClassifier(nn.Module):
             nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(2 * width * 4, feature_dim), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(2 * width * 4, feature_dim),
         )
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -76,13 +79,24 @@ def as_input(images, channels):
     return torch.tensor(images[..., :channels], dtype=torch.float32).permute(0, 3, 1, 2) / 255
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: a CPU result that does not depend on how many threads the caller runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_classifier(path, dataset="digits", seed=0, epochs=None, batch_size=64):
-    """Train the classifier of `dataset` (deterministic given `seed`), save its state dict to `path`
-    atomically, and return it."""
+    """Train the classifier of `dataset` (deterministic given `seed`, on one thread: the same weights
+    whatever the caller's thread count), save its state dict to `path` atomically, and return it."""
     training_images, _, _, channels, default_epochs = DATASETS[dataset]
     images, labels = training_images()
     x, y = as_input(images, channels), torch.tensor(labels)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), one_thread():
         torch.manual_seed(seed)
         model = SmallClassifier(channels)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluations import evaluator, inception, metrics
-from evaluations.small import digits_uint8, load_classifier, train_classifier
+from evaluations.small import digits_uint8, load_classifier, load_small_features, train_classifier
 from evaluations.npz import open_images
 
 
@@ -205,9 +205,9 @@ def cli_run(npz_files, weights_path):
     return stdout.getvalue()
 
 
-def test_cli_prints_the_five_metrics(cli_run, npz_files, weights_path):
+def test_cli_prints_the_five_metrics_and_kid(cli_run, npz_files, weights_path):
     lines = cli_run.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall", "KID"]
     printed = {k: float(v) for k, v in (line.split(": ") for line in lines)}
     # Recompute from the network's outputs: against the stored all-zero reference statistics,
     # FID = ||mu||^2 + tr(sigma) of the samples' features (the reference images only set precision/recall).
@@ -221,6 +221,7 @@ def test_cli_prints_the_five_metrics(cli_run, npz_files, weights_path):
     assert printed["Inception Score"] == pytest.approx(metrics.inception_score(metrics.softmax(acts["logits"])))
     precision, recall = metrics.precision_recall(ref_acts["pool"], acts["pool"], device="cpu")
     assert (printed["Precision"], printed["Recall"]) == (precision, recall)
+    assert printed["KID"] == pytest.approx(metrics.kernel_inception_distance(acts["pool"], ref_acts["pool"]), rel=1e-6)
 
 
 def test_reference_statistics_are_computed_cached_and_reused(weights_path, tmp_path):
@@ -287,7 +288,7 @@ def classifier_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("digits") / "new" / "classifier.pt"
     images, _ = digits_uint8()
     results = evaluator.evaluate(images[:50], images[50:100], "digits", classifier=str(path), progress=False)
-    assert path.exists() and set(results) == {"is", "fid", "precision", "recall"}
+    assert path.exists() and set(results) == {"is", "fid", "precision", "recall", "kid"}
     return str(path)
 
 
@@ -304,7 +305,7 @@ def test_digits_classifier_training_is_deterministic(tmp_path):
     first, again, other = (train_classifier(str(tmp_path / f"{name}.pt"), seed=seed, epochs=1).state_dict()
                            for name, seed in [("first", 0), ("again", 0), ("other", 1)])
     assert all(torch.equal(first[k], again[k]) for k in first)
-    assert not torch.equal(first["head.weight"], other["head.weight"])
+    assert not torch.equal(first["head.1.weight"], other["head.1.weight"])
     saved = torch.load(tmp_path / "first.pt", weights_only=True)
     assert all(torch.equal(first[k], saved[k]) for k in first)
 
@@ -316,11 +317,45 @@ def test_digits_mode_end_to_end(classifier_path, tmp_path, capsys):
                     "--classifier", classifier_path, "--device", "cpu"])
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "Precision", "Recall"]
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "Precision", "Recall", "KID"]
     assert "no sFID" in captured.err
     values = {k: float(v) for k, v in (line.split(": ") for line in lines)}
     assert abs(values["FID"]) < 1e-6 and values["Precision"] == 1.0 and values["Recall"] == 1.0
+    assert values["KID"] < 0  # the unbiased estimate of 0 for identical sets: minus the mean off-diagonal excess
     assert values["Inception Score"] > 8  # confident predictions spread over the 10 classes
+
+
+def test_small_features_have_no_dead_units(classifier_path):
+    """Every feature varies over the real digits: none is a ReLU stuck at zero."""
+    images, _ = digits_uint8()
+    net = load_small_features(classifier_path)
+    acts = evaluator.extract_features(open_images(images), net, 500, torch.device("cpu"), progress=False)["pool"]
+    assert acts.shape == (1797, 128) and acts.std(0).min() > 1e-2
+
+
+def test_kid_is_the_unbiased_mmd_by_hand():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 3)), rng.normal(loc=0.5, size=(5, 3))
+
+    def k(x, y):
+        return (x @ y / 3 + 1) ** 3
+    within = [np.mean([k(x[i], x[j]) for i in range(len(x)) for j in range(len(x)) if i != j]) for x in (a, b)]
+    across = np.mean([k(x, y) for x in a for y in b])
+    expected = within[0] + within[1] - 2 * across
+    assert metrics.kernel_inception_distance(a, b, block_size=2) == pytest.approx(expected, rel=1e-10)
+    big = rng.normal(size=(2000, 4))  # unbiased: two samples of one distribution average to 0
+    assert abs(metrics.kernel_inception_distance(big[:1000], big[1000:])) < 0.01
+
+
+def test_paired_bootstrap_resamples_the_same_indices_for_every_set():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 4))
+    ref_mu, ref_sigma = metrics.gaussian_statistics(rng.normal(size=(1000, 4)))
+    fids = metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "same": a.copy(), "shifted": a + 1}, resamples=20)
+    assert np.array_equal(fids["a"], fids["same"])  # the same images: identical resamples, a zero difference
+    assert (fids["shifted"] > fids["a"]).all() and len(set(fids["a"].round(9))) > 1
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "b": a[:10]})
 
 
 def test_digits_mode_separates_real_digits_from_noise(classifier_path):
