@@ -73,6 +73,8 @@ class ARD(nn.Module):
     (FlexAttention block mask in the history blocks, for compiled GPU training).
     """
 
+    constant_buffers = True  # positions, stage times and mask, time frequencies (see train.distributed)
+
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False, attention="sdpa"):
         super().__init__()

@@ -212,6 +212,8 @@ def sincos_pos_embed_2d(embed_dim, grid_size):
 class DiT(nn.Module):
     """Diffusion transformer with adaLN-Zero blocks."""
 
+    constant_buffers = True  # time frequencies, set once: DDP need not broadcast them (train.distributed)
+
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__()

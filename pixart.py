@@ -249,6 +249,8 @@ class PixArtARD(nn.Module):
     `transformer.`, so a teacher's state dict loads into it as it is (`load_teacher_weights`).
     """
 
+    constant_buffers = True  # stage times, the transformer's positions (see train.distributed)
+
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False):
         super().__init__()

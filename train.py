@@ -328,10 +328,13 @@ def encode_images(autoencoder, images, flip):
 
 
 def distributed(module, device):
-    """The module in DDP under torchrun, as it is otherwise."""
+    """The module in DDP under torchrun, as it is otherwise. DDP re-sends every buffer from rank 0
+    before each forward unless the module declares them `constant_buffers` (the students' and
+    teachers'; the discriminator's spectral-norm vectors change with every forward)."""
     if not dist.is_initialized():
         return module
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=not getattr(module, "constant_buffers", False))
 
 
 def distillation_logs(per_stage, fed):

@@ -1094,3 +1094,37 @@ def test_gan_from_a_teacher_checkpoint(teacher_ckpt, traj, tmp_path):
     with pytest.raises(ValueError, match="not an ARD checkpoint"):
         run(gan_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1))
     assert experiments(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- DDP buffers
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, so that train.distributed wraps in DDP."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_broadcasts_only_buffers_that_change(one_process_group):
+    """The students' and teachers' buffers (positions, stage times and mask, time frequencies) stay as
+    they were through a training step, so DDP does not re-send them before every forward; the
+    discriminator's spectral-norm vectors change with each forward and are still sent."""
+    from test_ard import inputs, perturbed_dit
+    from tiny_pixart import tiny_transformer
+    cpu = torch.device("cpu")
+    student = ard.ARD(perturbed_dit(), num_steps=K, history_layers=2).train()
+    before = {k: v.clone() for k, v in student.named_buffers()}
+    wrapped = train.distributed(student, cpu)
+    wrapped(*inputs()).square().mean().backward()
+    assert not wrapped.broadcast_buffers
+    assert all(torch.equal(v, before[k]) for k, v in student.named_buffers())
+    text_student = train.pixart.PixArtARD(tiny_transformer(), K, history_layers=1)
+    assert not train.distributed(text_student, cpu).broadcast_buffers
+    assert not train.distributed(perturbed_dit(), cpu).broadcast_buffers
+    discriminator = gan.Discriminator(perturbed_dit()).train()
+    u = discriminator.heads[0].out.parametrizations.weight[0]._u.clone()
+    wrapped = train.distributed(discriminator, cpu)
+    wrapped(torch.randn(2, 2, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2]))
+    assert wrapped.broadcast_buffers and not torch.equal(discriminator.heads[0].out.parametrizations.weight[0]._u, u)
