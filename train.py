@@ -469,7 +469,8 @@ def build_parser():
     ard.add_argument("--mask", choices=["M1", "M2", "M3", "M4"], default="M4")
     ard.add_argument("--target", choices=["state", "x0"], default="state")
     ard.add_argument("--shared-head", action="store_true")
-    ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
+    ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+                     help="the history blocks: per-stage SDPA, or a FlexAttention block mask (needs --compile)")
     ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",
                      help="probability that a step feeds the stages after x_T the student's own rollout (its "
                           "KV-cached sample, no gradient) instead of the teacher's points; targets stay the "
@@ -540,6 +541,8 @@ def check_args(parser, args):
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
+    if args.attention == "flex" and not args.compile:
+        parser.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     check_student_fed(parser, args)
 
 
@@ -599,6 +602,8 @@ def main(argv=None):
     task.init_checkpoint = None
     if args.student_fed_ema:
         task.rollout_model = ema
+    if args.compile and args.student_fed:  # the rollouts (K-1 stages of sampling) compiled like the training pass
+        task.rollout_model.sample = torch.compile(task.rollout_model.sample)
 
     ddp = distributed(model, device)
     forward_model = torch.compile(ddp) if args.compile else ddp

@@ -610,6 +610,36 @@ def test_compiled_gan_runs_past_the_warmup(gan_run, ard_run, traj, tmp_path, mon
     assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_student_fed_rollouts(teacher_ckpt, traj, tmp_path, monkeypatch):
+    """With --compile the student-fed rollouts run through torch.compile too (online and EMA weights),
+    computing what the eager run does."""
+    compiled_calls = []
+
+    def recording_compile(fn, **kwargs):
+        compiled = torch.compile.__wrapped__(fn, backend="aot_eager")
+        if getattr(fn, "__name__", "") != "sample":
+            return compiled
+        return lambda *a, **k: (compiled_calls.append(fn.__self__), compiled(*a, **k))[1]
+
+    recording_compile.__wrapped__ = torch.compile
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    for rollout in ([], ["--student-fed-ema"]):
+        compiled_calls.clear()
+        argv = ard_argv(teacher_ckpt, traj, tmp_path / f"fed{len(rollout)}", "--student-fed", 1, *rollout,
+                        "--iterations", 2, "--ckpt-every", 2)
+        compiled = run(argv + ["--compile"])
+        # two fed steps (the EMA's compiled sample also draws the final grid)
+        assert len(compiled_calls) == 2 + len(rollout) and all(m.training != bool(rollout) for m in compiled_calls)
+        eager = run(argv)
+        assert tensors_close(load(ckpt(compiled, 2))["model"], load(ckpt(eager, 2))["model"], rtol=1e-4, atol=1e-6)
+
+
+def test_flex_attention_without_compile_stops(teacher_ckpt, traj, tmp_path, capsys):
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--attention", "flex"), capsys,
+                       "--attention flex needs --compile (eager FlexAttention materialises every score)")
+    assert experiments(tmp_path) == []
+
+
 def test_gan_noise_option_runs(ard_run, traj, tmp_path):
     experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", 1, "--ckpt-every", 1,
                               "--gan-noise", "uniform", "--gan-warmup", 0))
