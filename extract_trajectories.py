@@ -18,6 +18,7 @@ before any solve, into text.safetensors (T5 embeddings without their padding, th
 prompt "" last) beside prompts.json; no embedding is stored per trajectory.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -85,7 +86,7 @@ def solver_meta(args, condition, clip_denoised):
         cfg_scale=args.cfg_scale, num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
         precision=args.precision, seed=args.seed, num_samples=args.num_samples, shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
-                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
+                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:] (its forward in fp32)",
                 **condition, "seeds": "(n,) the seed of each sample's noise"})
 
 
@@ -126,6 +127,29 @@ def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
     return torch.stack(states, dim=1), torch.stack(x0, dim=1)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32 within the block."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def fp32_at_boundaries(guided, low_precision, meta):
+    """The solver's model function: the guided teacher under `low_precision` (bf16 autocast) except at
+    the boundaries whose x0-predictions are stored, where it runs in fp32. An x0-prediction multiplies
+    the ε error by sqrt(1/ᾱ_t - 1), 17 at t=749, so bf16's rounding would dominate those targets."""
+    exact = set(meta["boundary_times"][1:])
+
+    def model_fn(x, t, **kwargs):
+        with exact_fp32() if int(t[0]) in exact else low_precision:
+            return guided(x, t, **kwargs).float()
+    return model_fn
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="official DiT name (DiT-XL-2-256x256.pt) or a teacher checkpoint; "
@@ -146,7 +170,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced",
                    help="class labels, or with --prompts the prompt of each sample: index mod count, or random")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="teacher forward on GPU (fp32 at the K-1 boundaries whose x0-predictions are stored)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     add_distributed_args(p)
     args = p.parse_args(argv)
@@ -273,10 +298,7 @@ def main(argv=None):
 
     def solve(noise, condition):
         guided, noise, model_kwargs = teacher.guided(noise.to(device), condition.to(device))
-        def model_fn(x, t, **kwargs):
-            with bf16:
-                return guided(x, t, **kwargs).float()
-        return solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta)
+        return solve_trajectories(fp32_at_boundaries(guided, bf16, meta), diffusion, noise, model_kwargs, meta)
 
     mine = list(missing)[rank::world_size]
     bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
