@@ -29,13 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import pixart
 from diffusion import create_diffusion, student_timesteps
 from models import clips_x0, load_teacher, with_guidance
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
-                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
+                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, progress, save_json)
 
 FORMAT_VERSION = 3  # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space)
 TARGETS = ("state", "x0")
@@ -258,8 +257,11 @@ class PromptTeacher:
         encode = pixart.PromptEncoder(self.args.ckpt, device)
         batch = self.args.batch_size
         texts = [*self.prompts, self.meta["negative_prompt"]]
-        embeddings = [e for i in tqdm(range(0, len(texts), batch), desc="T5", unit="batch")
-                      for e in encode(texts[i:i + batch])]
+        bar, embeddings = progress(len(texts), "T5", "prompt"), []
+        for i in range(0, len(texts), batch):
+            embeddings += encode(texts[i:i + batch])
+            bar.update(len(texts[i:i + batch]))
+        bar.close()
         pixart.write_text_table(path, embeddings)
 
     def conditions(self, indices):
@@ -301,7 +303,7 @@ def main(argv=None):
         return solve_trajectories(fp32_at_boundaries(guided, bf16, meta), diffusion, noise, model_kwargs, meta)
 
     mine = list(missing)[rank::world_size]
-    bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
+    bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
         for j, shard in enumerate(mine):

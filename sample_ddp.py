@@ -19,13 +19,12 @@ import shutil
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import pixart
 from models import OFFICIAL_CHECKPOINTS
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
 from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
-                   init_distributed, on_rank_zero, save_json, save_npz, to_uint8)
+                   init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
 RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout")
@@ -112,7 +111,7 @@ def main(argv=None):
     def chunk_indices(chunk):
         return range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
 
-    bar = tqdm(total=sum(len(chunk_indices(c)) for c in missing), unit="img", disable=rank != 0)
+    bar = progress(sum(len(chunk_indices(c)) for c in missing), "sampling", "img", enabled=rank == 0)
     for j, chunk in enumerate(missing[rank::world_size]):
         indices = chunk_indices(chunk)
         images, labels = [], []

@@ -37,7 +37,6 @@ import torch.distributed as dist
 from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 import pixart
 from ard import ARD, check_student_settings, distillation_loss, student_fed_stages
@@ -48,7 +47,7 @@ from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, genera
 from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import teacher_generator
 from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
-                   on_rank_zero, save_grid)
+                   on_rank_zero, progress, save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
@@ -617,9 +616,8 @@ def main(argv=None):
 
     model.train()
     running, steps_since_log, last_log = {}, 0, time.time()
-    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=rank != 0,
-               dynamic_ncols=True)
-    for step in bar:
+    bar = progress(args.iterations, args.stage, "step", enabled=rank == 0, initial=start_step, lines=False)
+    for step in range(start_step, args.iterations):
         seed_step(args.global_seed, step, rank)
         batch = [t.to(device, non_blocking=True) for t in next(data)]
         with bf16:
@@ -637,6 +635,7 @@ def main(argv=None):
             total, count = running.get(name, (0, 0))
             running[name] = (total + value.detach().float(), count + 1)
         steps_since_log += 1
+        bar.update()
 
         done = step + 1
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:

@@ -3,12 +3,15 @@ import contextlib
 import datetime
 import json
 import os
+import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import make_grid
+from tqdm import tqdm
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -41,6 +44,41 @@ def autocast(device, precision):
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class LineProgress:
+    """Progress for a log file: one plain line every `every` seconds and one at the end (tqdm's
+    carriage-return redraws would fill the file)."""
+
+    def __init__(self, total, desc, unit, every, initial=0, stream=None):
+        self.total, self.desc, self.unit, self.every, self.n, self.initial = total, desc, unit, every, initial, initial
+        self.stream = stream or sys.stdout
+        self.start = self.last = time.time()
+
+    def update(self, n=1):
+        self.n += n
+        if time.time() - self.last >= self.every:
+            self.report()
+
+    def report(self):
+        self.last = time.time()
+        rate = (self.n - self.initial) / max(self.last - self.start, 1e-9)
+        left = f", {(self.total - self.n) / rate / 60:.1f} min left" if rate > 0 and self.n < self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
+              f"{rate:.3g} {self.unit}/s{left}", file=self.stream, flush=True)
+
+    def close(self):
+        self.report()
+
+
+def progress(total, desc, unit, enabled=True, initial=0, lines=True, every=60.0):
+    """A tqdm bar when stderr (where it draws) is a terminal; otherwise, with `lines`, a LineProgress
+    on stdout, and nothing without (a caller whose log lines say how far it is)."""
+    if enabled and sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
+    if enabled and lines:
+        return LineProgress(total, desc, unit, every, initial)
+    return tqdm(total=total, disable=True)
 
 
 def barrier():

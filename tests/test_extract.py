@@ -608,3 +608,9 @@ def test_stored_x0_is_the_fp32_prediction_of_the_stored_state():
         rounded = boundary_x0_errors(all_bf16, guided, diffusion, z, labels, meta)
     assert max(mixed) < 1e-10, mixed
     assert rounded[0] > 1e-4, rounded  # at t=749, what the fp32 boundaries remove (measured 1.5e-3)
+
+
+def test_a_log_file_gets_plain_progress_lines(teacher, tmp_path, capsys):
+    et.main(argv(teacher[0], tmp_path / "traj"))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and f"extraction: {NUM_SAMPLES}/{NUM_SAMPLES} traj (100%)" in out

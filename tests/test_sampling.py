@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,9 @@ def test_sample_ddp_rejects_bad_flags(checkpoints, tmp_path, extra, message, cap
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "x.png"))
+
+
+def test_a_log_file_gets_plain_progress_lines(checkpoints, tmp_path, capsys):
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "samples.npz"))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and re.search(r"sampling: (\d+)/\1 img \(100%\)", out)

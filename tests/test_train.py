@@ -1158,3 +1158,9 @@ def test_ddp_broadcasts_only_buffers_that_change(one_process_group):
     wrapped = train.distributed(discriminator, cpu)
     wrapped(torch.randn(2, 2, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2]))
     assert wrapped.broadcast_buffers and not torch.equal(discriminator.heads[0].out.parametrizations.weight[0]._u, u)
+
+
+def test_a_log_file_gets_log_lines_and_no_progress_redraws(tmp_path, capsys):
+    run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and re.search(r"step 0000002 .*steps/s=", out)

@@ -50,3 +50,23 @@ def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypat
     utils.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"weights"))
     assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", os.path.dirname(path))]
     assert open(path, "rb").read() == b"weights"
+
+
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
+    """Not on a terminal (stderr a file, as under torchrun or SLURM): no bar and no carriage returns,
+    one line per interval and one at the end, on stdout."""
+    bar = utils.progress(10, "extraction", "traj", every=0.0)
+    for _ in range(3):
+        bar.update(2)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert err == "" and "\r" not in out
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("extraction: 6/10 traj (60%), ") and "min left" in lines[2]
+    assert lines[-1].startswith("extraction: 6/10 traj")
+    quiet = utils.progress(10, "ard", "step", lines=False)  # the caller's log lines say how far it is
+    quiet.update(5)
+    quiet.close()
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: True)
+    assert isinstance(utils.progress(10, "ard", "step", lines=False), utils.tqdm)  # a terminal keeps its bar
