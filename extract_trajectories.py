@@ -281,7 +281,7 @@ class PromptTeacher:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed(args.dist_timeout)
+    rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     teacher = (PromptTeacher if args.prompts else LabelTeacher)(args)
     meta = teacher.meta

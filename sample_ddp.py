@@ -27,7 +27,7 @@ from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_
                    init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
-RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout")
+RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device")
 
 
 def parse_args(argv=None):
@@ -90,7 +90,7 @@ def prepare_parts(parts_dir, settings):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed(args.dist_timeout)
+    rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     parts_dir = args.out[: -len(".npz")] + ".parts"
     on_rank_zero(rank, lambda: prepare_parts(parts_dir, parts_settings(args)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

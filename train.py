@@ -51,7 +51,12 @@ from utils import (add_distributed_args, atomic_write, autocast, check_meta, cle
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half", "dist_timeout")
+               "export", "export_half", "dist_timeout", "device")
+# Each stage's own defaults: the paper's 300K distillation steps at batch 64; its adversarial stage ran "a
+# few hours" on 8 A100s at batch 48 (20K steps); a teacher from scratch as long as DiT's ablations (400K).
+STAGE_DEFAULTS = {"ard": dict(iterations=300_000, global_batch_size=64),
+                  "gan": dict(iterations=20_000, global_batch_size=48),
+                  "teacher": dict(iterations=400_000, global_batch_size=64)}
 # Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
 INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "teacher", "model", "image_size", "vae")
 
@@ -431,8 +436,10 @@ def build_parser():
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
     add_distributed_args(p)
     run = p.add_argument_group("optimisation")
-    run.add_argument("--iterations", type=int, default=300_000)
-    run.add_argument("--global-batch-size", type=int, default=64)
+    run.add_argument("--iterations", type=int, default=None,
+                     help="default per stage: ard 300,000 (the paper), gan 20,000 (the paper's 'a few hours'), "
+                          "teacher 400,000 (DiT's ablations)")
+    run.add_argument("--global-batch-size", type=int, default=None, help="default 64; gan 48 (the paper's)")
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.0)
     run.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -505,6 +512,9 @@ def parse_args(argv=None):
         if from_init:
             parser.error("--stage gan takes the student's and its teacher's settings from --init; "
                          f"drop --{from_init[0].replace('_', '-')}")
+    for key, value in STAGE_DEFAULTS[args.stage].items():  # a resumed run has its own from its checkpoint
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     check_args(parser, args)
     return args
 
@@ -570,7 +580,7 @@ def main(argv=None):
         export_ema(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
         return args.export[1]
-    rank, world_size, device = init_distributed(args.dist_timeout)
+    rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     resumed, resume_notes = resume_point(args.resume)

@@ -22,14 +22,33 @@ def add_distributed_args(parser):
     parser.add_argument("--dist-timeout", type=float, default=60,
                         help="minutes a rank waits for the others (e.g. while rank 0 writes a checkpoint) before "
                              "the job fails; NCCL's own default is 10")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda under torchrun (stopping when it is unavailable), else cuda if available; "
+                             "cpu runs torchrun's processes on the CPU with gloo")
 
 
-def init_distributed(timeout_minutes):
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process.
-    A collective that waits longer than `timeout_minutes` fails the job."""
+def check_cuda():
+    """Stops with one line naming why CUDA is unavailable (no driver, a driver too old for this build, ...)."""
+    if torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.init()
+        cause = f"no visible device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    except Exception as e:  # torch's own reason: its message names the driver or the build
+        cause = str(e).strip().splitlines()[0].rstrip(".")
+    raise SystemExit(f"CUDA is unavailable to torch {torch.__version__} (CUDA {torch.version.cuda}): {cause}; "
+                     f"pass --device cpu to run on the CPU")
+
+
+def init_distributed(timeout_minutes, device=None):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs (unless device is "cpu": gloo), stopping
+    when CUDA is unavailable rather than falling back to the CPU; plainly: one process, on `device` or
+    the GPU if there is one. A collective that waits longer than `timeout_minutes` fails the job."""
+    if device == "cuda" or device is None and "RANK" in os.environ:
+        check_cuda()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = "gloo" if device == "cpu" else "nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -110,7 +110,7 @@ def torchrun_extraction(args):
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "extract_trajectories.py"), *args]
+           os.path.join(ROOT, "extract_trajectories.py"), *args, "--device", "cpu"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -245,7 +245,7 @@ def test_late_rank_splits_the_same_work_list(single, teacher, tmp_path, monkeypa
         shutil.copy(os.path.join(single, shard_name(0)), out)
 
     recorder = Recorder()
-    monkeypatch.setattr(et, "init_distributed", lambda timeout_minutes: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(et, "init_distributed", lambda *args: (1, 2, torch.device("cpu")))
     monkeypatch.setattr(et, "on_rank_zero", rank0_races_ahead)
     monkeypatch.setattr(et, "atomic_write", recorder)
     et.main(argv(teacher[0], out))

@@ -103,7 +103,7 @@ def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
 def test_sample_ddp_two_processes_equal_one(reference_npz, checkpoints, tmp_path):
     out = tmp_path / "two.npz"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "sample_ddp.py"), *ddp_args(checkpoints[1], out)]
+           os.path.join(ROOT, "sample_ddp.py"), *ddp_args(checkpoints[1], out), "--device", "cpu"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
     two = np.load(out)
     np.testing.assert_array_equal(two["arr_0"], reference_npz["arr_0"])

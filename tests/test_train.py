@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Depth 2, width 32, 2 heads, patch 2 on 8x8 images (16 tokens), pixel space.
 TINY = ["--image-size", "8", "--vae", "none", "--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32",
         "--num-heads", "2"]
-QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1"]
+QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1", "--device", "cpu"]
 # 32 trajectories and a global batch of 8: 4 steps per epoch, so 6 steps cross an epoch boundary
 # (and a run resumed after step 3 crosses it after resuming).
 TRAJ_SAMPLES, BATCH = 32, 8
@@ -206,8 +206,8 @@ import train, utils
 # One gloo process group for all the runs: train.main's own set-up and tear-down would create a
 # new group per run, and re-creating gloo groups in one process is flaky. Everything else in
 # train.main runs as under `torchrun train.py`.
-group = utils.init_distributed(timeout_minutes=5)
-train.init_distributed = lambda timeout_minutes: group
+group = utils.init_distributed(5, "cpu")
+train.init_distributed = lambda *args: group
 train.cleanup_distributed = lambda: None
 for argv in json.load(open(sys.argv[1])):
     torch.manual_seed(0)  # a fresh process's state does not matter, see test_init_follows_global_seed
@@ -1164,3 +1164,16 @@ def test_a_log_file_gets_log_lines_and_no_progress_redraws(tmp_path, capsys):
     run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2))
     out, err = capsys.readouterr()
     assert "\r" not in out + err and re.search(r"step 0000002 .*steps/s=", out)
+
+
+def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):
+    """--stage gan does not inherit the distillation's 300,000 steps at batch 64."""
+    ard_args = train.parse_args(["--stage", "ard", "--data-path", traj])
+    gan_args = train.parse_args(["--stage", "gan", "--init", ckpt(ard_run, 6), "--data-path", traj,
+                                 "--real-data", "digits"])
+    teacher_args = train.parse_args(["--stage", "teacher", "--data-path", "digits"])
+    assert (ard_args.iterations, ard_args.global_batch_size) == (300_000, 64)
+    assert (gan_args.iterations, gan_args.global_batch_size) == (20_000, 48)
+    assert (teacher_args.iterations, teacher_args.global_batch_size) == (400_000, 64)
+    assert train.parse_args(["--stage", "gan", "--init", ckpt(ard_run, 6), "--data-path", traj, "--real-data",
+                             "digits", "--iterations", "7"]).iterations == 7

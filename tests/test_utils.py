@@ -15,9 +15,9 @@ class Stop(Exception):
 
 
 # The shortest valid command line of each torchrun script (nothing needs to exist before set-up).
-SCRIPTS = [(train, ["--stage", "teacher", "--data-path", "digits"]),
-           (extract_trajectories, ["--ckpt", "teacher.pt", "--out", "traj"]),
-           (sample_ddp, ["--ckpt", "teacher.pt", "--out", "samples.npz"])]
+SCRIPTS = [(train, ["--stage", "teacher", "--data-path", "digits", "--device", "cpu"]),
+           (extract_trajectories, ["--ckpt", "teacher.pt", "--out", "traj", "--device", "cpu"]),
+           (sample_ddp, ["--ckpt", "teacher.pt", "--out", "samples.npz", "--device", "cpu"])]
 
 
 @pytest.mark.parametrize("script, argv", SCRIPTS, ids=lambda s: getattr(s, "__name__", ""))
@@ -28,6 +28,7 @@ def test_torchrun_scripts_set_the_process_group_timeout(script, argv, flag, minu
     timeouts = []
 
     def init_process_group(backend, timeout):
+        assert backend == "gloo"
         timeouts.append(timeout)
         raise Stop
 
@@ -70,3 +71,22 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
     assert capsys.readouterr() == ("", "")
     monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: True)
     assert isinstance(utils.progress(10, "ard", "step", lines=False), utils.tqdm)  # a terminal keeps its bar
+
+
+@pytest.mark.parametrize("script, argv", SCRIPTS, ids=lambda s: getattr(s, "__name__", ""))
+def test_torchrun_without_cuda_stops_with_the_cause(script, argv, monkeypatch, capsys):
+    """Under torchrun a node whose driver does not fit torch's CUDA build stops at once with torch's
+    reason and the way to run on the CPU, instead of training on the CPU with gloo unannounced."""
+    def driver_too_old():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nMore text")
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils.torch.cuda, "init", driver_too_old)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **k: pytest.fail("set-up went on"))
+    with pytest.raises(SystemExit) as e:
+        script.main([a for a in argv if a not in ("--device", "cpu")])
+    message = str(e.value.code)
+    assert "\n" not in message and message.startswith("CUDA is unavailable to torch ")
+    assert message.endswith("The NVIDIA driver on your system is too old (found version 11040); "
+                            "pass --device cpu to run on the CPU")
