@@ -254,7 +254,7 @@ def test_student_fed_training_runs(pipeline, single, tmp_path):
 @pytest.mark.parametrize("extra, error, message", [
     (["--num-steps", 2], ValueError, "num_steps is 4, expected 2"),
     (["--history-layers", 4], ValueError, r"history_layers must be in \[0, 3\]"),
-    (["--attention", "flex"], ValueError, "--attention flex is for the DiT student"),
+    (["--attention", "flex", "--compile"], ValueError, "--attention flex is for the DiT student"),
 ])
 def test_mismatches_stop_before_the_teacher_loads(pipeline, single, tmp_path, monkeypatch, extra, error, message):
     monkeypatch.setattr(pixart, "load_pixart", must_not_run)
