@@ -242,14 +242,14 @@ def test_bf16_decode_moves_uint8_pixels_by_at_most_two_levels(device):
 
 
 def test_sample_ddp_decodes_under_the_decode_precision(checkpoints, tmp_path, monkeypatch):
-    """bf16 by default (an autocast on CUDA, nothing on the CPU), fp32 on request; the samples under
+    """fp32 by default, bf16 on request (an autocast on CUDA, nothing on the CPU); the samples under
     their own --precision."""
     precisions = []
     monkeypatch.setattr(sample_ddp, "autocast", lambda device, precision: (precisions.append(precision),
                                                                              contextlib.nullcontext())[1])
     sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "a.npz", "--num-fid-samples", "3"))
-    assert precisions == ["fp32", "bf16"]
+    assert precisions == ["fp32", "fp32"]
     precisions.clear()
     sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "b.npz", "--num-fid-samples", "3", "--decode-precision",
-                             "fp32"))
-    assert precisions == ["fp32", "fp32"]
+                             "bf16"))
+    assert precisions == ["fp32", "bf16"]
