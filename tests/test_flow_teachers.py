@@ -7,7 +7,9 @@ import urllib.error
 import pytest
 import torch
 
-from models import create_dit, load_teacher
+from ard import ARD
+from models import DiT, create_dit, load_teacher
+from transport import CONVENTIONS, GuidedVelocity, solve_progressive, student_steps, time_grid
 
 
 def random_state(model, seed):
@@ -114,3 +116,78 @@ def test_a_bare_flow_state_dict_needs_its_time_convention(tmp_path):
     with pytest.raises(ValueError, match="does not say its time convention: pass --time-convention"):
         load_teacher(str(path), family="flow", **PIXELS)
     assert load_teacher(str(path), family="flow", time_convention="sit", **PIXELS)[1]["time_convention"] == "sit"
+
+
+# ---------------------------------------------------------------------------- flow students
+
+def perturbed_dit(seed=0, learn_sigma=True):
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=64, depth=4, num_heads=4, num_classes=10,
+                learn_sigma=learn_sigma).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def flow_stage_times(convention, num_steps=4, teacher_steps=8, shift=1.0):
+    sigmas = time_grid(teacher_steps, shift)[student_steps(num_steps, teacher_steps)]
+    return [CONVENTIONS[convention].model_time(s) for s in sigmas.tolist()]
+
+
+def stage_inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 2, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
+@pytest.mark.parametrize("target", ["state", "x0"])
+@pytest.mark.parametrize("history_layers", [0, 2])
+def test_euler_heads_start_as_the_teachers_one_jump_solve(convention, target, history_layers):
+    """Every stage of an N=0 flow student (stage 0 of any) is, at initialisation, one Euler step of the teacher's
+    own solver from the stage's input to the next stage's noise level (x0 target: that step's x0)."""
+    teacher, times = perturbed_dit(), flow_stage_times(convention, shift=3.0)
+    student = ARD(teacher, num_steps=4, history_layers=history_layers, stage_times=times, parametrization="euler",
+                  target=target, time_convention=convention).eval()
+    stages, y = stage_inputs()
+    sigmas = [CONVENTIONS[convention].model_time(t) for t in times] + [0.0]
+    velocity = GuidedVelocity(teacher, CONVENTIONS[convention])
+    with torch.no_grad():
+        got = student(stages, y)
+    for k in range(4 if history_layers == 0 else 1):
+        step, = solve_progressive(velocity, stages[:, k], sigmas[k:k + 2], y)
+        expected = step["pred_xstart"] if target == "x0" else step["sample"]
+        torch.testing.assert_close(got[:, k], expected.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["M1", "M3", "M4"])
+@pytest.mark.parametrize("history_layers", [0, 1, 4])
+def test_flow_students_cached_sampling_equals_teacher_forcing(mask, history_layers):
+    student = ARD(perturbed_dit(learn_sigma=False), num_steps=4, history_layers=history_layers, mask=mask,
+                  stage_times=flow_stage_times("sit"), parametrization="euler", time_convention="sit").eval()
+    stages, y = stage_inputs()
+    sampled = student.sample(stages[:, 0], y)
+    forced = student(torch.cat([stages[:, :1], sampled[:, :-1]], dim=1), y)
+    torch.testing.assert_close(forced, sampled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stage_times=[1.0, 0.75, 0.5, 1.25]), r"stage times must lie in \[0, 1\]"),
+    (dict(stage_times=[1.0, 0.75, 0.5, -0.25]), r"stage times must lie in \[0, 1\]"),
+    (dict(stage_times=[1.0, 0.75, 0.5, 0.25], time_convention="sit"), "must go from noise to data \\('sit'"),
+    (dict(stage_times=None), "a flow student's stage times come from its trajectories"),
+    (dict(parametrization="ddim"), "parametrization 'ddim' reads a ddpm teacher's output; this student's teacher is "
+                                   "a flow teacher"),
+    (dict(time_convention="edm"), "time convention must be one of sit, repa"),
+])
+def test_bad_flow_student_settings(kwargs, message):
+    settings = dict(num_steps=4, history_layers=1, stage_times=flow_stage_times("repa"), parametrization="euler",
+                    time_convention="repa")
+    with pytest.raises(ValueError, match=message):
+        ARD(perturbed_dit(), **{**settings, **kwargs})
+
+
+def test_euler_heads_need_a_flow_teacher():
+    with pytest.raises(ValueError, match="parametrization 'euler' reads a flow teacher's output; this student's "
+                                         "teacher is a ddpm teacher"):
+        ARD(perturbed_dit(), num_steps=4, history_layers=1, parametrization="euler")
