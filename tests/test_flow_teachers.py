@@ -1,13 +1,24 @@
 """Flow-matching teachers through the shared scripts: loading SiT's and REPA's layouts (built here, tiny and random),
 the teacher family and time convention checked by every reader."""
 import argparse
+import json
 import logging
+import math
+import os
+import shutil
 import urllib.error
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from ard import ARD
+import extract_trajectories as et
+import sample
+import test_extract as te
+import test_train as tt
+
+from ard import ARD, load_student
+from utils import index_noise_and_labels
 from models import DiT, create_dit, load_teacher
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, student_steps, time_grid
 
@@ -191,3 +202,189 @@ def test_euler_heads_need_a_flow_teacher():
     with pytest.raises(ValueError, match="parametrization 'euler' reads a flow teacher's output; this student's "
                                          "teacher is a ddpm teacher"):
         ARD(perturbed_dit(), num_steps=4, history_layers=1, parametrization="euler")
+
+
+# ---------------------------------------------------------------------------- flow trajectories
+
+FLOW = ["--teacher-family", "flow", "--solver", "heun", "--time-shift", "2", "--guidance-interval", "0", "0.7",
+        "--guidance-channels", "1"]
+
+
+def make_flow_teacher(path, convention="sit", seed=0):
+    """One of our flow teacher checkpoints: a tiny velocity DiT (no learned sigma), perturbed off adaLN-Zero."""
+    g = torch.Generator().manual_seed(seed)
+    m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+            learn_sigma=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    torch.save({"ema": m.state_dict(), "args": {"stage": "teacher", "dit": m.config, "image_size": 8, "vae": "none",
+                                                "teacher_family": "flow", "time_convention": convention}}, path)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flow_teacher") / "teacher.pt"
+    return str(path), make_flow_teacher(path)
+
+
+@pytest.fixture(scope="module")
+def flow_single(flow_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow_single") / "traj"
+    et.main(te.argv(flow_teacher[0], out, *FLOW))
+    return str(out)
+
+
+def test_flow_meta_records_the_solve(flow_single):
+    meta = json.load(open(os.path.join(flow_single, "meta.json")))
+    sigmas = time_grid(te.S, 2.0)[[0, 2, 5, 8]].tolist()  # round(k·10/4): steps 0, 2, 5, 8 (round half to even)
+    expected = dict(teacher_family="flow", solver="heun", time_grid="shifted", time_shift=2.0, time_convention="sit",
+                    guidance_interval=[0.0, 0.7], guidance_channels=1, clip_denoised=False, boundary_steps=[0, 2, 5, 8],
+                    boundary_sigmas=sigmas, boundary_times=[1 - s for s in sigmas], format=et.FORMAT_VERSION)
+    assert {k: meta[k] for k in expected} == expected
+
+
+def test_flow_points_are_the_teachers_own_solve(flow_single, flow_teacher):
+    indices = range(te.SHARD_SIZE, 2 * te.SHARD_SIZE)
+    noise, labels = index_noise_and_labels(te.SEED, indices, te.SHAPE, te.NUM_CLASSES, te.LABELS)
+    velocity = GuidedVelocity(flow_teacher[1], CONVENTIONS["sit"], te.CFG, 1, (0.0, 0.7))
+    steps = list(solve_progressive(velocity, noise, time_grid(te.S, 2.0), labels, "heun"))
+    shard = load_file(os.path.join(flow_single, te.shard_name(1)))
+    te.assert_fp16_close(shard["state"][:, 0], noise)
+    for k, step in enumerate([2, 5, 8]):
+        te.assert_fp16_close(shard["state"][:, k + 1], steps[step - 1]["sample"])
+        te.assert_fp16_close(shard["x0"][:, k], steps[step]["pred_xstart"])
+    te.assert_fp16_close(shard["state"][:, -1], steps[-1]["sample"])
+    te.assert_clearly_differs(shard["state"][:, -1], steps[-2]["sample"])
+
+
+def test_flow_extraction_on_two_processes_writes_the_same_bytes_and_resumes(flow_single, flow_teacher, tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "ddp"
+    proc = te.torchrun_extraction(te.argv(flow_teacher[0], out, *FLOW))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert te.contents(out) == te.contents(flow_single)
+    os.remove(out / te.shard_name(2))
+    recorder = te.Recorder()
+    monkeypatch.setattr(et, "atomic_write", recorder)
+    et.main(te.argv(flow_teacher[0], out, *FLOW))
+    assert recorder.shards() == [te.shard_name(2)] and te.contents(out) == te.contents(flow_single)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "teacher.pt is a flow-matching \\(velocity\\) teacher, given as a DDPM"),
+    (["--teacher-family", "flow", "--time-convention", "repa"], "uses the 'sit' time convention, given as 'repa'"),
+])
+def test_flow_teacher_mismatches_stop_before_solving(flow_teacher, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(et, "solve_progressive", te.must_not_solve)
+    monkeypatch.setattr(et, "solve_trajectories", te.must_not_solve)
+    with pytest.raises(ValueError, match=message):
+        et.main(te.argv(flow_teacher[0], tmp_path / "traj", *extra))
+
+
+def test_ddpm_teacher_given_as_flow_stops(tmp_path):
+    te.make_teacher(tmp_path / "ddpm.pt")
+    with pytest.raises(ValueError, match="ddpm.pt is a DDPM \\(ε-prediction\\) teacher, given as a flow-matching"):
+        et.main(te.argv(tmp_path / "ddpm.pt", tmp_path / "traj", "--teacher-family", "flow"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--solver", "heun"], "--solver is for flow teachers"),
+    (["--teacher-family", "flow", "--guidance-interval", "0.8", "0.2"], "--guidance-interval must satisfy"),
+    (["--teacher-family", "flow", "--time-shift", "0"], "--time-shift must be positive"),
+])
+def test_bad_flow_arguments(flow_teacher, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        et.parse_args(te.argv(flow_teacher[0], tmp_path / "traj", *extra))
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the pipeline on a flow teacher
+
+FLOW_TEACHER = ["--teacher-family", "flow", "--time-convention", "repa"]
+
+
+@pytest.fixture(scope="module")
+def flow_pipeline(tmp_path_factory):
+    """A tiny flow teacher trained 4 steps on the digits, and 32 Euler trajectories of it (K=4, 8 steps)."""
+    root = tmp_path_factory.mktemp("flow_pipeline")
+    teacher = tt.ckpt(tt.run(tt.teacher_argv(root / "teacher", "--iterations", 4, "--ckpt-every", 4,
+                                             *FLOW_TEACHER)), 4)
+    traj = str(root / "traj")
+    et.main(["--ckpt", teacher, "--out", traj, "--num-samples", "32", "--shard-size", "16", "--batch-size", "16",
+             "--teacher-steps", "8", "--teacher-family", "flow", "--time-shift", "3"])
+    return teacher, traj
+
+
+def test_flow_teacher_trains_with_the_flow_matching_loss(flow_pipeline):
+    args = tt.load(flow_pipeline[0])["args"]
+    assert (args["teacher_family"], args["time_convention"], args["dit"]["learn_sigma"]) == ("flow", "repa", False)
+    net, info = load_teacher(flow_pipeline[0], family="flow")
+    assert info["time_convention"] == "repa"
+    losses = [row["loss"] for _, row in tt.log_steps(os.path.dirname(os.path.dirname(flow_pipeline[0])))]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_flow_student_resumes_bit_identically_and_records_its_teacher(flow_pipeline, tmp_path):
+    teacher, traj = flow_pipeline
+
+    def argv(results):
+        return tt.ard_argv(teacher, traj, results, "--teacher-family", "flow", "--parametrization", "euler")
+    whole = tt.run(argv(tmp_path / "whole") + ["--iterations", 6, "--ckpt-every", 6])
+    part = tt.run(argv(tmp_path / "part") + ["--iterations", 3, "--ckpt-every", 3])
+    tt.run(["--resume", part, "--iterations", 6])
+    a, b = tt.load(tt.ckpt(whole, 6)), tt.load(tt.ckpt(part, 6))
+    tt.assert_same_training_state(a, b)
+    meta = json.load(open(os.path.join(traj, "meta.json")))
+    assert b["args"]["stage_times"] == meta["boundary_times"] and b["args"]["time_convention"] == "repa"
+    assert b["args"]["teacher_family"] == "flow" and b["args"]["parametrization"] == "euler"
+    student, _ = load_student(tt.ckpt(part, 6))
+    assert student.readout.convention == CONVENTIONS["repa"]
+
+
+def test_flow_trajectories_with_a_ddpm_teacher_or_readout_stop(flow_pipeline, tmp_path):
+    teacher, traj = flow_pipeline
+    with pytest.raises(ValueError, match="is a flow-matching \\(velocity\\) teacher, given as a DDPM"):
+        tt.run(tt.ard_argv(teacher, traj, tmp_path, "--iterations", 1))
+    with pytest.raises(ValueError, match="parametrization 'ddim' reads a ddpm teacher's output"):
+        tt.run(tt.ard_argv(teacher, traj, tmp_path, "--iterations", 1, "--teacher-family", "flow",
+                           "--parametrization", "ddim"))
+
+
+def test_trajectories_of_another_convention_or_grid_stop(flow_pipeline, tmp_path):
+    teacher, traj = flow_pipeline
+    edited = tmp_path / "traj"
+    shutil.copytree(traj, edited)
+    meta_path = edited / "meta.json"
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, time_convention="sit"), open(meta_path, "w"))
+    with pytest.raises(ValueError, match="time_convention is 'sit', expected 'repa'"):
+        tt.run(tt.ard_argv(teacher, edited, tmp_path / "r", "--iterations", 1, "--teacher-family", "flow"))
+    json.dump(dict(meta, time_shift=1.0, time_grid="uniform"), open(meta_path, "w"))  # points of a shifted grid
+    with pytest.raises(ValueError, match="boundary_sigmas is .*, expected \\[1.0, 0.75, 0.5, 0.25\\]"):
+        tt.run(tt.ard_argv(teacher, edited, tmp_path / "r", "--iterations", 1, "--teacher-family", "flow"))
+
+
+def test_sample_py_samples_a_flow_teacher_with_its_own_solver(flow_pipeline, tmp_path, capsys):
+    teacher, traj = flow_pipeline
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", teacher, "--teacher-family", "flow", "--solver", "heun", "--num-sampling-steps", "8",
+                 "--time-shift", "3", "--cfg-scale", "1", "--out", str(out), "--device", "cpu"])
+    assert out.exists() and "teacher (8 steps): 10 images" in capsys.readouterr().out
+    generate, net, _ = sample.load_generator(teacher, flow=dict(teacher_family="flow", time_convention=None,
+                                                                solver="euler", time_shift=3.0,
+                                                                guidance_interval=(0.0, 1.0)),
+                                             steps=8, cfg_scale=1.5, guidance_channels=None)
+    shard = load_file(os.path.join(traj, "shard_00000.safetensors"))
+    state, labels = shard["state"], shard["labels"]
+    torch.testing.assert_close(generate(state[:4, 0].float(), labels[:4]), state[:4, -1].float(), rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_gan_stage_refuses_a_flow_student(flow_pipeline, tmp_path):
+    teacher, traj = flow_pipeline
+    student = tt.run(tt.ard_argv(teacher, traj, tmp_path / "ard", "--teacher-family", "flow", "--iterations", 1,
+                                 "--parametrization", "euler"))
+    with pytest.raises(ValueError, match="--stage gan fine-tunes students of DDPM teachers; .* distils a flow teacher"):
+        tt.run(tt.gan_argv(tt.ckpt(student, 1), traj, tmp_path / "gan", "--iterations", 1))
