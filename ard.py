@@ -3,8 +3,8 @@ step seeing the whole history of its trajectory.
 
 The K stage inputs [x_T, x_τ1, ..., x_τ(K-1)] are patchified into K·L tokens. Stage k is
 conditioned on its own time τ_k through adaLN, computed once per stage. The lower N blocks
-attend across stages under a block mask (M4: stage k sees stages 0..k); the upper blocks
-process every stage on its own, exactly like the teacher. One output head per stage, read
+attend across stages (M4: stage k sees stages 0..k), stage by stage over the keys it sees; the upper
+blocks process every stage on its own, exactly like the teacher. One output head per stage, read
 either as the prediction itself ("direct") or as the teacher reads its own output ("ddim": an
 ε-prediction mapped through the DDIM step from the stage's input to the next stage's time; "euler", for
 flow-matching teachers: a velocity mapped through the Euler step).
@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import ddim_jump, stage_alphas, student_timesteps
-from models import DiT, KVCache, load_state_dict_strict, read_checkpoint, unpatchify
+from models import DiT, KVCache, StageKeys, load_state_dict_strict, read_checkpoint, unpatchify
 from transport import CONVENTIONS, euler_jump
 
 MASKS = ("M1", "M2", "M3", "M4")
@@ -100,15 +100,14 @@ def zero_history_layout(stages):
     return torch.cat([torch.cat([stages, torch.zeros_like(stages)], 1), torch.cat([stages & ~eye, eye], 1)])
 
 
-def stage_layout(variant, num_steps, tokens):
-    """(stage mask (K, K), token mask (K·L, K·L) for L tokens per stage, sampling plan): the plan
-    gives per sampling step the first stage whose keys it reads and whether a stage in between
-    is hidden (M3), in which case the cached keys need a mask."""
-    stages = stage_mask(variant, num_steps)
-    tokens_mask = stages.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
-    rows = [stages[k, : k + 1].tolist() for k in range(num_steps)]
-    plan = [(row.index(True), not all(row[row.index(True):])) for row in rows]
-    return stages, tokens_mask, plan
+def stage_runs(stages):
+    """Per stage q of a (K, K) stage mask, the stages it sees as spans [a, b) of consecutive stages:
+    M4's stage k sees [(0, k+1)], M2's [(k-1, k+1)], M3's [(0, 1), (k, k+1)], M1's [(k, k+1)]."""
+    runs = []
+    for row in stages.tolist():
+        edges = [s for s in range(len(row) + 1) if (s < len(row) and row[s]) != (s > 0 and row[s - 1])]
+        runs.append(list(zip(edges[::2], edges[1::2])))
+    return runs
 
 
 class StageReadout(nn.Module):
@@ -159,6 +158,8 @@ class ARD(nn.Module):
     for a DDPM teacher, else the flow teacher's (transport.CONVENTIONS), whose stage times are floats.
     """
 
+    constant_buffers = True  # positions, stage times and mask, time frequencies (see train.distributed)
+
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False, parametrization="direct", target="state", clip_x0=False,
                  history_input="trajectory", attention="sdpa", time_convention=None):
@@ -187,12 +188,12 @@ class ARD(nn.Module):
                                                             for _ in range(0 if shared_head else num_steps - 1)])
         self.out_channels = teacher.out_channels
         self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
-        stages, token_mask, self.sampling_plan = stage_layout(mask, num_steps, self.x_embedder.num_patches)
-        if self.zero_history:
-            tokens = self.x_embedder.num_patches
-            token_mask = zero_history_layout(stages).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+        stages = stage_mask(mask, num_steps)
+        # The history blocks' stage layout: the K stages, or for the zero-history control 2K (the zero copy first).
+        history = zero_history_layout(stages) if self.zero_history else stages
         self.register_buffer("stage_mask", stages, persistent=False)
-        self.register_buffer("token_mask", token_mask, persistent=False)
+        self.register_buffer("history_layout", history, persistent=False)
+        self.history_keys = StageKeys(stage_runs(history), self.x_embedder.num_patches)
         self._block_mask = None
 
     # ------------------------------------------------------------------ pieces
@@ -209,12 +210,15 @@ class ARD(nn.Module):
         return self.readout(raw, stage_input, k)
 
     def history_mask(self):
+        """The history blocks' attention: per-stage SDPA, or a FlexAttention block mask made from the
+        stage layout (FlexAttention evaluates it once per (K·L)² position, when it is built)."""
         if self.attention == "sdpa":
-            return self.token_mask
-        if self._block_mask is None or self._block_mask.kv_indices.device != self.token_mask.device:
-            token_mask = self.token_mask
-            self._block_mask = create_block_mask(lambda b, h, q, kv: token_mask[q, kv], None, None,
-                                                 *token_mask.shape, device=token_mask.device)
+            return self.history_keys
+        stages = self.history_layout
+        if self._block_mask is None or self._block_mask.kv_indices.device != stages.device:
+            L, tokens = self.x_embedder.num_patches, len(stages) * self.x_embedder.num_patches
+            self._block_mask = create_block_mask(lambda b, h, q, kv: stages[q // L, kv // L], None, None,
+                                                 tokens, tokens, device=stages.device)
         return self._block_mask
 
     def run_block(self, block, x, c, mask=None, cache=None):
@@ -267,19 +271,16 @@ class ARD(nn.Module):
         c_all = self.conditioning(y)
         caches = [KVCache(capacity=K * L) for _ in range(N)]
         x_in, outputs = noise, []
-        for k, (first, hidden_between) in enumerate(self.sampling_plan[:steps]):
-            # Keys cover stages first..k; a mask is needed only when some stage in between is hidden (M3).
-            mask = self.token_mask[k * L:(k + 1) * L, first * L:(k + 1) * L] if hidden_between else None
+        for k, runs in enumerate(self.history_keys.runs[:steps]):
             for cache in caches:
-                cache.visible_from = first * L
+                cache.visible = runs
             x = self.x_embedder(x_in) + self.pos_embed
             c = c_all[:, k:k + 1]
             for i, block in enumerate(self.blocks):
-                x = block(x, c, mask, caches[i]) if i < N else block(x, c)
+                x = block(x, c, None, caches[i]) if i < N else block(x, c)
             x_in = self.head(x, c, k, x_in)
             outputs.append(x_in)
         return torch.stack(outputs, dim=1)
-
 
     @torch.no_grad()
     def sample_uncached(self, noise, y, steps=None):

@@ -156,6 +156,8 @@ def main(argv=None):
                    help="print the GFLOPs of PixArt-Sigma's teacher and students at 512 and 1024 (20 teacher steps "
                         "unless --teacher-steps says otherwise) and exit")
     args = p.parse_args(argv)
+    if args.attention == "flex" and not args.compile:
+        p.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     if args.pixart:
         return pixart_table(args.num_steps, args.history_layers, args.teacher_steps or 20)
     args.teacher_steps = args.teacher_steps or 25

@@ -1,31 +1,40 @@
 """The embedded default: ARD end to end on small embedded datasets on a CPU, and the study of when
 the trajectory's history helps.
 
-    python demo.py                     # digits: N=0 against ARD (N=1) under two recipes (~8 min, 2 CPU cores)
+    python demo.py                     # digits: N=0 against ARD (N=1), direct and ddim heads (~9 min, 2 CPU cores)
     python demo.py --dataset shapes    # the same on 16x16 procedural shapes (slower: a wider teacher)
-    python demo.py --study             # the study: recipes, N, target, K=2, 2 seeds (prints its time first)
+    python demo.py --study             # the study: 3 seeds, both datasets, every axis (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
 
-Recipes. "teacher-forced" is the paper's: every stage input is the teacher's trajectory point.
-"ema-fed" is ours: from a linear ramp over the first half of training up to probability 0.5, a
-step feeds the student's own free-running outputs, rolled out with its EMA weights, as the inputs
-after x_T (train.py --student-fed --student-fed-ema), so it is trained on the errors it makes when
-it generates. "student-fed" (study only) rolls out with the online weights instead.
+Students. Step distillation (N=0) and ARD (history in the lower N blocks), with the heads read
+"direct" (the raw output is the prediction, as in the public re-implementation) or "ddim" (read
+as the teacher reads its own output, an ε-prediction mapped through the DDIM step to the next
+stage time: at initialisation the teacher's one-jump solve). Recipes: "teacher-forced" is the
+paper's; "ema-fed" (study) feeds, from a ramp up to probability 0.5, the student's own rollouts
+with its EMA weights as the stage inputs after x_T (train.py --student-fed --student-fed-ema).
 
-Every stage is one of the project's own scripts, run with the command line printed before it:
-a tiny DiT teacher in pixel space (shipped in assets/, or trained with --teacher train), 25-step
-DDIM trajectories with CFG, K-step students (train.py), samples (sample_ddp.py, sample.py) and the
-evaluator in the features of a small classifier of the dataset in place of Inception. Finished
-runs are reused when the demo runs again into the same --out, so an interrupted study resumes.
+Evaluation. A seed varies the trajectory noise (extract_trajectories.py --seed), the batch order
+(train.py --global-seed) and the evaluation noise (sample_ddp.py --global-seed), which is drawn
+from the evaluation stream and never from a trajectory's noise. Every model of a seed, teacher
+included, generates from the same evaluation noise, so differences are paired: each comes with a
+bootstrap interval over samples of its mean over seeds, and the per-seed values. Beside FID: KID,
+precision/recall (a classifier's pre-activation features in place of Inception), and fidelity to
+the 25-step teacher (the mean per-sample RMS distance to its sample from the same noise, and the
+FD between the two sample sets).
+
+Every stage is one of the project's own scripts, run with the command line printed before it.
+A run, a trajectory set, a sample file or a metric is reused only when every setting that made it
+is equal: each is found by a hash of its settings, and the demo says when it reuses one.
 """
 import argparse
 import functools
 import glob
+import hashlib
 import json
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib
 import numpy as np
@@ -39,8 +48,10 @@ import sample  # noqa: E402
 import sample_ddp  # noqa: E402
 import train  # noqa: E402
 from ard import gflops, load_student  # noqa: E402
-from evaluations.evaluator import evaluate  # noqa: E402
-from evaluations.small import reference_images  # noqa: E402
+from evaluations.evaluator import evaluate, extract_features  # noqa: E402
+from evaluations.metrics import bootstrap_fids, frechet_distance, gaussian_statistics  # noqa: E402
+from evaluations.npz import open_images  # noqa: E402
+from evaluations.small import load_small_features, reference_images  # noqa: E402
 from extract_trajectories import TrajectoryDataset  # noqa: E402
 from utils import index_noise_and_labels, save_json, save_npz  # noqa: E402
 
@@ -49,11 +60,10 @@ TEACHER_STEPS = 25
 CFG_SCALE = 1.5
 STUDENT_FED_PROB = 0.5
 # How each student's stage inputs are chosen: the paper's teacher forcing, or --student-fed from a ramp
-# over the first half of training up to STUDENT_FED_PROB, rolling out with the online or the EMA weights.
-RECIPE_FLAGS = {"teacher-forced": [], "student-fed": ["--student-fed", STUDENT_FED_PROB],
-                "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
+# over the first half of training up to STUDENT_FED_PROB, rolling out with the EMA weights.
+RECIPE_FLAGS = {"teacher-forced": [], "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
 RECIPES = tuple(RECIPE_FLAGS)
-DEMO_RECIPES = ("teacher-forced", "ema-fed")  # ema-fed beat student-fed on the digits (both N, 2 seeds)
+BOOTSTRAP_RESAMPLES = 200
 
 
 def small_dit(width):
@@ -67,28 +77,45 @@ TEACHER_FLAGS = {
     "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
                "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
 }
-# 1000 steps of batch 64, samples and metrics, on two CPU cores: the demo's four digits students took 8.3 min
-# from a fresh clone; the shapes cost about 2.5x the digits.
+# 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (the demo's four
+# digits students took 8.3 min from a fresh clone); the shapes cost about 2.5x the digits.
 MINUTES_PER_STUDENT = {"digits": 2.0, "shapes": 5.0}
-# To keep the study near two hours on two cores (about 2.5 by the estimate above), the shapes run only the
-# first 8 students of study_grid (the demo's four, online rollouts, the x0 target).
-STUDY_SIZE = {"shapes": 8}
+PARAMETRIZATIONS = ("direct", "ddim")
 
 
 @dataclass(frozen=True)
 class Student:
     K: int
     N: int
-    target: str
-    recipe: str
+    parametrization: str = "ddim"
+    recipe: str = "teacher-forced"
+    mask: str = "M4"
+    history: str = "trajectory"
+    target: str = "state"
 
     @property
     def key(self):
-        return f"K{self.K}-N{self.N}-{self.target}-{self.recipe}"
+        extras = [self.mask] * (self.mask != "M4") + ["zeros"] * (self.history == "zeros") + ["x0"] * (self.target == "x0")
+        return "-".join([f"K{self.K}", f"N{self.N}", self.parametrization, self.recipe, *extras])
 
     def label(self):
-        name = "step distillation (N=0)" if self.N == 0 else f"ARD (N={self.N})"
-        return name + ("" if self.target == "state" else ", x0 target")
+        if self.N == 0:
+            return "step distillation (N=0)"
+        details = [f"N={self.N}", *[self.mask] * (self.mask != "M4"), *["zero history"] * (self.history == "zeros")]
+        return f"ARD ({', '.join(details)})" + (", x0 target" if self.target == "x0" else "")
+
+    def flags(self):
+        return ["--num-steps", self.K, "--history-layers", self.N, "--parametrization", self.parametrization,
+                "--mask", self.mask, "--history-input", self.history, "--target", self.target]
+
+    def comparisons(self, grid):
+        """The students of `grid` this one is compared with, fixed before any run: its step-distillation
+        baseline (a gap ratio), and the same student without each thing it varies."""
+        others = [replace(self, N=0, mask="M4", history="trajectory")] if self.N else []
+        changes = [(self.parametrization == "ddim", dict(parametrization="direct")),
+                   (self.mask != "M4", dict(mask="M4")), (self.history == "zeros", dict(history="trajectory")),
+                   (self.recipe != "teacher-forced", dict(recipe="teacher-forced"))]
+        return [s for s in others + [replace(self, **change) for applies, change in changes if applies] if s in grid]
 
 
 def paper_history_layers(depth):
@@ -96,25 +123,24 @@ def paper_history_layers(depth):
     return max(1, round(depth * 6 / 28))
 
 
-def demo_grid(depth, K=4):
-    """Step distillation and ARD at the paper's N under the demo's two recipes: four students, ~8 minutes."""
-    return [Student(K, n, "state", recipe) for recipe in DEMO_RECIPES for n in (0, paper_history_layers(depth))]
+def demo_grid(depth):
+    """Step distillation and ARD at the paper's N, with direct and ddim heads, teacher-forced: four students."""
+    return [Student(4, n, p) for p in PARAMETRIZATIONS for n in (0, paper_history_layers(depth))]
 
 
-def study_grid(depth):
-    """The study's students in the order they run: the demo's four, the same two fed with online
-    rollouts, then the axes (the x0 target, N up to depth, K=2) under the demo's recipes, all
-    teacher-forced first."""
+def study_grid(dataset, depth):
+    """The study's students in the order they run: the demo's four and the zero-history control; on the
+    digits also the paper's mask ablation (M2, M3), history in every block, K=2 and the ema-fed recipe."""
     ard_n = paper_history_layers(depth)
-    axes = ([Student(4, n, "x0", r) for r in DEMO_RECIPES for n in (0, ard_n)]
-            + [Student(4, n, "state", r) for r in DEMO_RECIPES for n in sorted({1, depth // 2, depth} - {ard_n})]
-            + [Student(2, n, "state", r) for r in DEMO_RECIPES for n in (0, ard_n)])
-    online_fed = [Student(4, n, "state", "student-fed") for n in (0, ard_n)]
-    return demo_grid(depth) + online_fed + sorted(axes, key=lambda s: RECIPES.index(s.recipe))
+    core = demo_grid(depth) + [Student(4, ard_n, history="zeros")]
+    if dataset == "shapes":  # 2.5x the digits' cost: the central comparison only
+        return core
+    return (core + [Student(4, ard_n, mask=m) for m in ("M2", "M3")] + [Student(4, depth)]
+            + [Student(2, n) for n in (0, ard_n)] + [Student(4, n, recipe="ema-fed") for n in (0, ard_n)])
 
 
 def students_of(dataset, depth, study):
-    return study_grid(depth)[:STUDY_SIZE.get(dataset)] if study else demo_grid(depth)
+    return study_grid(dataset, depth) if study else demo_grid(depth)
 
 
 def run(script, main, argv):
@@ -124,14 +150,22 @@ def run(script, main, argv):
     return main(argv)
 
 
+def settings_hash(argv):
+    """A short hash of a command line, each existing file in it identified by path, size and time."""
+    items = [sample_ddp.checkpoint_identity(a) if os.path.isfile(str(a)) else str(a) for a in argv]
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def train_once(results_dir, stage, name, flags, may_train=True):
-    """The final checkpoint of train.py run with `flags`, reusing a finished earlier run (which must
-    exist unless `may_train`)."""
+    """The final checkpoint of train.py run with `flags`: a finished earlier run with the same settings is
+    reused (and said so); without one, None unless `may_train`."""
+    name = f"{name}-{settings_hash([stage, *flags])}"
     for experiment in sorted(glob.glob(os.path.join(results_dir, f"*-{stage}-{name}"))):
         if os.path.exists(os.path.join(experiment, "done")):
+            print(f"reusing {experiment}: a finished {stage} run with the same settings")
             return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
     if not may_train:
-        raise FileNotFoundError(f"no finished {stage} run {name!r} in {results_dir} (--report trains nothing)")
+        return None
     experiment = run("train.py", train.main, ["--stage", stage, *flags, "--results-dir", results_dir, "--name", name])
     open(os.path.join(experiment, "done"), "w").close()
     return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
@@ -140,19 +174,15 @@ def train_once(results_dir, stage, name, flags, may_train=True):
 def trained_teacher(dataset, out, may_train=True):
     """Trains the dataset's teacher (or, unless `may_train`, finds it trained) and exports it as assets/ holds it."""
     ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, TEACHER_FLAGS[dataset], may_train)
+    if ckpt is None:
+        raise FileNotFoundError(f"no finished teacher run {dataset!r} in {out}/runs (--report trains nothing)")
     exported = os.path.join(out, f"{dataset}_teacher.safetensors")
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
 
 
-def cached(path, compute):
-    """compute() -> a JSON-able result, stored at `path` and read from there on later runs."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    result = compute()
-    save_json(result, path)
-    return result
+def teacher_flags(steps):
+    return ["--sampler", "ddim", "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
 
 
 class Experiment:
@@ -162,67 +192,102 @@ class Experiment:
         self.dataset, self.teacher, self.out, self.args = dataset, teacher, out, args
         self.config = sample.load_generator(teacher)[2]["dit"]
         self.depth = self.config["depth"]
-        os.makedirs(os.path.join(out, "metrics"), exist_ok=True)
+        for sub in ("metrics", "samples"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
         self.reference = os.path.join(out, "reference.npz")
+        self.classifier = os.path.join(out, "classifier.pt")
+        load_small_features(self.classifier, dataset)  # trained now if missing: metrics are keyed by its file
         if not os.path.exists(self.reference):
             images, labels = reference_images(dataset)
             save_npz(self.reference, dict(arr_0=images, arr_1=labels))
 
     @functools.cache
-    def trajectories(self, K, held_out=False):
-        """The trajectory directory for K-step students, extracted (or checked) once per experiment."""
-        name, count, seed = ("held_out", self.args.num_held_out, 1) if held_out else \
-            ("trajectories", self.args.num_trajectories, 0)
-        path = os.path.join(self.out, f"{name}_K{K}")
-        run("extract_trajectories.py", extract_trajectories.main, [
-            "--ckpt", self.teacher, "--out", path, "--num-samples", count, "--shard-size", min(count, 1024),
-            "--batch-size", 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE,
-            "--seed", seed])
+    def trajectories(self, K, seed, held_out=False, extract=True):
+        """The directory, named by their settings, of seed `seed`'s trajectories for K-step students (held out:
+        from the evaluation noise); with `extract`, extracted there (or checked) first."""
+        count = self.args.num_held_out if held_out else self.args.num_trajectories
+        flags = ["--ckpt", self.teacher, "--num-samples", count, "--shard-size", min(count, 1024), "--batch-size",
+                 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE, "--seed", seed,
+                 *["--held-out"] * held_out]
+        path = os.path.join(self.out, f"{'held_out' if held_out else 'trajectories'}_K{K}_s{seed}_"
+                                      f"{settings_hash(flags)}")
+        if extract:
+            run("extract_trajectories.py", extract_trajectories.main, [*flags, "--out", path])
         return path
 
-    def train_student(self, student, seed):
+    def train_student(self, student, seed, may_train=True):
         fed = RECIPE_FLAGS[student.recipe]
         fed = [*fed, "--student-fed-ramp", self.args.iterations // 2] if fed else []
-        return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", [
-            "--data-path", self.trajectories(student.K), "--teacher", self.teacher, "--num-steps", student.K,
-            "--history-layers", student.N, "--target", student.target, *fed, "--global-seed", seed,
-            "--global-batch-size", self.args.batch_size, "--iterations", self.args.iterations, "--lr", "1e-3",
-            "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every", self.args.iterations,
-            "--sample-every", self.args.iterations, "--num-workers", 0])
+        flags = ["--data-path", self.trajectories(student.K, seed, extract=may_train), "--teacher", self.teacher,
+                 *student.flags(), *fed,
+                 "--global-seed", seed, "--global-batch-size", self.args.batch_size, "--iterations",
+                 self.args.iterations, "--lr", "1e-3", "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every",
+                 self.args.iterations, "--sample-every", self.args.iterations, "--num-workers", 0]
+        return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", flags, may_train)
 
-    def metrics(self, key, ckpt, steps, flags):
-        """FID, precision, recall and ms/img of one generator; a grid PNG beside them."""
-        npz = os.path.join(self.out, f"samples_{key}.npz")
+    def measure(self, name, ckpt, seed, flags, steps, teacher=None, held_out=None, may_compute=True):
+        """A generator's metrics on seed `seed`'s evaluation noise: FID, KID, precision, recall, ms/img; with
+        `teacher` (the 25-step teacher's row of the same seed) fidelity to it; with `held_out` trajectories the
+        per-stage errors. Cached under the hash of everything that produced them (None if not cached and
+        not `may_compute`); the samples' features are kept beside, for paired comparisons."""
+        sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags]
+        key = settings_hash([*sample_flags, self.classifier, teacher and teacher["key"], held_out])
+        path = os.path.join(self.out, "metrics", f"{name}-s{seed}-{key}")
+        if os.path.exists(path + ".json"):
+            print(f"reusing {path}.json: metrics with the same settings")
+            with open(path + ".json") as f:
+                return json.load(f)
+        if not may_compute:
+            return None
+        npz = os.path.join(self.out, "samples", f"{name}-s{seed}-{key}.npz")
         if not os.path.exists(npz):
-            run("sample_ddp.py", sample_ddp.main, ["--ckpt", ckpt, "--out", npz, "--num-fid-samples",
-                                                   self.args.num_images, "--per-proc-batch-size", 500, *flags])
-        result = evaluate(self.reference, npz, features=self.dataset,
-                          classifier=os.path.join(self.out, "classifier.pt"), progress=False)
-        run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{key}.png"),
+            run("sample_ddp.py", sample_ddp.main, [*sample_flags, "--out", npz, "--per-proc-batch-size", 500])
+        results, features, _ = evaluate(self.reference, npz, features=self.dataset, classifier=self.classifier,
+                                        progress=False, return_features=True)
+        np.save(path + ".npy", features)
+        row = dict(results, key=key, npz=npz, features=path + ".npy",
+                   ms_per_image=ms_per_image(ckpt, steps, min(200, self.args.num_images)))
+        if teacher is not None:
+            row.update(fidelity(npz, features, teacher))
+        if held_out is not None:
+            row.update(zip(("free_errors", "forced_errors", "history_reliance"), stage_errors(ckpt, held_out)))
+        run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{name}.png"),
                                        "--class-labels", *list(range(10)) * 4, "--nrow", 10, *flags])
-        return dict(fid=result["fid"], precision=result["precision"], recall=result["recall"],
-                    ms_per_image=ms_per_image(ckpt, steps, min(200, self.args.num_images)))
+        save_json(row, path + ".json")
+        return row
 
-    def teacher_row(self, steps):
-        flags = ["--sampler", "ddim", "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
-        return cached(os.path.join(self.out, "metrics", f"teacher_ddim{steps}.json"),
-                      lambda: self.metrics(f"teacher_ddim{steps}", self.teacher, steps, flags))
+    def teacher_row(self, steps, seed, may_compute=True):
+        return self.measure(f"teacher_ddim{steps}", self.teacher, seed, teacher_flags(steps), steps,
+                            may_compute=may_compute)
 
     def student_row(self, student, seed, may_train=True):
-        """The student's metrics, trained and measured if need be (or None if not `may_train`)."""
-        path = os.path.join(self.out, "metrics", f"{student.key}-s{seed}.json")
-        if not may_train and not os.path.exists(path):
+        """The student's row, trained and measured if need be (or None, unless `may_train`)."""
+        teacher = self.teacher_row(TEACHER_STEPS, seed, may_compute=may_train)
+        ckpt = self.train_student(student, seed, may_train)
+        if teacher is None or ckpt is None:
             return None
+        return self.measure(student.key, ckpt, seed, [], student.K, teacher=teacher,
+                            held_out=self.trajectories(student.K, seed, held_out=True, extract=may_train),
+                            may_compute=may_train)
 
-        def compute():
-            ckpt = self.train_student(student, seed)
-            free, forced, reliance = stage_errors(ckpt, self.trajectories(student.K, held_out=True))
-            return dict(self.metrics(f"{student.key}-s{seed}", ckpt, student.K, []), free_errors=free,
-                        forced_errors=forced, history_reliance=reliance)
-        return cached(path, compute)
+    @functools.cached_property
+    def reference_statistics(self):
+        """(mu, sigma) of the reference images' features, which every FID here compares against."""
+        net = load_small_features(self.classifier, self.dataset)
+        features = extract_features(open_images(self.reference), net, 500, torch.device("cpu"), progress=False)
+        return gaussian_statistics(features["pool"])
 
     def mflops(self, steps, history_layers=0, guided=False):
         return 1e3 * gflops(self.config, steps, history_layers) * (2 if guided else 1)  # CFG: two forwards a step
+
+
+def fidelity(npz, features, teacher):
+    """Distance to the teacher's samples from the same noise: the mean per-sample RMS difference (pixels in
+    [-1, 1]) and the Fréchet distance between the two sets' features."""
+    mine, theirs = (np.load(path)["arr_0"].astype(np.float64) / 127.5 for path in (npz, teacher["npz"]))
+    rms = np.sqrt(((mine - theirs) ** 2).mean(axis=(1, 2, 3))).mean()
+    fd = frechet_distance(*gaussian_statistics(features), *gaussian_statistics(np.load(teacher["features"])))
+    return dict(rms_to_teacher=float(rms), fd_to_teacher=fd)
 
 
 def ms_per_image(ckpt, steps, count, repeats=3):
@@ -231,7 +296,8 @@ def ms_per_image(ckpt, steps, count, repeats=3):
     generate, network, info = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)
     network.to(device)
     shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
-    noise, y = (t.to(device) for t in index_noise_and_labels(2, range(count), shape, info["dit"]["num_classes"]))
+    noise, y = (t.to(device) for t in index_noise_and_labels(0, range(count), shape, info["dit"]["num_classes"],
+                                                              stream="evaluation"))
     times = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -244,11 +310,11 @@ def ms_per_image(ckpt, steps, count, repeats=3):
 
 
 def stage_errors(ckpt, held_out):
-    """Per-stage MSE against the teacher's trajectory points, generating freely (each stage fed the
+    """Per-stage MSE against the teacher's held-out trajectory points, generating freely (each stage fed the
     student's own outputs) and teacher-forced (each stage fed the teacher's points), and how far each
     stage's output moves when its history is swapped for another sample's (history_reliance)."""
     student, args = load_student(ckpt)
-    data = TrajectoryDataset(held_out, args["target"])
+    data = TrajectoryDataset(held_out, args["target"], held_out=True)
     stages, targets, y = (torch.stack(t) for t in zip(*[data[i] for i in range(len(data))]))
     with torch.no_grad():
         free, forced = student.sample(stages[:, 0], y), student(stages, y)
@@ -270,11 +336,11 @@ def history_reliance(student, stages, y, forced):
 # ---------------------------------------------------------------------------- aggregation over seeds
 
 def mean_spread(values, digits=2):
-    """'mean ± half-range' over seeds (the half-range is the spread; one seed has none)."""
+    """'mean ± sd' over seeds (one seed has no spread)."""
     values = np.asarray(values, dtype=float)
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {(values.max() - values.min()) / 2:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def diagnostics(row):
@@ -287,56 +353,105 @@ def diagnostics(row):
 
 
 def gap_ratios(rows, teacher_fid, ard, baseline):
-    """ARD's FID gap to the teacher over step distillation's, per seed that has both."""
+    """ARD's FID gap to the teacher over step distillation's, per seed that has both (teacher_fid per seed)."""
     seeds = sorted(set(rows.get(ard, {})) & set(rows.get(baseline, {})))
-    return [(rows[ard][s]["fid"] - teacher_fid) / (rows[baseline][s]["fid"] - teacher_fid) for s in seeds]
+    return [(rows[ard][s]["fid"] - teacher_fid[s]) / (rows[baseline][s]["fid"] - teacher_fid[s]) for s in seeds]
 
 
-def report(experiment, students, seeds, rows):
-    """The results table (mean ± spread over seeds) and the gap-ratio lines, as markdown."""
-    teacher = {steps: experiment.teacher_row(steps) for steps in [TEACHER_STEPS, *sorted({s.K for s in students})]}
-    teacher_fid = teacher[TEACHER_STEPS]["fid"]
-    header = ["model", "recipe", "K", "FID", "precision", "recall", "exposure bias", "history reliance",
-              "MFLOPs/img", "ms/img"]
-    table = [[f"teacher, DDIM {steps}", "-", steps, f"{m['fid']:.2f}", f"{m['precision']:.3f}",
-              f"{m['recall']:.3f}", "-", "-", f"{experiment.mflops(steps, guided=True):.2f}",
-              f"{m['ms_per_image']:.3f}"] for steps, m in teacher.items()]
+def paired_comparison(experiment, rows, teachers, student, other):
+    """{seed: (difference, ratio)} and the same for each bootstrap resample, averaged over seeds: FID(student)
+    - FID(other), and the gap ratio (FID(student) - FID(teacher)) / (FID(other) - FID(teacher)), the three
+    sharing their evaluation noise and their resampled indices within each seed."""
+    seeds = sorted(set(rows[student]) & set(rows[other]))
+    mu, sigma = experiment.reference_statistics
+    per_seed, resampled = {}, []
+    for seed in seeds:
+        fids = {name: row["fid"] for name, row in (("s", rows[student][seed]), ("o", rows[other][seed]),
+                                                   ("t", teachers[seed]))}
+        per_seed[seed] = (fids["s"] - fids["o"], (fids["s"] - fids["t"]) / (fids["o"] - fids["t"]))
+        boot = bootstrap_fids(mu, sigma, {name: np.load(row["features"]) for name, row in (
+            ("s", rows[student][seed]), ("o", rows[other][seed]), ("t", teachers[seed]))},
+            resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+        resampled.append((boot["s"] - boot["o"], (boot["s"] - boot["t"]) / (boot["o"] - boot["t"])))
+    means = [np.mean([r[i] for r in resampled], axis=0) for i in range(2)]
+    return per_seed, [np.percentile(m, [2.5, 97.5]) for m in means]
+
+
+def verdict(values, interval, null):
+    """'differs' when the 95% interval excludes `null` and every seed lies on the same side of it."""
+    sides = {np.sign(v - null) for v in values}
+    return "differs" if (interval[0] > null or interval[1] < null) and len(sides) == 1 else "no difference"
+
+
+def comparison_lines(experiment, students, rows, teachers):
+    lines = []
+    for student in students:
+        for other in student.comparisons(students):
+            if not rows.get(student) or not rows.get(other):
+                continue
+            per_seed, (diff_ci, ratio_ci) = paired_comparison(experiment, rows, teachers, student, other)
+            diffs, ratios = zip(*per_seed.values())
+            line = (f"- {describe(student)} against {describe(other)}: FID difference {np.mean(diffs):+.2f} "
+                    f"[{diff_ci[0]:+.2f}, {diff_ci[1]:+.2f}] (seeds {', '.join(f'{d:+.2f}' for d in diffs)}): "
+                    f"{verdict(diffs, diff_ci, 0)}")
+            if other.N == 0 and student.N:
+                line += (f"; gap ratio {np.mean(ratios):.2f} [{ratio_ci[0]:.2f}, {ratio_ci[1]:.2f}] (seeds "
+                         f"{', '.join(f'{r:.2f}' for r in ratios)}): {verdict(ratios, ratio_ci, 1)} "
+                         f"(the paper: 0.19 at K=4)")
+            lines.append(line)
+    return lines
+
+
+def describe(student):
+    return f"{student.label()}, {student.parametrization} heads, {student.recipe}, K={student.K}"
+
+
+def table_row(name, heads, recipe, steps, done, mflops):
+    """One markdown row: mean ± sd over seeds of each metric present in the rows `done`."""
+    def cell(key, digits, scale=1.0):
+        values = [r[key] * scale for r in done if key in r]
+        return mean_spread(values, digits) if values else "-"
+    return [name, heads, recipe, steps, cell("fid", 2), cell("kid", 2, 1e3), cell("precision", 3),
+            cell("recall", 3), cell("fd_to_teacher", 2), cell("rms_to_teacher", 3), cell("exposure_bias", 2),
+            cell("history_reliance", 3), f"{mflops:.2f}", cell("ms_per_image", 3)]
+
+
+def report(experiment, students, seeds, rows, teachers):
+    """The results table (mean ± sd over seeds) and the comparisons with their intervals, as markdown."""
+    header = ["model", "heads", "recipe", "K", "FID", "KID x10^3", "precision", "recall", "FD to teacher",
+              "RMS to teacher", "exposure bias", "history reliance", "MFLOPs/img", "ms/img"]
+    table = [table_row(f"teacher, DDIM {steps}", "-", "-", steps, list(by_seed.values()),
+                       experiment.mflops(steps, guided=True)) for steps, by_seed in teachers.items()]
     for student in students:
         done = [dict(r, **diagnostics(r)) for _, r in sorted(rows.get(student, {}).items())]
-        if not done:
-            continue
-        metric = {name: mean_spread([r[name] for r in done], digits) for name, digits in (
-            ("fid", 2), ("precision", 3), ("recall", 3), ("exposure_bias", 2), ("history_reliance", 3),
-            ("ms_per_image", 3))}
-        table.append([student.label(), student.recipe, student.K, metric["fid"], metric["precision"],
-                      metric["recall"], metric["exposure_bias"], metric["history_reliance"],
-                      f"{experiment.mflops(student.K, student.N):.2f}", metric["ms_per_image"]])
-    lines = [f"{experiment.dataset}: {experiment.args.num_images} samples per model, classifier features; "
-             f"teacher {TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students {experiment.args.iterations} steps of "
-             f"batch {experiment.args.batch_size} on {experiment.args.num_trajectories} trajectories; "
-             f"seeds {', '.join(map(str, seeds))} (mean ± half-range).", "",
-             *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), ""]
-    for student in students:
-        baseline = Student(student.K, 0, student.target, student.recipe)
-        ratios = gap_ratios(rows, teacher_fid, student, baseline) if student.N else []
-        if ratios:
-            lines.append(f"- gap ratio, {student.recipe}, K={student.K}, {student.target}, ARD N={student.N} over "
-                         f"N=0: {mean_spread(ratios)} (the paper: 0.19 at K=4; the claim: at most 0.5)")
-    return "\n".join(lines) + "\n", teacher_fid
+        if done:
+            table.append(table_row(student.label(), student.parametrization, student.recipe, student.K, done,
+                                   experiment.mflops(student.K, student.N)))
+    args = experiment.args
+    lines = [f"**{experiment.dataset}**: {args.num_images} samples per model and seed, classifier features; teacher "
+             f"{TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students {args.iterations} steps of batch "
+             f"{args.batch_size} on {args.num_trajectories} trajectories; seeds {', '.join(map(str, seeds))} "
+             f"(mean ± sd over seeds; a seed varies trajectories, batch order and evaluation noise).", "",
+             *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), "",
+             f"Comparisons (decided before the runs; [95% paired bootstrap interval over samples of the mean over "
+             f"seeds], then each seed's value; 'differs' needs the interval to exclude no change and every seed to "
+             f"agree in sign):", "",
+             *comparison_lines(experiment, students, rows, teachers[TEACHER_STEPS])]
+    return "\n".join(lines) + "\n"
 
 
-def plot_fid_vs_history(experiment, students, rows, teacher_fid, path):
+def plot_fid_vs_history(experiment, students, rows, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for recipe in RECIPES:
-        points = sorted((s.N, [r["fid"] for r in rows[s].values()]) for s in students
-                        if s.recipe == recipe and s.K == 4 and s.target == "state" and rows.get(s))
+    for parametrization in PARAMETRIZATIONS:
+        points = sorted((s.N, [r["fid"] for r in rows[s].values()]) for s in students if rows.get(s) and s.K == 4
+                        and s.parametrization == parametrization and s.recipe == "teacher-forced"
+                        and s.mask == "M4" and s.history == "trajectory")
         if points:
             ns, fids = zip(*points)
-            ax.errorbar(ns, [np.mean(f) for f in fids], yerr=[(max(f) - min(f)) / 2 for f in fids], fmt="o-",
-                        capsize=3, label=recipe)
-    ax.axhline(teacher_fid, color="gray", ls=":", label=f"teacher, DDIM {TEACHER_STEPS}")
+            ax.errorbar(ns, [np.mean(f) for f in fids], yerr=[np.std(f) for f in fids], fmt="o-", capsize=3,
+                        label=f"{parametrization} heads")
     ax.set(xlabel=f"history layers N (of {experiment.depth})", ylabel=f"FID ({experiment.dataset} features)",
-           xticks=sorted({s.N for s in students}), title=f"{experiment.dataset}: FID against N, K=4")
+           title=f"{experiment.dataset}: FID against N, K=4, teacher-forced")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -344,25 +459,25 @@ def plot_fid_vs_history(experiment, students, rows, teacher_fid, path):
 
 
 def plot_exposure_bias(experiment, rows, path):
-    """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per recipe."""
+    """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per head reading."""
     ard_n = paper_history_layers(experiment.depth)
-    recipes = [r for r in RECIPES if rows.get(Student(4, 0, "state", r))]
-    if not recipes:
+    panels = [p for p in PARAMETRIZATIONS if rows.get(Student(4, 0, p))]
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 3.5), sharey=True, squeeze=False)
-    for ax, recipe in zip(axes[0], recipes):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), sharey=True, squeeze=False)
+    for ax, parametrization in zip(axes[0], panels):
         for n, color in zip((0, ard_n), ("C0", "C1")):
-            done = rows.get(Student(4, n, "state", recipe))
-            if not done:
+            student = Student(4, n, parametrization)
+            if not rows.get(student):
                 continue
-            free, forced = (np.mean([r[k] for r in done.values()], axis=0) for k in ("free_errors", "forced_errors"))
+            free, forced = (np.mean([r[k] for r in rows[student].values()], axis=0)
+                            for k in ("free_errors", "forced_errors"))
             steps = range(1, len(free) + 1)
-            label = Student(4, n, "state", recipe).label()
-            ax.plot(steps, free, "o-", color=color, label=f"{label}, fed its own outputs")
-            ax.plot(steps, forced, "x--", color=color, label=f"{label}, teacher-forced")
-        ax.set(xlabel="student step", yscale="log", xticks=[1, 2, 3, 4], title=f"trained {recipe}")
+            ax.plot(steps, free, "o-", color=color, label=f"{student.label()}, fed its own outputs")
+            ax.plot(steps, forced, "x--", color=color, label=f"{student.label()}, teacher-forced")
+        ax.set(xlabel="student step", yscale="log", xticks=[1, 2, 3, 4], title=f"{parametrization} heads")
         ax.legend(fontsize=6)
-    axes[0, 0].set_ylabel("MSE to the teacher's trajectory")
+    axes[0, 0].set_ylabel("MSE to the teacher's held-out trajectory")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -381,8 +496,11 @@ def run_dataset(dataset, seeds, args):
             row = experiment.student_row(student, seed, may_train=not args.report)
             if row is not None:
                 rows.setdefault(student, {})[seed] = row
-    text, teacher_fid = report(experiment, students, seeds, rows)
-    plot_fid_vs_history(experiment, students, rows, teacher_fid, os.path.join(out, "fid_vs_history.png"))
+    teachers = {steps: {seed: row for seed in seeds
+                        if (row := experiment.teacher_row(steps, seed, may_compute=not args.report)) is not None}
+                for steps in [TEACHER_STEPS, *sorted({s.K for s in students})]}
+    text = report(experiment, students, seeds, rows, teachers)
+    plot_fid_vs_history(experiment, students, rows, os.path.join(out, "fid_vs_history.png"))
     plot_exposure_bias(experiment, rows, os.path.join(out, "exposure_bias.png"))
     return text
 
@@ -394,22 +512,22 @@ def main(argv=None):
                    help="one dataset (default: digits; with --study, every dataset)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
-    p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 2 seeds")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0; study: 0 1)")
+    p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 3 seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; study: 0 1 2)")
     p.add_argument("--report", action="store_true", help="train nothing: tables and plots of the finished runs")
     p.add_argument("--iterations", type=int, default=1000, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
     p.add_argument("--num-trajectories", type=int, default=4096)
-    p.add_argument("--num-held-out", type=int, default=512, help="trajectories for the per-step errors")
-    p.add_argument("--num-images", type=int, default=2000, help="samples per model for the metrics")
+    p.add_argument("--num-held-out", type=int, default=512, help="held-out trajectories for the per-step errors")
+    p.add_argument("--num-images", type=int, default=2000, help="samples per model and seed for the metrics")
     args = p.parse_args(argv)
     started = time.time()
-    seeds = args.seeds or ([0, 1] if args.study else [0])
+    seeds = args.seeds or ([0, 1, 2] if args.study else [0])
     datasets = [args.dataset] if args.dataset else (list(TEACHER_FLAGS) if args.study else ["digits"])
     runs = {dataset: len(students_of(dataset, 4, args.study)) * len(seeds) for dataset in datasets}
     minutes = sum(n * MINUTES_PER_STUDENT[d] for d, n in runs.items()) * args.iterations / 1000
     print(f"{sum(runs.values())} students on {', '.join(datasets)}: about {minutes:.0f} minutes on two CPU cores "
-          f"(finished runs in {args.out} are reused)", flush=True)
+          f"(finished runs in {args.out} with the same settings are reused)", flush=True)
     texts = [run_dataset(dataset, seeds, args) for dataset in datasets]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(texts))

@@ -25,6 +25,7 @@ before any solve, into text.safetensors (T5 embeddings without their padding, th
 prompt "" last) beside prompts.json; no embedding is stored per trajectory.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +36,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import pixart
 from ard import TARGETS
@@ -43,7 +43,7 @@ from diffusion import create_diffusion, student_timesteps
 from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
 from transport import CONVENTIONS, SOLVERS, GuidedVelocity, solve_progressive, student_steps, time_grid
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
-                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, save_json)
+                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, progress, save_json)
 
 # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream;
 # 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval)
@@ -122,7 +122,7 @@ def solver_meta(args, condition, clip_denoised, settings):
         precision=args.precision, seed=args.seed, noise_stream=noise_stream(args), num_samples=args.num_samples,
         shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
-                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:]",
+                "x0": "(n, K-1, C, H, W): the teacher's x0-prediction at boundary_times[1:] (its forward in fp32)",
                 **condition, "seeds": "(n,) the seed of each sample's noise"})
 
 
@@ -180,6 +180,29 @@ def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
     return boundary_points(steps, noise, meta["boundary_steps"][1:], n)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32 within the block."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def fp32_at_boundaries(guided, low_precision, meta):
+    """The solver's model function: the guided teacher under `low_precision` (bf16 autocast) except at
+    the boundaries whose x0-predictions are stored, where it runs in fp32. An x0-prediction multiplies
+    the ε error by sqrt(1/ᾱ_t - 1), 17 at t=749, so bf16's rounding would dominate those targets."""
+    exact = set(meta["boundary_times"][1:])
+
+    def model_fn(x, t, **kwargs):
+        with exact_fp32() if int(t[0]) in exact else low_precision:
+            return guided(x, t, **kwargs).float()
+    return model_fn
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="official DiT name (DiT-XL-2-256x256.pt) or a teacher checkpoint; "
@@ -205,7 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--held-out", action="store_true",
                    help="draw the noise from the evaluation stream (as sample_ddp.py does): trajectories for "
                         "diagnostics and fidelity, never for training (train.py refuses them)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="teacher forward on GPU")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="teacher forward on GPU (fp32 at the K-1 boundaries whose x0-predictions are stored)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     add_distributed_args(p)
     args = p.parse_args(argv)
@@ -288,11 +312,8 @@ class DDIMTeacher:
 
         def solve(noise, condition):
             guided, noise, model_kwargs = self.guided(noise.to(device), condition.to(device))
-
-            def model_fn(x, t, **kwargs):
-                with bf16:
-                    return guided(x, t, **kwargs).float()
-            return solve_trajectories(model_fn, diffusion, noise, model_kwargs, self.meta)
+            return solve_trajectories(fp32_at_boundaries(guided, bf16, self.meta), diffusion, noise, model_kwargs,
+                                      self.meta)
         return solve
 
 
@@ -360,8 +381,11 @@ class PromptTeacher(DDIMTeacher):
         encode = pixart.PromptEncoder(self.args.ckpt, device)
         batch = self.args.batch_size
         texts = [*self.prompts, self.meta["negative_prompt"]]
-        embeddings = [e for i in tqdm(range(0, len(texts), batch), desc="T5", unit="batch")
-                      for e in encode(texts[i:i + batch])]
+        bar, embeddings = progress(len(texts), "T5", "prompt"), []
+        for i in range(0, len(texts), batch):
+            embeddings += encode(texts[i:i + batch])
+            bar.update(len(texts[i:i + batch]))
+        bar.close()
         pixart.write_text_table(path, embeddings)
 
     def conditions(self, indices):
@@ -381,7 +405,7 @@ class PromptTeacher(DDIMTeacher):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed(args.dist_timeout)
+    rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     teacher = (PromptTeacher if args.prompts else FlowTeacher if args.teacher_family == "flow" else LabelTeacher)(args)
     meta = teacher.meta
@@ -398,7 +422,7 @@ def main(argv=None):
     solve = teacher.solver(model, device, args.precision)
 
     mine = list(missing)[rank::world_size]
-    bar = tqdm(total=len(missing) * args.shard_size, unit="traj", disable=rank != 0, smoothing=0.1)
+    bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
         for j, shard in enumerate(mine):

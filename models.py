@@ -52,35 +52,60 @@ def gate(x, g):
     return (x.view(B, S, N // S, D) * g.unsqueeze(2)).view(B, N, D)
 
 
+def stage_tokens(x, runs, tokens):
+    """The tokens (B, H, ., d) of the stages in `runs`, spans [a, b) of stages of `tokens` tokens each
+    along dim 2: a view for one span, a copy of just those tokens for several."""
+    parts = [x[:, :, a * tokens:b * tokens] for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class StageKeys:
+    """Attention over K stages of `tokens` tokens each in which stage s sees the stages runs[s] (spans
+    [a, b)), computed per stage: one SDPA of its queries over exactly the keys it sees, the layout of
+    the KV-cached sampler. No (K·L)² mask exists, so the memory is that of the attention kernels."""
+
+    def __init__(self, runs, tokens):
+        self.runs, self.tokens = runs, tokens
+
+    def __call__(self, q, k, v):
+        """q, k, v: (B, H, K·L, d) -> (B, H, K·L, d)."""
+        L = self.tokens
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, s * L:(s + 1) * L], stage_tokens(k, runs, L),
+                                                         stage_tokens(v, runs, L))
+                          for s, runs in enumerate(self.runs)], dim=2)
+
+
 class KVCache:
     """Keys and values of the stages generated so far, for one attention layer.
 
-    `append` stores the new tokens' keys/values in a buffer of `capacity` tokens and returns
-    those the new queries may see: positions [visible_from, end), set per stage by the sampler.
+    `append` stores the new stage's keys/values in a buffer of `capacity` tokens and returns
+    those the new queries may see: the stages in `visible` (spans [a, b) of stages, set per
+    stage by the sampler; None: every stage so far).
     """
 
     def __init__(self, capacity):
         self.capacity = capacity
         self.k = self.v = None
         self.length = 0
-        self.visible_from = 0
+        self.visible = None
 
     def append(self, k, v):
         if self.k is None:
             shape = (*k.shape[:2], self.capacity, k.shape[3])
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = self.length + k.shape[2]
+        tokens, end = k.shape[2], self.length + k.shape[2]
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
-        return self.k[:, :, self.visible_from:end], self.v[:, :, self.visible_from:end]
+        runs = self.visible or [(0, end // tokens)]
+        return stage_tokens(self.k, runs, tokens), stage_tokens(self.v, runs, tokens)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention through PyTorch's fused kernels.
 
-    `mask` is a boolean (queries, keys) mask for SDPA or a FlexAttention BlockMask;
-    with `cache`, keys/values of earlier calls are prepended to the current ones.
+    `mask` is a boolean (queries, keys) mask for SDPA, a FlexAttention BlockMask, or a StageKeys
+    (per-stage attention); with `cache`, keys/values of earlier calls are prepended to the current ones.
     """
 
     def __init__(self, dim, num_heads):
@@ -96,6 +121,8 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)
         if isinstance(mask, BlockMask):
             x = flex_attention(q, k, v, block_mask=mask)
+        elif isinstance(mask, StageKeys):
+            x = mask(q, k, v)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
@@ -198,6 +225,8 @@ def sincos_pos_embed_2d(embed_dim, grid_size):
 
 class DiT(nn.Module):
     """Diffusion transformer with adaLN-Zero blocks."""
+
+    constant_buffers = True  # time frequencies, set once: DDP need not broadcast them (train.distributed)
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):

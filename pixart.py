@@ -3,9 +3,9 @@
 The student is the class-conditional ARD of ard.py on PixArt's own blocks. The K stages of a
 sample sit side by side in the batch (B·K rows of L tokens), so every block's adaLN-single is
 applied per stage, once, and its cross-attention reads the sample's text per stage, unchanged.
-In the lower N blocks a self-attention processor joins each sample's K·L tokens under the
-block mask (or, when sampling, appends each stage's keys to a cache); the upper blocks keep
-diffusers' processor and see one stage at a time. Stage 0 keeps the transformer's output head;
+In the lower N blocks a self-attention processor joins each sample's K·L tokens and lets each
+stage attend to the stages the mask lets it see (or, when sampling, appends each stage's keys to
+a cache); the upper blocks keep diffusers' processor and see one stage at a time. Stage 0 keeps the transformer's output head;
 stages 1..K-1 get copies of it.
 
 Text: prompts are encoded once, with diffusers' own PixArtSigmaPipeline.encode_prompt, and
@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from ard import StageReadout, check_stage_shape, check_student_settings, stage_layout, stage_mask, student_kwargs
-from models import Autoencoder, KVCache, guided_output, load_state_dict_strict, read_checkpoint, unpatchify, \
-    weights_sha256
+from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
+from models import Autoencoder, KVCache, StageKeys, guided_output, load_state_dict_strict, read_checkpoint, \
+    unpatchify, weights_sha256
 from utils import atomic_write
 
 PIXART_SIGMA = {512: "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", 1024: "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
@@ -213,21 +213,23 @@ class StageAttention:
     """Self-attention processor of the history blocks (diffusers' processor interface).
 
     Teacher forcing (`cache` None): the batch holds the K stages of each sample as consecutive
-    rows, which are joined into one sequence of K·L tokens under `mask`. Sampling: the rows are
+    rows, which are joined into one sequence of K·L tokens attended to stage by stage (`keys`, a
+    models.StageKeys). Sampling: the rows are
     one stage, whose keys/values are appended to `cache`, and the queries read what it returns.
     """
 
     def __init__(self):
-        self.num_steps, self.mask, self.cache = 1, None, None
+        self.num_steps, self.keys, self.cache = 1, None, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         rows, L, D = hidden_states.shape
         batch, tokens = (rows, L) if self.cache is not None else (rows // self.num_steps, self.num_steps * L)
         q, k, v = (proj(hidden_states).view(batch, tokens, attn.heads, -1).transpose(1, 2)
                    for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if self.cache is not None:
-            k, v = self.cache.append(k, v)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        if self.cache is None:
+            x = self.keys(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, *self.cache.append(k, v))
         return attn.to_out[1](attn.to_out[0](x.transpose(1, 2).reshape(rows, L, D)))
 
 
@@ -246,6 +248,8 @@ class PixArtARD(nn.Module):
     The arguments are ard.ARD's. The transformer's weights keep diffusers' names under
     `transformer.`, so a teacher's state dict loads into it as it is (`load_teacher_weights`).
     """
+
+    constant_buffers = True  # stage times, the transformer's positions (see train.distributed)
 
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False, parametrization="direct", target="state", clip_x0=False,
@@ -274,9 +278,8 @@ class PixArtARD(nn.Module):
         self.transformer = copy.deepcopy(teacher)
         self.extra_heads = nn.ModuleList([StageHead(teacher) for _ in range(0 if shared_head else num_steps - 1)])
         self.register_buffer("stage_times", torch.tensor(stage_times), persistent=False)
-        tokens = (self.input_size // self.patch_size) ** 2
-        _, token_mask, self.sampling_plan = stage_layout(mask, num_steps, tokens)
-        self.register_buffer("token_mask", token_mask, persistent=False)
+        self.tokens = (self.input_size // self.patch_size) ** 2
+        self.history_keys = StageKeys(stage_runs(stage_mask(mask, num_steps)), self.tokens)
         self.history = [StageAttention() for _ in range(history_layers)]
         for block, processor in zip(self.transformer.transformer_blocks, self.history):
             block.attn1.set_processor(processor)
@@ -320,10 +323,10 @@ class PixArtARD(nn.Module):
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise ValueError(f"text_mask must be {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
 
-    def use_history(self, caches=None, mask=None):
+    def use_history(self, caches=None):
         """Sets the history blocks' processors: teacher forcing (no caches), or a sampling step's caches."""
         for i, processor in enumerate(self.history):
-            processor.num_steps, processor.mask = self.num_steps, mask
+            processor.num_steps, processor.keys = self.num_steps, self.history_keys
             processor.cache = None if caches is None else caches[i]
 
     # ------------------------------------------------------------------ teacher forcing
@@ -336,7 +339,7 @@ class PixArtARD(nn.Module):
         x = self.transformer.pos_embed(stages.flatten(0, 1))  # (B·K, L, D)
         t, embedded_t = self.stage_conditioning(B)
         text, bias = (c.repeat_interleave(K, dim=0) for c in text_conditioning(self.transformer, text, text_mask))
-        self.use_history(mask=self.token_mask)
+        self.use_history()
         for block in self.transformer.transformer_blocks:
             x = self.run_block(block, x, t, text, bias)
         x, embedded_t = x.unflatten(0, (B, K)), embedded_t.unflatten(0, (B, K))
@@ -349,16 +352,15 @@ class PixArtARD(nn.Module):
         """K-step generation from noise (B, C, H, W); every stage's output (B, K, C, H, W), the last
         the sample. As ard.ARD.sample: each step runs its own L tokens, the history blocks cache keys."""
         self.check_inputs(noise, text, text_mask, "noise", with_stages=False)
-        B, K, L = noise.shape[0], self.num_steps, self.token_mask.shape[0] // self.num_steps
+        B, K, L = noise.shape[0], self.num_steps, self.tokens
         t_all, embedded_all = self.stage_conditioning(1)
         text, bias = text_conditioning(self.transformer, text, text_mask)
         caches = [KVCache(capacity=K * L) for _ in self.history]
         x_in, outputs = noise, []
-        for k, (first, hidden_between) in enumerate(self.sampling_plan[:steps]):
-            mask = self.token_mask[k * L:(k + 1) * L, first * L:(k + 1) * L] if hidden_between else None
+        for k, runs in enumerate(self.history_keys.runs[:steps]):
             for cache in caches:
-                cache.visible_from = first * L
-            self.use_history(caches, mask)
+                cache.visible = runs
+            self.use_history(caches)
             x = self.transformer.pos_embed(x_in)
             t = t_all[k:k + 1].expand(B, -1)
             for block in self.transformer.transformer_blocks:

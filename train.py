@@ -37,7 +37,6 @@ import torch.distributed as dist
 from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 import pixart
 from ard import ARD, check_student_settings, distillation_loss, student_fed_stages
@@ -49,11 +48,16 @@ from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teac
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
 from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
-                   on_rank_zero, save_grid)
+                   on_rank_zero, progress, save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half", "dist_timeout")
+               "export", "export_half", "dist_timeout", "device")
+# Each stage's own defaults: the paper's 300K distillation steps at batch 64; its adversarial stage ran "a
+# few hours" on 8 A100s at batch 48 (20K steps); a teacher from scratch as long as DiT's ablations (400K).
+STAGE_DEFAULTS = {"ard": dict(iterations=300_000, global_batch_size=64),
+                  "gan": dict(iterations=20_000, global_batch_size=48),
+                  "teacher": dict(iterations=400_000, global_batch_size=64)}
 # Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
 INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "parametrization", "history_input",
               "teacher", "model", "image_size", "vae", "teacher_family", "time_convention")
@@ -352,10 +356,13 @@ def encode_images(autoencoder, images, flip):
 
 
 def distributed(module, device):
-    """The module in DDP under torchrun, as it is otherwise."""
+    """The module in DDP under torchrun, as it is otherwise. DDP re-sends every buffer from rank 0
+    before each forward unless the module declares them `constant_buffers` (the students' and
+    teachers'; the discriminator's spectral-norm vectors change with every forward)."""
     if not dist.is_initialized():
         return module
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=not getattr(module, "constant_buffers", False))
 
 
 def distillation_logs(per_stage, fed):
@@ -463,8 +470,10 @@ def build_parser():
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
     add_distributed_args(p)
     run = p.add_argument_group("optimisation")
-    run.add_argument("--iterations", type=int, default=300_000)
-    run.add_argument("--global-batch-size", type=int, default=64)
+    run.add_argument("--iterations", type=int, default=None,
+                     help="default per stage: ard 300,000 (the paper), gan 20,000 (the paper's 'a few hours'), "
+                          "teacher 400,000 (DiT's ablations)")
+    run.add_argument("--global-batch-size", type=int, default=None, help="default 64; gan 48 (the paper's)")
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.0)
     run.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -516,7 +525,8 @@ def build_parser():
                           "re-implementation), or an ε-prediction mapped through the teacher's DDIM step from the "
                           "stage's input to the next stage time (ddim: at initialisation the teacher's one-jump solve; "
                           "euler: the same for flow teachers, a velocity through the Euler step)")
-    ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa")
+    ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+                     help="the history blocks: per-stage SDPA, or a FlexAttention block mask (needs --compile)")
     ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",
                      help="probability that a step feeds the stages after x_T the student's own rollout (its "
                           "KV-cached sample, no gradient) instead of the teacher's points; targets stay the "
@@ -552,6 +562,9 @@ def parse_args(argv=None):
         if from_init:
             parser.error("--stage gan takes the student's and its teacher's settings from --init; "
                          f"drop --{from_init[0].replace('_', '-')}")
+    for key, value in STAGE_DEFAULTS[args.stage].items():  # a resumed run has its own from its checkpoint
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     check_args(parser, args)
     return args
 
@@ -588,6 +601,8 @@ def check_args(parser, args):
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
     check_ema(parser, args)
+    if args.attention == "flex" and not args.compile:
+        parser.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     check_student_fed(parser, args)
 
 
@@ -623,7 +638,7 @@ def main(argv=None):
         export_ema(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
         return args.export[1]
-    rank, world_size, device = init_distributed(args.dist_timeout)
+    rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     resumed, resume_notes = resume_point(args.resume)
@@ -654,6 +669,8 @@ def main(argv=None):
     task.init_checkpoint = None
     if args.student_fed_ema:
         task.rollout_model = ema
+    if args.compile and args.student_fed:  # the rollouts (K-1 stages of sampling) compiled like the training pass
+        task.rollout_model.sample = torch.compile(task.rollout_model.sample)
 
     ddp = distributed(model, device)
     forward_model = torch.compile(ddp) if args.compile else ddp
@@ -667,9 +684,8 @@ def main(argv=None):
 
     model.train()
     running, steps_since_log, last_log = {}, 0, time.time()
-    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=rank != 0,
-               dynamic_ncols=True)
-    for step in bar:
+    bar = progress(args.iterations, args.stage, "step", enabled=rank == 0, initial=start_step, lines=False)
+    for step in range(start_step, args.iterations):
         seed_step(args.global_seed, step, rank)
         batch = [t.to(device, non_blocking=True) for t in next(data)]
         with bf16:
@@ -687,6 +703,7 @@ def main(argv=None):
             total, count = running.get(name, (0, 0))
             running[name] = (total + value.detach().float(), count + 1)
         steps_since_log += 1
+        bar.update()
 
         done = step + 1
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:

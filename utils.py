@@ -3,12 +3,15 @@ import contextlib
 import datetime
 import json
 import os
+import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import make_grid
+from tqdm import tqdm
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -19,14 +22,33 @@ def add_distributed_args(parser):
     parser.add_argument("--dist-timeout", type=float, default=60,
                         help="minutes a rank waits for the others (e.g. while rank 0 writes a checkpoint) before "
                              "the job fails; NCCL's own default is 10")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda under torchrun (stopping when it is unavailable), else cuda if available; "
+                             "cpu runs torchrun's processes on the CPU with gloo")
 
 
-def init_distributed(timeout_minutes):
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU; plainly: one process.
-    A collective that waits longer than `timeout_minutes` fails the job."""
+def check_cuda():
+    """Stops with one line naming why CUDA is unavailable (no driver, a driver too old for this build, ...)."""
+    if torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.init()
+        cause = f"no visible device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    except Exception as e:  # torch's own reason: its message names the driver or the build
+        cause = str(e).strip().splitlines()[0].rstrip(".")
+    raise SystemExit(f"CUDA is unavailable to torch {torch.__version__} (CUDA {torch.version.cuda}): {cause}; "
+                     f"pass --device cpu to run on the CPU")
+
+
+def init_distributed(timeout_minutes, device=None):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs (unless device is "cpu": gloo), stopping
+    when CUDA is unavailable rather than falling back to the CPU; plainly: one process, on `device` or
+    the GPU if there is one. A collective that waits longer than `timeout_minutes` fails the job."""
+    if device == "cuda" or device is None and "RANK" in os.environ:
+        check_cuda()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = "gloo" if device == "cpu" else "nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -41,6 +63,41 @@ def autocast(device, precision):
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class LineProgress:
+    """Progress for a log file: one plain line every `every` seconds and one at the end (tqdm's
+    carriage-return redraws would fill the file)."""
+
+    def __init__(self, total, desc, unit, every, initial=0, stream=None):
+        self.total, self.desc, self.unit, self.every, self.n, self.initial = total, desc, unit, every, initial, initial
+        self.stream = stream or sys.stdout
+        self.start = self.last = time.time()
+
+    def update(self, n=1):
+        self.n += n
+        if time.time() - self.last >= self.every:
+            self.report()
+
+    def report(self):
+        self.last = time.time()
+        rate = (self.n - self.initial) / max(self.last - self.start, 1e-9)
+        left = f", {(self.total - self.n) / rate / 60:.1f} min left" if rate > 0 and self.n < self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
+              f"{rate:.3g} {self.unit}/s{left}", file=self.stream, flush=True)
+
+    def close(self):
+        self.report()
+
+
+def progress(total, desc, unit, enabled=True, initial=0, lines=True, every=60.0):
+    """A tqdm bar when stderr (where it draws) is a terminal; otherwise, with `lines`, a LineProgress
+    on stdout, and nothing without (a caller whose log lines say how far it is)."""
+    if enabled and sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
+    if enabled and lines:
+        return LineProgress(total, desc, unit, every, initial)
+    return tqdm(total=total, disable=True)
 
 
 def barrier():

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ard import ARD, MASKS, PARAMETRIZATIONS, StageReadout, distillation_loss, gflops, stage_mask, student_fed_stages
+from ard import (ARD, MASKS, PARAMETRIZATIONS, StageReadout, distillation_loss, gflops, stage_mask, stage_runs,
+                 student_fed_stages)
 from diffusion.gaussian_diffusion import get_named_beta_schedule
 from diffusion.respace import SpacedDiffusion
-from models import DiT
+from models import DiT, StageKeys
 
 K = 4
 DEPTH = 4
@@ -154,6 +155,32 @@ def test_efficient_forward_equals_plain_masked_formulation(teacher, mask, histor
     stages, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(student(stages, y), reference_forward(student, stages, y), rtol=1e-5, atol=1e-5)
+
+
+def dense_token_mask(mask, tokens):
+    """The plain formulation's (K·L, K·L) boolean mask of a stage mask variant."""
+    return stage_mask(mask, K).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+
+
+def test_stage_runs_are_the_spans_of_visible_stages():
+    assert stage_runs(stage_mask("M4", K)) == [[(0, 1)], [(0, 2)], [(0, 3)], [(0, 4)]]
+    assert stage_runs(stage_mask("M2", K)) == [[(0, 1)], [(0, 2)], [(1, 3)], [(2, 4)]]
+    assert stage_runs(stage_mask("M3", K)) == [[(0, 1)], [(0, 2)], [(0, 1), (2, 3)], [(0, 1), (3, 4)]]
+    assert stage_runs(stage_mask("M1", K)) == [[(k, k + 1)] for k in range(K)]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_per_stage_attention_equals_dense_masked_sdpa(mask):
+    """StageKeys (one SDPA per stage over the keys it sees) computes the (K·L)²-masked SDPA, gradients too."""
+    L = 5
+    q, k, v = (torch.randn(2, 3, K * L, 8, requires_grad=True) for _ in range(3))
+    staged = StageKeys(stage_runs(stage_mask(mask, K)), L)(q, k, v)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_token_mask(mask, L))
+    torch.testing.assert_close(staged, dense, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(dense)
+    for a, b in zip(torch.autograd.grad((staged * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((dense * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_flex_attention_equals_sdpa(teacher):

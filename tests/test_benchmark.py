@@ -47,3 +47,10 @@ def test_pixart_table_counts_the_real_architecture(capsys):
     assert counter.get_total_flops() / 2e9 == pytest.approx(pixart.gflops(config), rel=1e-9)
     assert float(rows[2][2].replace(",", "")) == pytest.approx(pixart.teacher_gflops(config, 20), abs=0.5)
     assert float(rows[2][4].replace(",", "")) == pytest.approx(pixart.gflops(config, 4, 6), abs=0.5)
+
+
+def test_flex_attention_without_compile_stops(capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(TINY + ["--attention", "flex"])
+    assert e.value.code == 2
+    assert "--attention flex needs --compile (eager FlexAttention materialises every score)" in capsys.readouterr().err

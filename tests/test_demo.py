@@ -8,65 +8,120 @@ from PIL import Image
 
 import demo
 from ard import ARD
+from extract_trajectories import TrajectoryDataset
 from models import DiT
 from test_ard import inputs, perturbed_dit
 
-RECIPES = ("teacher-forced", "ema-fed")  # the demo's
+STUDENTS = [(name, heads) for heads in ("direct", "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
 
 
-def test_reduced_demo_writes_table_grids_and_plots(tmp_path, capsys):
+def tiny_teacher(tmp_path):
     torch.manual_seed(0)
     net = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    teacher = str(tmp_path / "teacher.pt")
+    path = str(tmp_path / "teacher.pt")
     torch.save({"model": net.state_dict(), "ema": net.state_dict(), "opt": {}, "step": 0,
-                "args": {"stage": "teacher", "dit": net.config, "image_size": 8, "vae": "none"}}, teacher)
+                "args": {"stage": "teacher", "dit": net.config, "image_size": 8, "vae": "none"}}, path)
+    return path
+
+
+def checkpoints(digits):
+    return {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
+
+
+def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--teacher", teacher, "--iterations", "4", "--batch-size", "16",
+    argv = ["--out", str(out), "--teacher", tiny_teacher(tmp_path), "--iterations", "4", "--batch-size", "16",
             "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40"]
     demo.main(argv)
 
     report = (out / "results.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
-    students = [(name, recipe) for recipe in RECIPES for name in ("step distillation (N=0)", "ARD (N=1)")]
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
-        ("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *students]
+        ("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS]
     for row in rows:
-        cells = row.strip("|").split("|")
-        fid, precision, recall, mflops, ms = (float(cells[i]) for i in (3, 4, 5, 8, 9))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fid, precision, recall, mflops, ms = (float(cells[i]) for i in (4, 6, 7, 12, 13))
         assert fid >= 0 and 0 <= precision <= 1 and 0 <= recall <= 1 and mflops > 0 and ms > 0
-    ratio_lines = [line for line in report.splitlines() if line.startswith("- gap ratio")]
-    assert len(ratio_lines) == 2 and all(any(r in line for line in ratio_lines) for r in RECIPES)
+    for row in rows[2:]:  # students: fidelity to the teacher and the diagnostics
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[8]) >= 0 and float(cells[9]) > 0 and float(cells[10]) > 0
+    comparisons = [line for line in report.splitlines() if line.startswith("- ")]
+    assert len(comparisons) == 4 and sum("gap ratio" in line for line in comparisons) == 2
+    assert all(line.endswith(("differs", "no difference", "(the paper: 0.19 at K=4)")) for line in comparisons)
     assert report in capsys.readouterr().out
     digits = out / "digits"
-    for key in ("teacher_ddim25", "teacher_ddim4", *(f"K4-N{n}-state-{r}-s0" for n in (0, 1) for r in RECIPES)):
-        assert Image.open(digits / f"grid_{key}.png").size[0] > 0
+    assert len(list(digits.glob("grid_*.png"))) == 6
     for plot in ("exposure_bias.png", "fid_vs_history.png"):
         assert Image.open(digits / plot).size[0] > 0
-    [fed_ckpt] = (digits / "runs").glob("*-ard-K4-N0-state-ema-fed-s0/checkpoints/*.pt")
-    fed_args = torch.load(fed_ckpt, weights_only=True)["args"]
-    assert (fed_args["student_fed"], fed_args["student_fed_ramp"], fed_args["student_fed_ema"]) == (0.5, 2, True)
-    fed = json.loads((digits / "metrics" / "K4-N0-state-ema-fed-s0.json").read_text())
-    assert len(fed["free_errors"]) == len(fed["forced_errors"]) == 4
+    [row] = [json.loads(p.read_text()) for p in (digits / "metrics").glob("K4-N0-ddim-teacher-forced-s0-*.json")]
+    assert len(row["free_errors"]) == len(row["forced_errors"]) == 4 and len(row["history_reliance"]) == 3
     # the N=0 student's first step is teacher-forced by construction: both errors agree there
-    assert fed["free_errors"][0] == pytest.approx(fed["forced_errors"][0], rel=1e-6, abs=1e-9)
-    assert len(fed["history_reliance"]) == 3
+    assert row["free_errors"][0] == pytest.approx(row["forced_errors"][0], rel=1e-6, abs=1e-9)
 
-    # a second run reuses every finished stage; --report trains nothing and skips the unfinished seed
-    mtimes = {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
+    # an unchanged re-run trains nothing and says so; --report trains nothing and skips the missing seed
+    trained = checkpoints(digits)
     demo.main(argv)
-    assert {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")} == mtimes
+    assert checkpoints(digits) == trained and "reusing" in capsys.readouterr().out
     demo.main(argv + ["--report", "--seeds", "0", "1"])
-    assert {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")} == mtimes
+    assert checkpoints(digits) == trained
     assert (out / "results.md").read_text().split("\n")[2:] == report.split("\n")[2:]
+    # another evaluation setting measures again but trains nothing; another training setting trains again
+    metrics = set((digits / "metrics").glob("*.json"))
+    demo.main([*argv, "--num-images", "44"])
+    assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 6
+    demo.main([*argv, "--iterations", "5"])
+    assert len(checkpoints(digits)) == 2 * len(trained) and set(trained) < set(checkpoints(digits))
 
 
-def test_mean_spread_and_gap_ratios():
+def test_demo_never_evaluates_on_noise_a_student_trained_on(tmp_path, monkeypatch):
+    """Every noise the reduced demo draws for evaluation (samples, held-out trajectories) against the x_T of
+    every trajectory its students trained on, read back from the shards."""
+    drawn = []
+
+    def spy(module):
+        original = module.index_noise_and_labels
+
+        def record(*args, **kwargs):
+            noise, labels = original(*args, **kwargs)
+            drawn.append((module.__name__, kwargs.get("stream", args[5] if len(args) > 5 else "trajectories"), noise))
+            return noise, labels
+        monkeypatch.setattr(module, "index_noise_and_labels", record)
+    spy(demo.sample_ddp)
+    spy(demo.extract_trajectories)
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--teacher", tiny_teacher(tmp_path), "--iterations", "2", "--batch-size", "16",
+               "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40", "--seeds", "0", "1"])
+    trained = torch.cat([TrajectoryDataset(str(d))[i][0][0][None] for d in (out / "digits").glob("trajectories_*")
+                         for i in range(32)]).flatten(1)
+    evaluation = torch.cat([n for module, stream, n in drawn
+                            if module == "sample_ddp" or stream == "evaluation"]).flatten(1)
+    assert len(trained) == 2 * 32 and len(evaluation) >= 2 * (2 * 40 + 16)
+    assert {stream for module, stream, _ in drawn if module == "sample_ddp"} == {"evaluation"}
+    distances = torch.cdist(evaluation, trained.float())
+    assert distances.min() > 1.0  # no evaluation noise is (or is near) a training x_T
+
+
+def test_mean_spread_gap_ratios_and_verdicts():
     assert demo.mean_spread([3.0]) == "3.00"
     assert demo.mean_spread([1.0, 2.0, 4.0], digits=1) == "2.3 ± 1.5"
-    ard, base = demo.Student(4, 1, "state", "student-fed"), demo.Student(4, 0, "state", "student-fed")
+    ard, base = demo.Student(4, 1), demo.Student(4, 0)
     rows = {ard: {0: {"fid": 12.0}, 1: {"fid": 14.0}}, base: {0: {"fid": 20.0}, 1: {"fid": 30.0}}}
-    assert demo.gap_ratios(rows, 10.0, ard, base) == [0.2, 0.2]
-    assert demo.gap_ratios({ard: rows[ard]}, 10.0, ard, base) == []
+    assert demo.gap_ratios(rows, {0: 10.0, 1: 10.0}, ard, base) == [0.2, 0.2]
+    assert demo.gap_ratios({ard: rows[ard]}, {0: 10.0}, ard, base) == []
+    assert demo.verdict([-1.0, -2.0], [-2.5, -0.5], 0) == "differs"
+    assert demo.verdict([-1.0, 0.5], [-2.5, -0.5], 0) == "no difference"  # the seeds disagree
+    assert demo.verdict([-1.0, -2.0], [-2.5, 0.5], 0) == "no difference"  # the interval holds 0
+
+
+def test_comparisons_are_fixed_by_the_grid():
+    grid = demo.study_grid("digits", depth=4)
+    assert len(grid) == len(set(grid)) == 12 and len(demo.study_grid("shapes", depth=4)) == 5
+    zeros = demo.Student(4, 1, history="zeros")
+    assert zeros.comparisons(grid) == [demo.Student(4, 0), demo.Student(4, 1)]
+    assert demo.Student(4, 1, "direct").comparisons(grid) == [demo.Student(4, 0, "direct")]
+    assert demo.Student(2, 1).comparisons(grid) == [demo.Student(2, 0)]
+    assert demo.Student(4, 1, recipe="ema-fed").comparisons(grid) == [demo.Student(4, 0, recipe="ema-fed"),
+                                                                      demo.Student(4, 1)]
 
 
 def test_diagnostics_are_ratios_to_the_teacher_forced_error():

@@ -110,7 +110,7 @@ def torchrun_extraction(args):
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "extract_trajectories.py"), *args]
+           os.path.join(ROOT, "extract_trajectories.py"), *args, "--device", "cpu"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -245,7 +245,7 @@ def test_late_rank_splits_the_same_work_list(single, teacher, tmp_path, monkeypa
         shutil.copy(os.path.join(single, shard_name(0)), out)
 
     recorder = Recorder()
-    monkeypatch.setattr(et, "init_distributed", lambda timeout_minutes: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(et, "init_distributed", lambda *args: (1, 2, torch.device("cpu")))
     monkeypatch.setattr(et, "on_rank_zero", rank0_races_ahead)
     monkeypatch.setattr(et, "atomic_write", recorder)
     et.main(argv(teacher[0], out))
@@ -586,3 +586,46 @@ def test_bad_arguments(teacher, tmp_path, capsys, extra, message):
         et.parse_args(argv(teacher[0], tmp_path / "traj", *extra))
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def boundary_x0_errors(model_fn, guided, diffusion, z, labels, meta):
+    """Per boundary, the MSE of the stored x0-prediction against the fp32 x0-prediction of the
+    stored state itself (what the student's x0 target should be), and the MSE of that state's ε."""
+    states, x0 = et.solve_trajectories(model_fn, diffusion, z, dict(y=labels), meta)
+    n, errors = len(states), []
+    for j, step in enumerate(meta["boundary_steps"][1:]):
+        x = states[:, j + 1]
+        t = torch.full((2 * n,), diffusion.num_timesteps - 1 - step)  # a step of the sampling order
+        eps = guided(torch.cat([x, x]), diffusion.model_timesteps(t), torch.cat([labels[:n], labels[n:]]))[:n, :4]
+        exact = diffusion.predict_xstart_from_eps(x, t[:n], eps)
+        errors.append(((x0[:, j] - exact) ** 2).mean().item())
+    return errors
+
+
+def test_stored_x0_is_the_fp32_prediction_of_the_stored_state():
+    """In bf16 the teacher's ε rounding reaches the x0-predictions multiplied by sqrt(1/ᾱ - 1) (17 at
+    t=749): extraction runs the teacher in fp32 at those boundaries, bf16 elsewhere (bf16 autocast on
+    the CPU stands in for CUDA's), so each stored x0 is the fp32 prediction of its stored state."""
+    from test_ard import perturbed_dit
+    teacher = perturbed_dit(in_channels=4).eval()
+    steps, times = student_timesteps(4, 25)
+    meta = dict(cfg_scale=1.5, boundary_steps=steps, boundary_times=times, clip_denoised=False)
+    diffusion = create_diffusion("25")
+    noise, y = index_noise_and_labels(0, range(8), (4, 8, 8), 10)
+    guided, z, labels = models.with_guidance(teacher, noise, y, 1.5)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        mixed = boundary_x0_errors(et.fp32_at_boundaries(guided, bf16, meta), guided, diffusion, z, labels, meta)
+
+        def all_bf16(x, t, **kwargs):
+            with bf16:
+                return guided(x, t, **kwargs).float()
+        rounded = boundary_x0_errors(all_bf16, guided, diffusion, z, labels, meta)
+    assert max(mixed) < 1e-10, mixed
+    assert rounded[0] > 1e-4, rounded  # at t=749, what the fp32 boundaries remove (measured 1.5e-3)
+
+
+def test_a_log_file_gets_plain_progress_lines(teacher, tmp_path, capsys):
+    et.main(argv(teacher[0], tmp_path / "traj"))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and f"extraction: {NUM_SAMPLES}/{NUM_SAMPLES} traj (100%)" in out

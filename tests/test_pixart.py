@@ -1,6 +1,7 @@
 """The text-to-image student on a tiny random PixArt transformer (CPU, offline)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,6 +83,21 @@ def test_cached_sample_equals_teacher_forcing_on_its_own_outputs(teacher, histor
         forced = student(torch.cat([noise[:, None], outputs[:, :-1]], dim=1), text, text_mask)
     torch.testing.assert_close(forced, outputs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outputs[:, 1], outputs[:, 2])
+
+
+@pytest.mark.parametrize("mask", ["M1", "M2", "M3", "M4"])
+def test_per_stage_history_equals_the_plain_masked_formulation(teacher, mask):
+    """The history blocks' per-stage attention gives what one SDPA over the K·L tokens under the dense
+    (K·L)² token mask gives."""
+    student = perturbed_student(teacher, DEPTH, mask)
+    stages, text, text_mask = stages_and_text()
+    with torch.no_grad():
+        staged = student(stages, text, text_mask)
+        L = student.tokens
+        dense = pixart.stage_mask(mask, K).repeat_interleave(L, 0).repeat_interleave(L, 1)
+        student.history_keys = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        plain = student(stages, text, text_mask)
+    torch.testing.assert_close(staged, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_without_history_a_stage_ignores_the_others(teacher):

@@ -1,4 +1,6 @@
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +104,7 @@ def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
 def test_sample_ddp_two_processes_equal_one(reference_npz, checkpoints, tmp_path):
     out = tmp_path / "two.npz"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "sample_ddp.py"), *ddp_args(checkpoints[1], out)]
+           os.path.join(ROOT, "sample_ddp.py"), *ddp_args(checkpoints[1], out), "--device", "cpu"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
     two = np.load(out)
     np.testing.assert_array_equal(two["arr_0"], reference_npz["arr_0"])
@@ -208,3 +210,46 @@ def test_sample_ddp_rejects_bad_flags(checkpoints, tmp_path, extra, message, cap
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "x.png"))
+
+
+def test_a_log_file_gets_plain_progress_lines(checkpoints, tmp_path, capsys):
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "samples.npz"))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and re.search(r"sampling: (\d+)/\1 img \(100%\)", out)
+
+
+def uint8_difference_of_bf16_decode(device_type):
+    """(fraction of uint8 values that differ, largest difference) between the bf16-autocast and the
+    fp32 decode of a tiny random diffusers VAE (the hub layout's AutoencoderKL)."""
+    from models import Autoencoder
+    from tiny_pixart import tiny_vae
+    from utils import to_uint8
+    autoencoder = Autoencoder(tiny_vae(), 0.13025).to(device_type)
+    latents = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device_type)
+    fp32 = to_uint8(autoencoder.decode(latents).clamp(-1, 1)).astype(int)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        bf16 = to_uint8(autoencoder.decode(latents).float().clamp(-1, 1)).astype(int)
+    return (fp32 != bf16).mean(), np.abs(fp32 - bf16).max()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_bf16_decode_moves_uint8_pixels_by_at_most_two_levels(device):
+    """Measured on the CPU: 25.2% of the values differ, none by more than 2 of 255."""
+    fraction, largest = uint8_difference_of_bf16_decode(device)
+    print(f"bf16 decode on {device}: {100 * fraction:.1f}% of uint8 values differ from fp32, at most by {largest}")
+    assert fraction < 0.35 and largest <= 2
+
+
+def test_sample_ddp_decodes_under_the_decode_precision(checkpoints, tmp_path, monkeypatch):
+    """bf16 by default (an autocast on CUDA, nothing on the CPU), fp32 on request; the samples under
+    their own --precision."""
+    precisions = []
+    monkeypatch.setattr(sample_ddp, "autocast", lambda device, precision: (precisions.append(precision),
+                                                                             contextlib.nullcontext())[1])
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "a.npz", "--num-fid-samples", "3"))
+    assert precisions == ["fp32", "bf16"]
+    precisions.clear()
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "b.npz", "--num-fid-samples", "3", "--decode-precision",
+                             "fp32"))
+    assert precisions == ["fp32", "fp32"]

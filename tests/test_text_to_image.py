@@ -68,7 +68,8 @@ def test_two_processes_write_the_same_bytes_as_one(single, pipeline, prompt_file
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "extract_trajectories.py"), *extract_argv(pipeline, prompt_file, tmp_path / "traj")]
+           os.path.join(ROOT, "extract_trajectories.py"), *extract_argv(pipeline, prompt_file, tmp_path / "traj"),
+           "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     expected = ["meta.json", "prompts.json", "text.safetensors"] + [f"shard_{i:05d}.safetensors" for i in range(3)]
@@ -235,7 +236,7 @@ def test_two_processes_train_like_one(run4, pipeline, single, tmp_path):
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     argv = train_argv(pipeline, single, tmp_path, "--iterations", 4, "--ckpt-every", 2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, argv)]
+           os.path.join(ROOT, "train.py"), *map(str, argv), "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (experiment,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
@@ -253,7 +254,7 @@ def test_student_fed_training_runs(pipeline, single, tmp_path):
 @pytest.mark.parametrize("extra, error, message", [
     (["--num-steps", 2], ValueError, "num_steps is 4, expected 2"),
     (["--history-layers", 4], ValueError, r"history_layers must be in \[0, 3\]"),
-    (["--attention", "flex"], ValueError, "--attention flex is for the DiT student"),
+    (["--attention", "flex", "--compile"], ValueError, "--attention flex is for the DiT student"),
 ])
 def test_mismatches_stop_before_the_teacher_loads(pipeline, single, tmp_path, monkeypatch, extra, error, message):
     monkeypatch.setattr(pixart, "load_pixart", must_not_run)

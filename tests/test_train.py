@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Depth 2, width 32, 2 heads, patch 2 on 8x8 images (16 tokens), pixel space.
 TINY = ["--image-size", "8", "--vae", "none", "--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32",
         "--num-heads", "2"]
-QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1"]
+QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1", "--device", "cpu"]
 # 32 trajectories and a global batch of 8: 4 steps per epoch, so 6 steps cross an epoch boundary
 # (and a run resumed after step 3 crosses it after resuming).
 TRAJ_SAMPLES, BATCH = 32, 8
@@ -207,8 +207,8 @@ import train, utils
 # One gloo process group for all the runs: train.main's own set-up and tear-down would create a
 # new group per run, and re-creating gloo groups in one process is flaky. Everything else in
 # train.main runs as under `torchrun train.py`.
-group = utils.init_distributed(timeout_minutes=5)
-train.init_distributed = lambda timeout_minutes: group
+group = utils.init_distributed(5, "cpu")
+train.init_distributed = lambda *args: group
 train.cleanup_distributed = lambda: None
 for argv in json.load(open(sys.argv[1])):
     torch.manual_seed(0)  # a fresh process's state does not matter, see test_init_follows_global_seed
@@ -612,6 +612,36 @@ def test_compiled_gan_runs_past_the_warmup(gan_run, ard_run, traj, tmp_path, mon
     assert log_steps(experiment)[1][1]["gan_weight"] > 0
     compiled, eager = load(ckpt(experiment, 2)), load(ckpt(gan_run, 2))
     assert tensors_close(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_student_fed_rollouts(teacher_ckpt, traj, tmp_path, monkeypatch):
+    """With --compile the student-fed rollouts run through torch.compile too (online and EMA weights),
+    computing what the eager run does."""
+    compiled_calls = []
+
+    def recording_compile(fn, **kwargs):
+        compiled = torch.compile.__wrapped__(fn, backend="aot_eager")
+        if getattr(fn, "__name__", "") != "sample":
+            return compiled
+        return lambda *a, **k: (compiled_calls.append(fn.__self__), compiled(*a, **k))[1]
+
+    recording_compile.__wrapped__ = torch.compile
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    for rollout in ([], ["--student-fed-ema"]):
+        compiled_calls.clear()
+        argv = ard_argv(teacher_ckpt, traj, tmp_path / f"fed{len(rollout)}", "--student-fed", 1, *rollout,
+                        "--iterations", 2, "--ckpt-every", 2)
+        compiled = run(argv + ["--compile"])
+        # two fed steps (the EMA's compiled sample also draws the final grid)
+        assert len(compiled_calls) == 2 + len(rollout) and all(m.training != bool(rollout) for m in compiled_calls)
+        eager = run(argv)
+        assert tensors_close(load(ckpt(compiled, 2))["model"], load(ckpt(eager, 2))["model"], rtol=1e-4, atol=1e-6)
+
+
+def test_flex_attention_without_compile_stops(teacher_ckpt, traj, tmp_path, capsys):
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--attention", "flex"), capsys,
+                       "--attention flex needs --compile (eager FlexAttention materialises every score)")
+    assert experiments(tmp_path) == []
 
 
 def test_gan_noise_option_runs(ard_run, traj, tmp_path):
@@ -1131,3 +1161,56 @@ def test_training_on_held_out_trajectories_stops(teacher_ckpt, tmp_path):
              "--batch-size", "16", "--teacher-steps", "8", "--held-out"])
     with pytest.raises(ValueError, match="held-out trajectories .* never training"):
         train.main(ard_argv(teacher_ckpt, held_out, tmp_path / "results", "--iterations", 1))
+
+
+# ---------------------------------------------------------------------------- DDP buffers
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, so that train.distributed wraps in DDP."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_broadcasts_only_buffers_that_change(one_process_group):
+    """The students' and teachers' buffers (positions, stage times and mask, time frequencies) stay as
+    they were through a training step, so DDP does not re-send them before every forward; the
+    discriminator's spectral-norm vectors change with each forward and are still sent."""
+    from test_ard import inputs, perturbed_dit
+    from tiny_pixart import tiny_transformer
+    cpu = torch.device("cpu")
+    student = ard.ARD(perturbed_dit(), num_steps=K, history_layers=2).train()
+    before = {k: v.clone() for k, v in student.named_buffers()}
+    wrapped = train.distributed(student, cpu)
+    wrapped(*inputs()).square().mean().backward()
+    assert not wrapped.broadcast_buffers
+    assert all(torch.equal(v, before[k]) for k, v in student.named_buffers())
+    text_student = train.pixart.PixArtARD(tiny_transformer(), K, history_layers=1)
+    assert not train.distributed(text_student, cpu).broadcast_buffers
+    assert not train.distributed(perturbed_dit(), cpu).broadcast_buffers
+    discriminator = gan.Discriminator(perturbed_dit()).train()
+    u = discriminator.heads[0].out.parametrizations.weight[0]._u.clone()
+    wrapped = train.distributed(discriminator, cpu)
+    wrapped(torch.randn(2, 2, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2]))
+    assert wrapped.broadcast_buffers and not torch.equal(discriminator.heads[0].out.parametrizations.weight[0]._u, u)
+
+
+def test_a_log_file_gets_log_lines_and_no_progress_redraws(tmp_path, capsys):
+    run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and re.search(r"step 0000002 .*steps/s=", out)
+
+
+def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):
+    """--stage gan does not inherit the distillation's 300,000 steps at batch 64."""
+    ard_args = train.parse_args(["--stage", "ard", "--data-path", traj])
+    gan_args = train.parse_args(["--stage", "gan", "--init", ckpt(ard_run, 6), "--data-path", traj,
+                                 "--real-data", "digits"])
+    teacher_args = train.parse_args(["--stage", "teacher", "--data-path", "digits"])
+    assert (ard_args.iterations, ard_args.global_batch_size) == (300_000, 64)
+    assert (gan_args.iterations, gan_args.global_batch_size) == (20_000, 48)
+    assert (teacher_args.iterations, teacher_args.global_batch_size) == (400_000, 64)
+    assert train.parse_args(["--stage", "gan", "--init", ckpt(ard_run, 6), "--data-path", traj, "--real-data",
+                             "digits", "--iterations", "7"]).iterations == 7

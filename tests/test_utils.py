@@ -17,9 +17,9 @@ class Stop(Exception):
 
 
 # The shortest valid command line of each torchrun script (nothing needs to exist before set-up).
-SCRIPTS = [(train, ["--stage", "teacher", "--data-path", "digits"]),
-           (extract_trajectories, ["--ckpt", "teacher.pt", "--out", "traj"]),
-           (sample_ddp, ["--ckpt", "teacher.pt", "--out", "samples.npz"])]
+SCRIPTS = [(train, ["--stage", "teacher", "--data-path", "digits", "--device", "cpu"]),
+           (extract_trajectories, ["--ckpt", "teacher.pt", "--out", "traj", "--device", "cpu"]),
+           (sample_ddp, ["--ckpt", "teacher.pt", "--out", "samples.npz", "--device", "cpu"])]
 
 
 @pytest.mark.parametrize("script, argv", SCRIPTS, ids=lambda s: getattr(s, "__name__", ""))
@@ -30,6 +30,7 @@ def test_torchrun_scripts_set_the_process_group_timeout(script, argv, flag, minu
     timeouts = []
 
     def init_process_group(backend, timeout):
+        assert backend == "gloo"
         timeouts.append(timeout)
         raise Stop
 
@@ -65,3 +66,42 @@ def test_evaluation_noise_never_equals_trajectory_noise():
     assert torch.equal(draws["trajectories"][2 * 200 + 7], plain)
     with pytest.raises(ValueError, match="noise stream must be one of trajectories, evaluation"):
         utils.index_noise_and_labels(0, range(2), (4,), 10, stream="test")
+
+
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
+    """Not on a terminal (stderr a file, as under torchrun or SLURM): no bar and no carriage returns,
+    one line per interval and one at the end, on stdout."""
+    bar = utils.progress(10, "extraction", "traj", every=0.0)
+    for _ in range(3):
+        bar.update(2)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert err == "" and "\r" not in out
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("extraction: 6/10 traj (60%), ") and "min left" in lines[2]
+    assert lines[-1].startswith("extraction: 6/10 traj")
+    quiet = utils.progress(10, "ard", "step", lines=False)  # the caller's log lines say how far it is
+    quiet.update(5)
+    quiet.close()
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: True)
+    assert isinstance(utils.progress(10, "ard", "step", lines=False), utils.tqdm)  # a terminal keeps its bar
+
+
+@pytest.mark.parametrize("script, argv", SCRIPTS, ids=lambda s: getattr(s, "__name__", ""))
+def test_torchrun_without_cuda_stops_with_the_cause(script, argv, monkeypatch, capsys):
+    """Under torchrun a node whose driver does not fit torch's CUDA build stops at once with torch's
+    reason and the way to run on the CPU, instead of training on the CPU with gloo unannounced."""
+    def driver_too_old():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nMore text")
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils.torch.cuda, "init", driver_too_old)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **k: pytest.fail("set-up went on"))
+    with pytest.raises(SystemExit) as e:
+        script.main([a for a in argv if a not in ("--device", "cpu")])
+    message = str(e.value.code)
+    assert "\n" not in message and message.startswith("CUDA is unavailable to torch ")
+    assert message.endswith("The NVIDIA driver on your system is too old (found version 11040); "
+                            "pass --device cpu to run on the CPU")
