@@ -119,8 +119,9 @@ class StageReadout(nn.Module):
     after the last stage), or for the x0 target the x0 of that step, with the teacher's x0
     clipping (`clip_x0`). "euler" (flow teachers, `time_convention` set): the raw output is the
     teacher's velocity and the step is Euler's on the linear path (flow solvers never clip). At
-    initialisation a stage then equals the teacher's one-jump solve from its input. Stage inputs after x_T are states only for the state target: with the x0 target
-    the step reads them as states all the same, and is the teacher's jump at stage 0 alone.
+    initialisation a stage then equals the teacher's one-jump solve from its input. Stage inputs
+    after x_T are states only for the state target: with the x0 target the step reads them as
+    states all the same, and is the teacher's jump at stage 0 alone.
     """
 
     def __init__(self, parametrization, target, stage_times, clip_x0, time_convention=None):
