@@ -6,7 +6,8 @@ conditioned on its own time τ_k through adaLN, computed once per stage. The low
 attend across stages (M4: stage k sees stages 0..k), stage by stage over the keys it sees; the upper
 blocks process every stage on its own, exactly like the teacher. One output head per stage, read
 either as the prediction itself ("direct") or as the teacher reads its own output ("ddim": an
-ε-prediction mapped through the DDIM step from the stage's input to the next stage's time).
+ε-prediction mapped through the DDIM step from the stage's input to the next stage's time; "euler", for
+flow-matching teachers: a velocity mapped through the Euler step).
 """
 import copy
 
@@ -18,9 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion import ddim_jump, stage_alphas, student_timesteps
 from models import DiT, KVCache, StageKeys, load_state_dict_strict, read_checkpoint, unpatchify
+from transport import CONVENTIONS, euler_jump
 
 MASKS = ("M1", "M2", "M3", "M4")
-PARAMETRIZATIONS = ("direct", "ddim")
+PARAMETRIZATIONS = ("direct", "ddim", "euler")
+SOLVER_READOUTS = {"ddim": "ddpm", "euler": "flow"}  # the teacher family each solver readout belongs to
 # What the history tokens hold: the trajectory's stage inputs, or (a control) the same stages computed from
 # zero inputs, which carry the stage times and the label but nothing of the sample.
 HISTORY_INPUTS = ("trajectory", "zeros")
@@ -44,9 +47,10 @@ def stage_mask(variant, num_steps):
 
 
 def check_student_settings(num_steps, history_layers, depth, stage_times=None, teacher_steps=25,
-                           parametrization="direct", target="state", history_input="trajectory"):
-    """The K stage times of a student with N history blocks out of `depth`, validated; by default
-    the points of a `teacher_steps`-step grid nearest to T(K-k)/K."""
+                           parametrization="direct", target="state", history_input="trajectory", time_convention=None):
+    """The K stage times of a student with N history blocks out of `depth`, validated: for a DDPM teacher
+    (`time_convention` None) integer timesteps, by default the points of a `teacher_steps`-step grid nearest
+    to T(K-k)/K; for a flow teacher its model times in [0, 1], given (they come from its trajectories)."""
     if history_input not in HISTORY_INPUTS:
         raise ValueError(f"history_input must be one of {', '.join(HISTORY_INPUTS)}, got {history_input!r}")
     if parametrization not in PARAMETRIZATIONS:
@@ -57,13 +61,35 @@ def check_student_settings(num_steps, history_layers, depth, stage_times=None, t
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 <= history_layers <= depth:
         raise ValueError(f"history_layers must be in [0, {depth}] for a depth-{depth} teacher, got {history_layers}")
+    family = "ddpm" if time_convention is None else "flow"
+    if SOLVER_READOUTS.get(parametrization, family) != family:
+        raise ValueError(f"parametrization {parametrization!r} reads a {SOLVER_READOUTS[parametrization]} teacher's "
+                         f"output; this student's teacher is a {family} teacher")
     if stage_times is None:
+        if time_convention is not None:
+            raise ValueError("a flow student's stage times come from its trajectories (meta boundary_times)")
         stage_times = student_timesteps(num_steps, teacher_steps)[1]
-    stage_times = [int(t) for t in stage_times]
     if len(stage_times) != num_steps:
         raise ValueError(f"expected {num_steps} stage times, got {len(stage_times)}")
-    if any(a <= b for a, b in zip(stage_times, stage_times[1:])) or stage_times[-1] < 0:
-        raise ValueError(f"stage times must be strictly decreasing and non-negative, got {stage_times}")
+    return check_stage_times(stage_times, time_convention)
+
+
+def check_stage_times(stage_times, time_convention):
+    """DDPM stage times as ints, strictly decreasing and non-negative; flow stage times as floats in [0, 1] whose
+    noise levels strictly decrease (a SiT student's times increase: SiT has data at t = 1)."""
+    if time_convention is None:
+        stage_times = [int(t) for t in stage_times]
+        if any(a <= b for a, b in zip(stage_times, stage_times[1:])) or stage_times[-1] < 0:
+            raise ValueError(f"stage times must be strictly decreasing and non-negative, got {stage_times}")
+        return stage_times
+    if time_convention not in CONVENTIONS:
+        raise ValueError(f"time convention must be one of {', '.join(CONVENTIONS)}, got {time_convention!r}")
+    stage_times = [float(t) for t in stage_times]
+    if not all(0 <= t <= 1 for t in stage_times):
+        raise ValueError(f"a flow student's stage times must lie in [0, 1], got {stage_times}")
+    sigmas = [CONVENTIONS[time_convention].model_time(t) for t in stage_times]
+    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"stage times {stage_times} must go from noise to data ({time_convention!r} convention)")
     return stage_times
 
 
@@ -91,21 +117,32 @@ class StageReadout(nn.Module):
     output is read as the teacher reads its own, an ε-prediction at the stage's time τ_k, and the
     prediction is the deterministic DDIM step from the stage's input to τ_(k+1) (the final sample
     after the last stage), or for the x0 target the x0 of that step, with the teacher's x0
-    clipping (`clip_x0`). At initialisation a stage then equals the teacher's one-jump DDIM from
-    its input. Stage inputs after x_T are states only for the state target: with the x0 target
-    the step reads them as states all the same, and is the teacher's jump at stage 0 alone.
+    clipping (`clip_x0`). "euler" (flow teachers, `time_convention` set): the raw output is the
+    teacher's velocity and the step is Euler's on the linear path (flow solvers never clip). At
+    initialisation a stage then equals the teacher's one-jump solve from its input. Stage inputs
+    after x_T are states only for the state target: with the x0 target the step reads them as
+    states all the same, and is the teacher's jump at stage 0 alone.
     """
 
-    def __init__(self, parametrization, target, stage_times, clip_x0):
+    def __init__(self, parametrization, target, stage_times, clip_x0, time_convention=None):
         super().__init__()
         self.parametrization, self.target, self.clip_x0 = parametrization, target, clip_x0
-        self.register_buffer("alphas", stage_alphas(stage_times).float(), persistent=False)
+        if time_convention is None:
+            levels = stage_alphas(stage_times)
+        else:  # noise levels σ at each stage time and the next (0 after the last: the final sample)
+            self.convention = CONVENTIONS[time_convention]
+            now = [self.convention.model_time(t) for t in stage_times]
+            levels = torch.tensor([now, now[1:] + [0.0]], dtype=torch.float64)
+        self.register_buffer("levels", levels.float(), persistent=False)
 
     def forward(self, raw, stage_input, k):
         if self.parametrization == "direct":
             return raw
-        alpha_bar, alpha_bar_next = self.alphas[:, k]
-        state, x0 = ddim_jump(stage_input.float(), raw.float(), alpha_bar, alpha_bar_next, self.clip_x0)
+        level, level_next = self.levels[:, k]
+        if self.parametrization == "euler":
+            state, x0 = euler_jump(stage_input.float(), raw.float(), level, level_next, self.convention)
+        else:
+            state, x0 = ddim_jump(stage_input.float(), raw.float(), level, level_next, self.clip_x0)
         return (x0 if self.target == "x0" else state).to(raw.dtype)
 
 
@@ -118,23 +155,25 @@ class ARD(nn.Module):
     for all stages instead of one per stage; parametrization, target, clip_x0: how a head's
     output reads as the prediction of the next state or x0 (StageReadout); history_input:
     "trajectory", or the "zeros" control (HISTORY_INPUTS); attention: "sdpa" (any device) or "flex"
-    (FlexAttention block mask in the history blocks, for compiled GPU training).
+    (FlexAttention block mask in the history blocks, for compiled GPU training); time_convention: None
+    for a DDPM teacher, else the flow teacher's (transport.CONVENTIONS), whose stage times are floats.
     """
 
     constant_buffers = True  # positions, stage times and mask, time frequencies (see train.distributed)
 
     def __init__(self, teacher, num_steps=4, history_layers=6, mask="M4", stage_times=None, teacher_steps=25,
                  shared_head=False, parametrization="direct", target="state", clip_x0=False,
-                 history_input="trajectory", attention="sdpa"):
+                 history_input="trajectory", attention="sdpa", time_convention=None):
         super().__init__()
         stage_times = check_student_settings(num_steps, history_layers, len(teacher.blocks), stage_times,
-                                             teacher_steps, parametrization, target, history_input)
+                                             teacher_steps, parametrization, target, history_input, time_convention)
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         self.settings = dict(num_steps=num_steps, history_layers=history_layers, mask=mask,
                              stage_times=stage_times, shared_head=shared_head, parametrization=parametrization,
-                             target=target, clip_x0=clip_x0, history_input=history_input)
-        self.readout = StageReadout(parametrization, target, stage_times, clip_x0)
+                             target=target, clip_x0=clip_x0, history_input=history_input,
+                             time_convention=time_convention)
+        self.readout = StageReadout(parametrization, target, stage_times, clip_x0, time_convention)
         self.zero_history = history_input == "zeros" and history_layers > 0
         self.dit_config = dict(teacher.config)
         self.num_steps, self.history_layers, self.attention = num_steps, history_layers, attention
@@ -316,5 +355,6 @@ def load_student(path, attention="sdpa"):
         raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
     if args.get("family") == "pixart":
         raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
-    model = ARD(DiT(**args["dit"]), attention=attention, **student_kwargs(args))
+    model = ARD(DiT(**args["dit"]), attention=attention, time_convention=args.get("time_convention"),
+                **student_kwargs(args))
     return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args

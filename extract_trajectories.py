@@ -13,7 +13,14 @@ Text-to-image (PixArt-Sigma through diffusers): --prompts gives a prompt file an
     torchrun --nproc_per_node=8 extract_trajectories.py --prompts captions.txt \
         --ckpt PixArt-alpha/PixArt-Sigma-XL-2-512-MS --out trajectories/pixart512 --num-samples 1000000
 
-Shards then hold prompt indices in place of labels. Every prompt is encoded once, by rank 0
+Flow-matching teachers (SiT, REPA; transport/) solve with Euler or Heun on the linear interpolant,
+
+    torchrun --nproc_per_node=8 extract_trajectories.py --ckpt SiT-XL-2-256x256.pt --teacher-family flow \
+        --solver heun --teacher-steps 25 --out trajectories/sit256 --num-samples 1200000
+
+with the stages at every (S/K)-th point of the teacher's (possibly --time-shift'ed) grid.
+
+Shards of text-to-image runs hold prompt indices in place of labels. Every prompt is encoded once, by rank 0
 before any solve, into text.safetensors (T5 embeddings without their padding, the negative
 prompt "" last) beside prompts.json; no embedding is stored per trajectory.
 """
@@ -33,12 +40,14 @@ from torch.utils.data import Dataset
 import pixart
 from ard import TARGETS
 from diffusion import create_diffusion, student_timesteps
-from models import clips_x0, load_teacher, with_guidance
+from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
+from transport import CONVENTIONS, SOLVERS, GuidedVelocity, solve_progressive, student_steps, time_grid
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_rank_zero, progress, save_json)
 
-# 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream
-FORMAT_VERSION = 4
+# 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream;
+# 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval)
+FORMAT_VERSION = 5
 TEXT_TABLE = "text.safetensors"
 
 
@@ -77,13 +86,39 @@ def shard_bytes(meta):
     return meta["shard_size"] * ((2 * meta["num_steps"]) * point + 2 * 8)  # K+1 states, K-1 x0, label/prompt, seed
 
 
-def solver_meta(args, condition, clip_denoised):
-    """The meta fields of the solve and the storage, whatever the teacher; `clip_denoised`: whether
-    x0-predictions are clipped to [-1, 1] (pixel space, as in ADM; latents never are)."""
+def ddim_settings(args):
+    """The DDIM solve's meta fields: the stage boundaries on the respaced grid, in integer timesteps."""
     steps, times = student_timesteps(args.num_steps, args.teacher_steps)
+    return dict(solver="ddim", eta=0.0, boundary_steps=steps, boundary_times=times)
+
+
+def flow_settings(args, time_convention):
+    """A flow solve's meta fields: solver, grid, convention, guidance interval and the stage boundaries, as grid
+    indices, noise levels and the network's own times (the student's stage times)."""
+    steps = student_steps(args.num_steps, args.teacher_steps)
+    sigmas = time_grid(args.teacher_steps, args.time_shift)[steps].tolist()
+    return dict(solver=args.solver, time_grid="uniform" if args.time_shift == 1 else "shifted",
+                time_shift=args.time_shift, time_convention=time_convention,
+                guidance_interval=list(args.guidance_interval), boundary_steps=steps, boundary_sigmas=sigmas,
+                boundary_times=[CONVENTIONS[time_convention].model_time(s) for s in sigmas])
+
+
+def check_boundaries(meta, source):
+    """Raises unless the stored stage boundaries are those of the solver grid that meta records (a time grid or
+    a convention edited after the fact, or written by another version, stops here with the field)."""
+    settings = argparse.Namespace(**meta)
+    own = flow_settings(settings, meta["time_convention"]) if meta.get("teacher_family") == "flow" else \
+        ddim_settings(settings)
+    check_meta(meta, own, source)
+
+
+def solver_meta(args, condition, clip_denoised, settings):
+    """The meta fields of the solve and the storage, whatever the teacher; `clip_denoised`: whether
+    x0-predictions are clipped to [-1, 1] (pixel space, as in ADM; latents never are); `settings`: the
+    solver's own fields (ddim_settings, flow_settings)."""
     return dict(
-        format=FORMAT_VERSION, solver="ddim", eta=0.0, clip_denoised=clip_denoised, teacher_steps=args.teacher_steps,
-        cfg_scale=args.cfg_scale, num_steps=args.num_steps, boundary_steps=steps, boundary_times=times, dtype="float16",
+        format=FORMAT_VERSION, clip_denoised=clip_denoised, teacher_steps=args.teacher_steps,
+        cfg_scale=args.cfg_scale, num_steps=args.num_steps, **settings, dtype="float16",
         precision=args.precision, seed=args.seed, noise_stream=noise_stream(args), num_samples=args.num_samples,
         shard_size=args.shard_size,
         points={"state": "(n, K+1, C, H, W): x_T, the ODE state at boundary_times[1:], the final sample",
@@ -98,10 +133,13 @@ def noise_stream(args):
 
 
 def build_meta(args, teacher_info):
-    dit = teacher_info["dit"]
+    dit, family = teacher_info["dit"], teacher_info["teacher_family"]
+    flow = family == "flow"
+    settings = flow_settings(args, teacher_info["time_convention"]) if flow else ddim_settings(args)
     return dict(
-        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=clips_x0(teacher_info["vae"])),
-        teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit,
+        solver_meta(args, {"labels": "(n,) class labels"}, clip_denoised=clips_x0(teacher_info["vae"]) and not flow,
+                    settings=settings),
+        teacher_family=family, teacher_ckpt=teacher_info["ckpt"], teacher_weights_sha256=teacher_info["weights_sha256"], dit=dit,
         image_size=teacher_info["image_size"], vae=teacher_info["vae"],
         shape=[dit["in_channels"], dit["input_size"], dit["input_size"]], guidance_channels=args.guidance_channels,
         labels=args.labels, num_classes=dit["num_classes"])
@@ -109,7 +147,8 @@ def build_meta(args, teacher_info):
 
 def build_prompt_meta(args, teacher_info, prompts):
     return dict(
-        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}, clip_denoised=False),
+        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}, clip_denoised=False,
+                    settings=ddim_settings(args)),
         condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
         teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],
         shape=teacher_info["shape"], text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS,
@@ -117,21 +156,28 @@ def build_prompt_meta(args, teacher_info, prompts):
         prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
 
 
-@torch.no_grad()
-def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
-    """(states (n, K+1, ...), x0 (n, K-1, ...)) of DDIM solves; `model_fn` is the guided teacher
-    and `noise`/`model_kwargs` its (possibly doubled) batch, whose first n rows are kept."""
-    n = noise.shape[0] // (2 if meta["cfg_scale"] > 1 else 1)
-    boundaries = meta["boundary_steps"][1:]
-    states, x0, x = [noise[:n]], [], noise
-    for step, out in enumerate(diffusion.ddim_sample_loop_progressive(
-            model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"], model_kwargs=model_kwargs)):
+def boundary_points(steps, start, boundaries, n):
+    """(states (n, K+1, ...), x0 (n, K-1, ...)) kept from a progressive solve's outputs `steps` (dicts of "sample"
+    and "pred_xstart") from `start`: the state and x0-prediction at each step index in `boundaries`, the final
+    sample last; of each batch its first n rows."""
+    states, x0, x = [start[:n]], [], start
+    for step, out in enumerate(steps):
         if step in boundaries:
             states.append(x[:n])
             x0.append(out["pred_xstart"][:n])
         x = out["sample"]
     states.append(x[:n])
     return torch.stack(states, dim=1), torch.stack(x0, dim=1)
+
+
+@torch.no_grad()
+def solve_trajectories(model_fn, diffusion, noise, model_kwargs, meta):
+    """boundary_points of DDIM solves; `model_fn` is the guided teacher and `noise`/`model_kwargs` its
+    (possibly doubled) batch, whose first n rows are kept."""
+    n = noise.shape[0] // (2 if meta["cfg_scale"] > 1 else 1)
+    steps = diffusion.ddim_sample_loop_progressive(model_fn, noise.shape, noise, clip_denoised=meta["clip_denoised"],
+                                                   model_kwargs=model_kwargs)
+    return boundary_points(steps, noise, meta["boundary_steps"][1:], n)
 
 
 @contextlib.contextmanager
@@ -173,7 +219,9 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int, default=4, help="student steps K")
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=None, help=f"default 1.5, with --prompts {pixart.CFG_SCALE}")
-    p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels (DiT: 3)")
+    p.add_argument("--guidance-channels", type=int, default=3,
+                   help="guide the first C output channels (DiT and SiT: 3; REPA: 4, all)")
+    add_flow_args(p)
     p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced",
                    help="class labels, or with --prompts the prompt of each sample: index mod count, or random")
     p.add_argument("--seed", type=int, default=0)
@@ -193,7 +241,37 @@ def parse_args(argv=None):
         p.error(f"--num-samples {args.num_samples} must be a multiple of --shard-size {args.shard_size}")
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
+    if args.prompts and args.teacher_family != "ddpm":
+        p.error("--prompts (PixArt) teachers are DDPM teachers; drop --teacher-family")
+    check_flow_args(p, args)
     return args
+
+
+def add_flow_args(p):
+    """The teacher family and a flow teacher's solve (transport/), shared with sample.py."""
+    p.add_argument("--teacher-family", choices=list(TEACHER_FAMILIES), default="ddpm",
+                   help="ddpm: an ε-prediction teacher (DiT), DDIM; flow: a velocity teacher (SiT, REPA), Euler/Heun")
+    flow = p.add_argument_group("flow teachers (--teacher-family flow)")
+    flow.add_argument("--time-convention", choices=list(CONVENTIONS), default=None,
+                      help="sit: data at t=1; repa: data at t=0 (default: the checkpoint's own)")
+    flow.add_argument("--solver", choices=SOLVERS, default="euler", help="Heun: two evaluations a step, Euler last")
+    flow.add_argument("--time-shift", type=float, default=1.0,
+                      help="grid σ -> sσ/(1+(s-1)σ) over the uniform one (1: uniform)")
+    flow.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                      help="guide only at noise levels σ in [LOW, HIGH] (REPA's t; its FID 1.42 run: 0 0.7)")
+
+
+def check_flow_args(p, args):
+    if args.teacher_family == "ddpm":
+        changed = [f for f, default in (("time_convention", None), ("solver", "euler"), ("time_shift", 1.0),
+                                         ("guidance_interval", [0.0, 1.0])) if getattr(args, f) != default]
+        if changed:
+            p.error(f"--{changed[0].replace('_', '-')} is for flow teachers (--teacher-family flow)")
+    if args.time_shift <= 0:
+        p.error(f"--time-shift must be positive, got {args.time_shift}")
+    low, high = args.guidance_interval
+    if not 0 <= low <= high <= 1:
+        p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
 
 
 def missing_shards(directory, meta):
@@ -225,11 +303,27 @@ def prepare_output(args, meta, missing):
     save_json(meta, meta_path)
 
 
-class LabelTeacher:
-    """A class-conditional DiT on seeded labels, guided by DiT's CFG with the null class."""
+class DDIMTeacher:
+    """A teacher solved by DDIM on the respaced grid; subclasses give the guided model (`guided`)."""
+
+    def solver(self, model, device, precision):
+        """solve(noise, condition) -> (states, x0) of the teacher `model` on `device`."""
+        diffusion, bf16 = create_diffusion(str(self.args.teacher_steps)), autocast(device, precision)
+
+        def solve(noise, condition):
+            guided, noise, model_kwargs = self.guided(noise.to(device), condition.to(device))
+            return solve_trajectories(fp32_at_boundaries(guided, bf16, self.meta), diffusion, noise, model_kwargs,
+                                      self.meta)
+        return solve
+
+
+class LabelTeacher(DDIMTeacher):
+    """A class-conditional DiT on seeded labels, guided by DiT's CFG with the null class; with
+    --teacher-family flow a velocity teacher solved by FlowTeacher."""
 
     def __init__(self, args):
-        self.network, info = load_teacher(args.ckpt, args.model, args.image_size, args.vae)
+        self.network, info = load_teacher(args.ckpt, args.model, args.image_size, args.vae, family=args.teacher_family,
+                                          time_convention=args.time_convention)
         self.meta = build_meta(args, info)
         self.args = args
 
@@ -248,7 +342,26 @@ class LabelTeacher:
         return fn, noise, dict(y=labels)
 
 
-class PromptTeacher:
+class FlowTeacher(LabelTeacher):
+    """A class-conditional flow-matching teacher (SiT, REPA) solved by transport's Euler or Heun in float64, CFG on
+    its guided channels inside the guidance interval."""
+
+    def solver(self, model, device, precision):
+        meta, bf16 = self.meta, autocast(device, precision)
+        velocity = GuidedVelocity(model, CONVENTIONS[meta["time_convention"]], meta["cfg_scale"],
+                                  meta["guidance_channels"], meta["guidance_interval"])
+        grid = time_grid(meta["teacher_steps"], meta["time_shift"])
+
+        def solve(noise, labels):
+            noise = noise.to(device)
+            with bf16:
+                steps = solve_progressive(velocity, noise, grid, labels.to(device), meta["solver"])
+                states, x0 = boundary_points(steps, noise.double(), meta["boundary_steps"][1:], len(noise))
+            return states.float(), x0.float()
+        return solve
+
+
+class PromptTeacher(DDIMTeacher):
     """A PixArt transformer (diffusers; a hub name or a pipeline folder) on the prompts of a file.
     Sample i takes prompt i mod P (--labels balanced) or a random one (uniform); CFG takes the
     negative prompt "". Rank 0 encodes every prompt once into text.safetensors, beside prompts.json."""
@@ -294,7 +407,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    teacher = (PromptTeacher if args.prompts else LabelTeacher)(args)
+    teacher = (PromptTeacher if args.prompts else FlowTeacher if args.teacher_family == "flow" else LabelTeacher)(args)
     meta = teacher.meta
     os.makedirs(args.out, exist_ok=True)
     missing = missing_shards(args.out, meta)  # listed by every rank before any shard is written
@@ -306,12 +419,7 @@ def main(argv=None):
     model = teacher.network.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too
-    diffusion = create_diffusion(str(args.teacher_steps))
-    bf16 = autocast(device, args.precision)
-
-    def solve(noise, condition):
-        guided, noise, model_kwargs = teacher.guided(noise.to(device), condition.to(device))
-        return solve_trajectories(fp32_at_boundaries(guided, bf16, meta), diffusion, noise, model_kwargs, meta)
+    solve = teacher.solver(model, device, args.precision)
 
     mine = list(missing)[rank::world_size]
     bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
@@ -365,6 +473,7 @@ class TrajectoryDataset(Dataset):
                                                                      "--held-out) are for evaluation, never training"
                                                                      if not held_out else ""))
         check_meta(self.meta, expected or {}, meta_path)
+        check_boundaries(self.meta, meta_path)
         self.directory, self.target = directory, target
         self.shard_size = self.meta["shard_size"]
         self.num_shards = self.meta["num_samples"] // self.shard_size

@@ -4,8 +4,10 @@ Blocks take a conditioning tensor of shape (B, D) as in DiT, or (B, S, D) for a 
 made of S equal groups of tokens, each with its own conditioning: the ARD student uses
 this to compute adaLN once per stage instead of once per token.
 """
+import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 
@@ -19,9 +21,21 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from utils import atomic_write
 
-OFFICIAL_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
-OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+# The official checkpoints by file name: resolution, where they download from, and what kind of teacher they are.
+OFFICIAL_CHECKPOINTS = {
+    **{f"DiT-XL-2-{size}x{size}.pt": dict(image_size=size, url=DIT_URL.format(f"DiT-XL-2-{size}x{size}.pt"),
+                                          family="ddpm") for size in (256, 512)},
+    "SiT-XL-2-256x256.pt": dict(image_size=256, family="flow", time_convention="sit",
+                                url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                                    "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),
+}
+# What a teacher's output is: "ddpm", an ε-prediction (DiT, DDIM solves); "flow", a velocity (SiT, REPA; transport/).
+TEACHER_FAMILIES = {"ddpm": "DDPM (ε-prediction)", "flow": "flow-matching (velocity)"}
+# REPA's SiT keeps the MLPs that align its features with an encoder's during training; sampling never runs them.
+REPA_PROJECTORS = "projectors."
 PRETRAINED_DIR = "pretrained_models"
+torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's checkpoints store their args as one
 
 
 def modulate(x, shift, scale):
@@ -357,11 +371,11 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
 
 
 def download_official(name):
-    """Path of an official DiT checkpoint, downloaded into pretrained_models/ if needed."""
+    """Path of an official DiT or SiT checkpoint, downloaded into pretrained_models/ if needed."""
     path = os.path.join(PRETRAINED_DIR, name)
     if not os.path.isfile(path):
         os.makedirs(PRETRAINED_DIR, exist_ok=True)
-        url = OFFICIAL_URL.format(name)
+        url = OFFICIAL_CHECKPOINTS[name]["url"]
         try:
             torch.hub.download_url_to_file(url, path, progress=True)
         except OSError as e:
@@ -413,29 +427,76 @@ def weights_sha256(module):
     return digest.hexdigest()
 
 
-def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000):
-    """(DiT in eval mode, its description) from an official name or one of our teacher checkpoints.
+def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000, family="ddpm",
+                 time_convention=None):
+    """(DiT in eval mode, its description) from an official name, one of our teacher checkpoints, REPA's
+    checkpoint or a bare state dict, given as a teacher of `family` (TEACHER_FAMILIES) and, for flow
+    teachers, `time_convention` (transport.CONVENTIONS; default: the checkpoint's own).
 
-    Our checkpoints carry their architecture; for official ones and bare state dicts it comes
-    from `model` and `image_size`. The description is what downstream files record, the
-    weights' SHA-256 included.
+    Our checkpoints carry their architecture; for the others it comes from `model` and `image_size`, with
+    learn_sigma read from the output layer. The description is what downstream files record, the
+    weights' SHA-256, the family and the time convention included.
     """
+    if family not in TEACHER_FAMILIES:
+        raise ValueError(f"teacher family must be one of {', '.join(TEACHER_FAMILIES)}, got {family!r}")
     checkpoint = open_checkpoint(ckpt)
-    if "args" in checkpoint:
+    if isinstance(checkpoint.get("args"), dict):
         args = checkpoint["args"]
         if args.get("stage") != "teacher":
             raise ValueError(f"{ckpt} is a {args.get('stage')!r} checkpoint, not a teacher")
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"])
         state_dict = checkpoint["ema"]
+        found = dict(family=args.get("teacher_family", "ddpm"), time_convention=args.get("time_convention"))
     else:
-        if ckpt in OFFICIAL_CHECKPOINTS:
-            image_size = OFFICIAL_CHECKPOINTS[ckpt]
+        state_dict, found = foreign_state_dict(ckpt, checkpoint)
+        image_size = OFFICIAL_CHECKPOINTS.get(ckpt, {}).get("image_size", image_size)
         dit = create_dit(model, image_size, latent=vae != "none", num_classes=num_classes,
-                         in_channels=4 if vae != "none" else 3).config
+                         in_channels=4 if vae != "none" else 3, learn_sigma=learns_sigma(state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
-        state_dict = checkpoint
+    info.update(teacher_kind(ckpt, found, family, time_convention))
     net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
     return net.eval(), dict(info, ckpt=str(ckpt), weights_sha256=weights_sha256(net))
+
+
+def foreign_state_dict(ckpt, checkpoint):
+    """(the state dict, what it says of its teacher kind) of an official or REPA checkpoint or a bare state dict.
+    REPA's (its EMA, with projector MLPs) is a flow teacher in REPA's convention; its projectors are dropped."""
+    state_dict = checkpoint.get("ema", checkpoint)
+    projectors = sorted(k for k in state_dict if k.startswith(REPA_PROJECTORS))
+    if projectors:
+        logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
+                                            f"tensors, unused in sampling: {', '.join(projectors)}")
+        return ({k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)},
+                dict(family="flow", time_convention="repa"))
+    official = OFFICIAL_CHECKPOINTS.get(ckpt, {})
+    return state_dict, dict(family=official.get("family"), time_convention=official.get("time_convention"))
+
+
+def learns_sigma(state_dict, model):
+    """Whether a state dict's output layer has DiT's 2C learned-sigma channels (SiT's file has; REPA's has not)."""
+    weight = state_dict.get("final_layer.linear.weight")
+    if weight is None:
+        return True  # load_state_dict_strict names what is missing
+    patch, channels = int(model.split("/")[1]), state_dict["x_embedder.proj.weight"].shape[1]
+    return weight.shape[0] == 2 * patch * patch * channels
+
+
+def teacher_kind(ckpt, found, family, time_convention):
+    """{"teacher_family", "time_convention"} of a teacher given as `family`, checked against what the checkpoint
+    says of itself (`found`; None where a bare state dict cannot say) before any solve."""
+    if found["family"] not in (None, family):
+        raise ValueError(f"{ckpt} is a {TEACHER_FAMILIES[found['family']]} teacher, given as a "
+                         f"{TEACHER_FAMILIES[family]} one: pass --teacher-family {found['family']}")
+    if family == "ddpm":
+        if time_convention is not None:
+            raise ValueError(f"a time convention ({time_convention}) is for flow teachers; {ckpt} is a DDPM teacher")
+        return dict(teacher_family=family, time_convention=None)
+    own = found["time_convention"]
+    if own is not None and time_convention not in (None, own):
+        raise ValueError(f"{ckpt} uses the {own!r} time convention, given as {time_convention!r}")
+    if (time_convention or own) is None:
+        raise ValueError(f"{ckpt} does not say its time convention: pass --time-convention (sit or repa)")
+    return dict(teacher_family=family, time_convention=time_convention or own)
 
 
 # ---------------------------------------------------------------------------- autoencoder

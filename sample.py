@@ -22,7 +22,9 @@ import torch
 import pixart
 from ard import load_student
 from diffusion import create_diffusion
+from extract_trajectories import add_flow_args, check_flow_args
 from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 from utils import autocast, save_grid
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
@@ -42,23 +44,44 @@ def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_c
     return generate
 
 
+def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1.0, guidance_channels=None,
+                   guidance_interval=(0.0, 1.0), time_shift=1.0):
+    """generate(noise, labels) -> samples of a flow teacher by its own solve (transport: Euler or Heun in float64 on
+    the `steps`-step grid, CFG on its guided channels inside the guidance interval)."""
+    grid = time_grid(steps, time_shift)
+    velocity = GuidedVelocity(model, CONVENTIONS[time_convention], cfg_scale, guidance_channels, guidance_interval)
+
+    def generate(noise, y):
+        *_, last = solve_progressive(velocity, noise, grid, y, solver)
+        return last["sample"].to(noise.dtype)
+    return generate
+
+
 def is_student_checkpoint(ckpt):
     return ckpt not in OFFICIAL_CHECKPOINTS and read_checkpoint(ckpt).get("args", {}).get("stage") in ("ard", "gan")
 
 
 def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="ddim", steps=25, cfg_scale=1.5,
-                   guidance_channels=3, progress=False):
+                   guidance_channels=3, progress=False, flow=None):
     """(generate(noise, labels) -> model-space samples, the network, its description).
 
     A student checkpoint samples in its K steps; teacher settings (sampler, steps, CFG) apply
-    to teachers only. Move the network to a device before generating.
+    to teachers only. `flow`: the teacher family and a flow teacher's solve (teacher_family,
+    time_convention, solver, time_shift, guidance_interval; extract_trajectories.add_flow_args);
+    a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
     if is_student_checkpoint(ckpt):
         student, args = load_student(ckpt)
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"], kind="student",
                     num_steps=student.num_steps)
         return (lambda noise, y: student.sample(noise, y)[:, -1]), student, info
-    teacher, info = load_teacher(ckpt, model, image_size, vae)
+    flow = flow or dict(teacher_family="ddpm", time_convention=None)
+    teacher, info = load_teacher(ckpt, model, image_size, vae, family=flow["teacher_family"],
+                                 time_convention=flow["time_convention"])
+    if info["teacher_family"] == "flow":
+        generate = flow_generator(teacher, info["time_convention"], flow["solver"], steps, cfg_scale,
+                                  guidance_channels, flow["guidance_interval"], flow["time_shift"])
+        return generate, teacher, dict(info, kind="teacher", num_steps=steps)
     generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress,
                                  clip_denoised=clips_x0(info["vae"]))
     return generate, teacher, dict(info, kind="teacher", num_steps=steps)
@@ -114,6 +137,7 @@ def add_generator_args(p):
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
+    add_flow_args(p)
 
 
 def checkpoint_from_args(args):
@@ -126,8 +150,10 @@ def generator_from_args(args, device, text_to_image=False, progress=False):
         if not args.ckpt:
             raise ValueError("text-to-image needs --ckpt: a PixArt student checkpoint or a PixArt pipeline")
         return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress)
+    flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "time_shift",
+                                          "guidance_interval")}
     return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
-                          args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress)
+                          args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress, flow)
 
 
 @torch.no_grad()
@@ -145,6 +171,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
+    check_flow_args(p, args)
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

@@ -45,7 +45,8 @@ from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
-from sample import teacher_generator
+from sample import flow_generator, teacher_generator
+from transport import CONVENTIONS, flow_matching_loss
 from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
                    on_rank_zero, progress, save_grid)
 
@@ -59,7 +60,7 @@ STAGE_DEFAULTS = {"ard": dict(iterations=300_000, global_batch_size=64),
                   "teacher": dict(iterations=400_000, global_batch_size=64)}
 # Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
 INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "parametrization", "history_input",
-              "teacher", "model", "image_size", "vae")
+              "teacher", "model", "image_size", "vae", "teacher_family", "time_convention")
 
 
 # ---------------------------------------------------------------------------- data order
@@ -113,7 +114,8 @@ def feeds_student(seed, step, probability, ramp=0):
 # ---------------------------------------------------------------------------- tasks
 
 class TeacherTask:
-    """A DiT trained from scratch: ε-MSE plus the variational term, class dropout for CFG."""
+    """A DiT trained from scratch, class dropout for CFG: ε-MSE plus the variational term (DDPM), or with
+    --teacher-family flow the flow-matching velocity MSE in --time-convention's time (no learned sigma)."""
 
     init_checkpoint = None
 
@@ -122,12 +124,16 @@ class TeacherTask:
         latent = args.vae != "none"
         overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size,
                                             num_heads=args.num_heads, patch_size=args.patch_size).items() if v}
+        self.flow = args.teacher_family == "flow"
+        self.convention = args.time_convention = (args.time_convention or "sit") if self.flow else None
         self.model = create_dit(args.model, args.image_size, latent=latent, in_channels=4 if latent else channels,
-                                num_classes=num_classes, class_dropout_prob=args.class_dropout, **overrides)
+                                num_classes=num_classes, class_dropout_prob=args.class_dropout,
+                                learn_sigma=not self.flow, **overrides)
         self.autoencoder = load_autoencoder(args.vae).to(device)
         self.diffusion = create_diffusion("")
         self.flip = flips_images(args, args.data_path)
-        self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae)
+        self.record = dict(dit=self.model.config, image_size=args.image_size, vae=args.vae,
+                           teacher_family=args.teacher_family, time_convention=self.convention)
         self.sample_steps, self.cfg_scale = args.sample_steps, args.sample_cfg_scale
         self.notes = []
         if args.class_dropout == 0 and self.cfg_scale != 1:  # no null class to guide with
@@ -138,10 +144,14 @@ class TeacherTask:
     def loss(self, model, batch, step):
         images, y = batch
         x = encode_images(self.autoencoder, images, self.flip)
+        if self.flow:
+            return flow_matching_loss(model, x, y, CONVENTIONS[self.convention]).mean(), {}
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
         return self.diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean(), {}
 
     def generate(self, ema, noise, y):
+        if self.flow:
+            return flow_generator(ema, self.convention, "euler", self.sample_steps, self.cfg_scale)(noise, y)
         return teacher_generator(ema, "ddim", self.sample_steps, self.cfg_scale,
                                  clip_denoised=clips_x0(self.record["vae"]))(noise, y)
 
@@ -163,20 +173,23 @@ class DistillationTask:
         """Trajectories and student; returns the teacher. The trajectories must come from this
         teacher (its weights, not only its name) and, for a student that exists already
         (`student`: the args of the checkpoint it continues), at its stage times."""
-        teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae)
+        teacher, teacher_info = load_teacher(args.teacher, args.model, args.image_size, args.vae,
+                                             family=args.teacher_family, time_convention=args.time_convention)
         dit = teacher_info["dit"]
-        expected = dict(num_steps=args.num_steps, dit=dit, shape=[dit["in_channels"], dit["input_size"],
-                                                                  dit["input_size"]],
+        expected = dict(num_steps=args.num_steps, teacher_family=teacher_info["teacher_family"], dit=dit,
+                        shape=[dit["in_channels"], dit["input_size"], dit["input_size"]],
                         teacher_weights_sha256=teacher_info["weights_sha256"])
+        if teacher_info["time_convention"]:
+            expected["time_convention"] = teacher_info["time_convention"]
         if student is not None:
             expected["boundary_times"] = student["stage_times"]
         self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
         self.model = ARD(teacher, args.num_steps, args.history_layers, args.mask, attention=args.attention,
-                         **stage_readout(args, self.data.meta))
+                         time_convention=teacher_info["time_convention"], **stage_readout(args, self.data.meta))
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = load_autoencoder(teacher_info["vae"]).to(device)
         self.record = dict(dit=dit, image_size=teacher_info["image_size"], vae=teacher_info["vae"],
-                           **self.model.settings)
+                           teacher_family=teacher_info["teacher_family"], **self.model.settings)
         self.feed_settings(args)
         return teacher
 
@@ -250,8 +263,11 @@ class AdversarialTask(DistillationTask):
         student = start.get("args", {})
         if student.get("stage") not in ("ard", "gan"):
             raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {student.get('stage')!r})")
-        for key in INIT_FLAGS:
-            setattr(args, key, student[key])
+        for key in INIT_FLAGS:  # a student from before teacher families has no family: a DDPM teacher's
+            setattr(args, key, student.get(key, getattr(args, key)))
+        if args.teacher_family != "ddpm":  # its features' times (clean t=0, DDPM re-noising) are DDPM's
+            raise ValueError(f"--stage gan fine-tunes students of DDPM teachers; {args.init} distils a "
+                             f"{args.teacher_family} teacher")
         teacher = self.build(args, device, student)
         self.init_checkpoint = None if resumed else start
         self.real, _, _ = image_dataset(args.real_data, args.image_size)
@@ -483,6 +499,11 @@ def build_parser():
     arch.add_argument("--model", default="DiT-XL/2")
     arch.add_argument("--image-size", type=int, default=256)
     arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder, or none (pixel space)")
+    arch.add_argument("--teacher-family", choices=["ddpm", "flow"], default="ddpm",
+                      help="ddpm: ε-prediction (DiT); flow: velocity (SiT, REPA; transport/); teacher: what to train")
+    arch.add_argument("--time-convention", choices=list(CONVENTIONS), default=None,
+                      help="a flow teacher's time: sit (data at t=1) or repa (data at t=0); default: the checkpoint's "
+                           "own, and sit for a new teacher")
     arch.add_argument("--depth", type=int, help="override the named model's depth (small teachers)")
     arch.add_argument("--hidden-size", type=int)
     arch.add_argument("--num-heads", type=int)
@@ -499,10 +520,11 @@ def build_parser():
                      help="what the history tokens hold: the trajectory, or (a control) stages computed from zero "
                           "inputs, which keep the extra tokens but carry nothing of the sample")
     ard.add_argument("--shared-head", action="store_true")
-    ard.add_argument("--parametrization", choices=["direct", "ddim"], default="direct",
+    ard.add_argument("--parametrization", choices=["direct", "ddim", "euler"], default="direct",
                      help="how a stage head's output reads: the prediction itself (direct, the public "
                           "re-implementation), or an ε-prediction mapped through the teacher's DDIM step from the "
-                          "stage's input to the next stage time (ddim: at initialisation the teacher's one-jump solve)")
+                          "stage's input to the next stage time (ddim: at initialisation the teacher's one-jump solve; "
+                          "euler: the same for flow teachers, a velocity through the Euler step)")
     ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
                      help="the history blocks: per-stage SDPA, or a FlexAttention block mask (needs --compile)")
     ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",

@@ -108,7 +108,7 @@ def test_clipped_ddim_heads_pass_gradient_to_pixels_outside_the_range():
     x0 = readout(eps, 3 * torch.randn(2, 1, 8, 8), K - 1)  # the last stage ends at the final sample: x0 itself
     assert x0.abs().max() <= 1 and (x0.abs() == 1).float().mean() > 0.5
     x0.sum().backward()
-    alpha_bar = readout.alphas[0, K - 1]
+    alpha_bar = readout.levels[0, K - 1]
     torch.testing.assert_close(eps.grad, torch.full_like(eps, -((1 - alpha_bar) / alpha_bar).sqrt().item()))
 
 
