@@ -46,6 +46,11 @@ def stage_mask(variant, num_steps):
     return torch.ones(num_steps, num_steps, dtype=torch.bool).tril()
 
 
+def solver_readout(family):
+    """The readout of a teacher family's own solver step (train.py's default)."""
+    return next(readout for readout, owner in SOLVER_READOUTS.items() if owner == family)
+
+
 def check_student_settings(num_steps, history_layers, depth, stage_times=None, teacher_steps=25,
                            parametrization="direct", target="state", history_input="trajectory", time_convention=None):
     """The K stage times of a student with N history blocks out of `depth`, validated: for a DDPM teacher

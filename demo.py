@@ -408,17 +408,17 @@ def describe(student):
 
 def table_row(name, heads, recipe, steps, done, mflops):
     """One markdown row: mean ± sd over seeds of each metric present in the rows `done`."""
-    def cell(key, digits, scale=1.0):
-        values = [r[key] * scale for r in done if key in r]
+    def cell(key, digits):
+        values = [r[key] for r in done if key in r]
         return mean_spread(values, digits) if values else "-"
-    return [name, heads, recipe, steps, cell("fid", 2), cell("kid", 2, 1e3), cell("precision", 3),
+    return [name, heads, recipe, steps, cell("fid", 2), cell("kid", 1), cell("precision", 3),
             cell("recall", 3), cell("fd_to_teacher", 2), cell("rms_to_teacher", 3), cell("exposure_bias", 2),
             cell("history_reliance", 3), f"{mflops:.2f}", cell("ms_per_image", 3)]
 
 
 def report(experiment, students, seeds, rows, teachers):
     """The results table (mean ± sd over seeds) and the comparisons with their intervals, as markdown."""
-    header = ["model", "heads", "recipe", "K", "FID", "KID x10^3", "precision", "recall", "FD to teacher",
+    header = ["model", "heads", "recipe", "K", "FID", "KID", "precision", "recall", "FD to teacher",
               "RMS to teacher", "exposure bias", "history reliance", "MFLOPs/img", "ms/img"]
     table = [table_row(f"teacher, DDIM {steps}", "-", "-", steps, list(by_seed.values()),
                        experiment.mflops(steps, guided=True)) for steps, by_seed in teachers.items()]

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 import pixart
-from ard import ARD, check_student_settings, distillation_loss, student_fed_stages
+from ard import ARD, check_student_settings, distillation_loss, solver_readout, student_fed_stages
 from data import DIGITS, EMBEDDED, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
@@ -520,11 +520,12 @@ def build_parser():
                      help="what the history tokens hold: the trajectory, or (a control) stages computed from zero "
                           "inputs, which keep the extra tokens but carry nothing of the sample")
     ard.add_argument("--shared-head", action="store_true")
-    ard.add_argument("--parametrization", choices=["direct", "ddim", "euler"], default="direct",
+    ard.add_argument("--parametrization", choices=["direct", "ddim", "euler"], default=None,
                      help="how a stage head's output reads: the prediction itself (direct, the public "
                           "re-implementation), or an ε-prediction mapped through the teacher's DDIM step from the "
                           "stage's input to the next stage time (ddim: at initialisation the teacher's one-jump solve; "
-                          "euler: the same for flow teachers, a velocity through the Euler step)")
+                          "euler: the same for flow teachers, a velocity through the Euler step). Default: the "
+                          "teacher's own step (ddim, or euler for flow teachers), which the digits study chose")
     ard.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
                      help="the history blocks: per-stage SDPA, or a FlexAttention block mask (needs --compile)")
     ard.add_argument("--student-fed", type=float, default=0.0, metavar="P",
@@ -565,6 +566,8 @@ def parse_args(argv=None):
     for key, value in STAGE_DEFAULTS[args.stage].items():  # a resumed run has its own from its checkpoint
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.parametrization is None:  # a resumed or --init run has its own
+        args.parametrization = solver_readout(args.teacher_family)
     check_args(parser, args)
     return args
 

@@ -129,5 +129,14 @@ def bootstrap_fids(ref_mu, ref_sigma, features, resamples=200, seed=0):
     out = {}
     for name, f in features.items():
         f = np.asarray(f, dtype=np.float64)
-        out[name] = np.array([frechet_distance(*gaussian_statistics(f[idx]), ref_mu, ref_sigma) for idx in draws])
+        out[name] = np.array([fast_frechet_distance(*gaussian_statistics(f[idx]), ref_mu, ref_sigma) for idx in draws])
     return out
+
+
+def fast_frechet_distance(mu1, sigma1, mu2, sigma2):
+    """frechet_distance with tr sqrt(S1 S2) as the sum of the square roots of the eigenvalues of S1 S2
+    (real and non-negative for covariances, up to rounding): several times faster than a matrix square
+    root, for the many FIDs of a bootstrap."""
+    diff = np.asarray(mu1, dtype=np.float64) - mu2
+    eigenvalues = np.linalg.eigvals(np.asarray(sigma1) @ sigma2).real.clip(min=0)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eigenvalues).sum())

@@ -351,8 +351,12 @@ def test_paired_bootstrap_resamples_the_same_indices_for_every_set():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(300, 4))
     ref_mu, ref_sigma = metrics.gaussian_statistics(rng.normal(size=(1000, 4)))
-    fids = metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "same": a.copy(), "shifted": a + 1}, resamples=20)
+    fids = metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "same": a.copy(), "shifted": a + 1}, resamples=20,
+                                  seed=0)
     assert np.array_equal(fids["a"], fids["same"])  # the same images: identical resamples, a zero difference
+    first = a[np.random.default_rng(0).integers(0, 300, 300)]  # the first resample of seed 0
+    assert fids["a"][0] == pytest.approx(metrics.frechet_distance(*metrics.gaussian_statistics(first), ref_mu,
+                                                                  ref_sigma), rel=1e-8)
     assert (fids["shifted"] > fids["a"]).all() and len(set(fids["a"].round(9))) > 1
     with pytest.raises(ValueError, match="equal lengths"):
         metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "b": a[:10]})

@@ -1214,3 +1214,12 @@ def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):
     assert (teacher_args.iterations, teacher_args.global_batch_size) == (400_000, 64)
     assert train.parse_args(["--stage", "gan", "--init", ckpt(ard_run, 6), "--data-path", traj, "--real-data",
                              "digits", "--iterations", "7"]).iterations == 7
+
+
+def test_stage_heads_default_to_the_teachers_own_solver_step(traj):
+    """The study's choice: ddim heads for DDPM teachers (euler for flow teachers); direct on request."""
+    assert train.parse_args(["--stage", "ard", "--data-path", traj]).parametrization == "ddim"
+    assert train.parse_args(["--stage", "ard", "--data-path", traj, "--teacher-family", "flow"]).parametrization == \
+        "euler"
+    assert train.parse_args(["--stage", "ard", "--data-path", traj, "--parametrization", "direct"]).parametrization \
+        == "direct"
