@@ -77,9 +77,12 @@ TEACHER_FLAGS = {
     "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
                "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
 }
-# 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (the demo's four
-# digits students took 8.3 min from a fresh clone); the shapes cost about 2.5x the digits.
-MINUTES_PER_STUDENT = {"digits": 2.0, "shapes": 5.0}
+# 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (3.4 min per digits
+# student in a fresh clone's demo at the study's budget); the shapes cost about 2.5x the digits per step.
+MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5}
+# The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores.
+BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
+           "demo": dict(iterations=500, num_trajectories=2048, num_images=1000)}
 PARAMETRIZATIONS = ("direct", "ddim")
 
 
@@ -515,12 +518,15 @@ def main(argv=None):
     p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 3 seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; study: 0 1 2)")
     p.add_argument("--report", action="store_true", help="train nothing: tables and plots of the finished runs")
-    p.add_argument("--iterations", type=int, default=1000, help="training steps of each student")
+    p.add_argument("--iterations", type=int, help="training steps of each student (demo 500, study 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
-    p.add_argument("--num-trajectories", type=int, default=4096)
+    p.add_argument("--num-trajectories", type=int, help="training trajectories per seed (demo 2048, study 4096)")
     p.add_argument("--num-held-out", type=int, default=512, help="held-out trajectories for the per-step errors")
-    p.add_argument("--num-images", type=int, default=2000, help="samples per model and seed for the metrics")
+    p.add_argument("--num-images", type=int, help="samples per model and seed for the metrics (demo 1000, study 2000)")
     args = p.parse_args(argv)
+    for name, value in BUDGETS["study" if args.study else "demo"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     started = time.time()
     seeds = args.seeds or ([0, 1, 2] if args.study else [0])
     datasets = [args.dataset] if args.dataset else (list(TEACHER_FLAGS) if args.study else ["digits"])
