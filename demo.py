@@ -355,12 +355,6 @@ def diagnostics(row):
                 history_reliance=float(np.mean([c / e for c, e in zip(row["history_reliance"], forced[1:])])))
 
 
-def gap_ratios(rows, teacher_fid, ard, baseline):
-    """ARD's FID gap to the teacher over step distillation's, per seed that has both (teacher_fid per seed)."""
-    seeds = sorted(set(rows.get(ard, {})) & set(rows.get(baseline, {})))
-    return [(rows[ard][s]["fid"] - teacher_fid[s]) / (rows[baseline][s]["fid"] - teacher_fid[s]) for s in seeds]
-
-
 def paired_comparison(experiment, rows, teachers, student, other):
     """{seed: (difference, ratio)} and the same for each bootstrap resample, averaged over seeds: FID(student)
     - FID(other), and the gap ratio (FID(student) - FID(teacher)) / (FID(other) - FID(teacher)), the three

@@ -101,13 +101,9 @@ def test_demo_never_evaluates_on_noise_a_student_trained_on(tmp_path, monkeypatc
     assert distances.min() > 1.0  # no evaluation noise is (or is near) a training x_T
 
 
-def test_mean_spread_gap_ratios_and_verdicts():
+def test_mean_spread_and_verdicts():
     assert demo.mean_spread([3.0]) == "3.00"
     assert demo.mean_spread([1.0, 2.0, 4.0], digits=1) == "2.3 ± 1.5"
-    ard, base = demo.Student(4, 1), demo.Student(4, 0)
-    rows = {ard: {0: {"fid": 12.0}, 1: {"fid": 14.0}}, base: {0: {"fid": 20.0}, 1: {"fid": 30.0}}}
-    assert demo.gap_ratios(rows, {0: 10.0, 1: 10.0}, ard, base) == [0.2, 0.2]
-    assert demo.gap_ratios({ard: rows[ard]}, {0: 10.0}, ard, base) == []
     assert demo.verdict([-1.0, -2.0], [-2.5, -0.5], 0) == "differs"
     assert demo.verdict([-1.0, 0.5], [-2.5, -0.5], 0) == "no difference"  # the seeds disagree
     assert demo.verdict([-1.0, -2.0], [-2.5, 0.5], 0) == "no difference"  # the interval holds 0
