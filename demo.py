@@ -280,6 +280,13 @@ class Experiment:
         features = extract_features(open_images(self.reference), net, 500, torch.device("cpu"), progress=False)
         return gaussian_statistics(features["pool"])
 
+    @functools.cache
+    def resampled_fids(self, features, seed):
+        """FIDs of the BOOTSTRAP_RESAMPLES resamples of seed `seed`: the draws depend only on the seed and the
+        sample count, which every model shares, so the models of one seed stay paired."""
+        mu, sigma = self.reference_statistics
+        return bootstrap_fids(mu, sigma, {"x": np.load(features)}, resamples=BOOTSTRAP_RESAMPLES, seed=seed)["x"]
+
     def mflops(self, steps, history_layers=0, guided=False):
         return 1e3 * gflops(self.config, steps, history_layers) * (2 if guided else 1)  # CFG: two forwards a step
 
@@ -360,16 +367,13 @@ def paired_comparison(experiment, rows, teachers, student, other):
     - FID(other), and the gap ratio (FID(student) - FID(teacher)) / (FID(other) - FID(teacher)), the three
     sharing their evaluation noise and their resampled indices within each seed."""
     seeds = sorted(set(rows[student]) & set(rows[other]))
-    mu, sigma = experiment.reference_statistics
     per_seed, resampled = {}, []
     for seed in seeds:
-        fids = {name: row["fid"] for name, row in (("s", rows[student][seed]), ("o", rows[other][seed]),
-                                                   ("t", teachers[seed]))}
-        per_seed[seed] = (fids["s"] - fids["o"], (fids["s"] - fids["t"]) / (fids["o"] - fids["t"]))
-        boot = bootstrap_fids(mu, sigma, {name: np.load(row["features"]) for name, row in (
-            ("s", rows[student][seed]), ("o", rows[other][seed]), ("t", teachers[seed]))},
-            resamples=BOOTSTRAP_RESAMPLES, seed=seed)
-        resampled.append((boot["s"] - boot["o"], (boot["s"] - boot["t"]) / (boot["o"] - boot["t"])))
+        trio = (rows[student][seed], rows[other][seed], teachers[seed])
+        s, o, t = (row["fid"] for row in trio)
+        per_seed[seed] = (s - o, (s - t) / (o - t))
+        s, o, t = (experiment.resampled_fids(row["features"], seed) for row in trio)
+        resampled.append((s - o, (s - t) / (o - t)))
     means = [np.mean([r[i] for r in resampled], axis=0) for i in range(2)]
     return per_seed, [np.percentile(m, [2.5, 97.5]) for m in means]
 

@@ -354,9 +354,10 @@ def test_paired_bootstrap_resamples_the_same_indices_for_every_set():
     fids = metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "same": a.copy(), "shifted": a + 1}, resamples=20,
                                   seed=0)
     assert np.array_equal(fids["a"], fids["same"])  # the same images: identical resamples, a zero difference
-    first = a[np.random.default_rng(0).integers(0, 300, 300)]  # the first resample of seed 0
-    assert fids["a"][0] == pytest.approx(metrics.frechet_distance(*metrics.gaussian_statistics(first), ref_mu,
-                                                                  ref_sigma), rel=1e-8)
+    draws = np.random.default_rng(0)  # every resample of seed 0, resampled and scored the plain way
+    expected = [metrics.frechet_distance(*metrics.gaussian_statistics(a[draws.integers(0, 300, 300)]), ref_mu,
+                                         ref_sigma) for _ in range(20)]
+    assert fids["a"] == pytest.approx(expected, rel=1e-8)
     assert (fids["shifted"] > fids["a"]).all() and len(set(fids["a"].round(9))) > 1
     with pytest.raises(ValueError, match="equal lengths"):
         metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "b": a[:10]})
