@@ -5,6 +5,7 @@ the trajectory's history helps.
     python demo.py --dataset shapes    # the same on 16x16 procedural shapes (slower: a wider teacher)
     python demo.py --study             # the study: 3 seeds, both datasets, every axis (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
+    python demo.py --teacher-family flow   # the demo on the shipped flow-matching digits teacher (Heun, euler heads)
 
 Students. Step distillation (N=0) and ARD (history in the lower N blocks), with the heads read
 "direct" (the raw output is the prediction, as in the public re-implementation) or "ddim" (read
@@ -64,6 +65,16 @@ STUDENT_FED_PROB = 0.5
 RECIPE_FLAGS = {"teacher-forced": [], "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
 RECIPES = tuple(RECIPE_FLAGS)
 BOOTSTRAP_RESAMPLES = 200
+# What each teacher family adds to the commands that load its teacher (`family`), how the teacher solves
+# (samples: `solve`; trajectories: `extract`), the name of that solve, its network calls for a number of steps,
+# and the stage heads read through the same solver's step.
+FAMILIES = {
+    "ddpm": dict(family=[], solve=["--sampler", "ddim"], extract=[], solver="DDIM", calls=lambda steps: steps,
+                 heads="ddim"),
+    "flow": dict(family=["--teacher-family", "flow"], solve=["--teacher-family", "flow", "--solver", "heun"],
+                 extract=["--teacher-family", "flow", "--solver", "heun"], solver="Heun",
+                 calls=lambda steps: 2 * steps - 1, heads="euler"),  # Heun's last step is Euler
+}
 
 
 def small_dit(width):
@@ -83,14 +94,13 @@ MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5}
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
            "demo": dict(iterations=500, num_trajectories=2048, num_images=1000)}
-PARAMETRIZATIONS = ("direct", "ddim")
 
 
 @dataclass(frozen=True)
 class Student:
     K: int
     N: int
-    parametrization: str = "ddim"
+    parametrization: str
     recipe: str = "teacher-forced"
     mask: str = "M4"
     history: str = "trajectory"
@@ -115,7 +125,7 @@ class Student:
         """The students of `grid` this one is compared with, fixed before any run: its step-distillation
         baseline (a gap ratio), and the same student without each thing it varies."""
         others = [replace(self, N=0, mask="M4", history="trajectory")] if self.N else []
-        changes = [(self.parametrization == "ddim", dict(parametrization="direct")),
+        changes = [(self.parametrization != "direct", dict(parametrization="direct")),
                    (self.mask != "M4", dict(mask="M4")), (self.history == "zeros", dict(history="trajectory")),
                    (self.recipe != "teacher-forced", dict(recipe="teacher-forced"))]
         return [s for s in others + [replace(self, **change) for applies, change in changes if applies] if s in grid]
@@ -126,24 +136,26 @@ def paper_history_layers(depth):
     return max(1, round(depth * 6 / 28))
 
 
-def demo_grid(depth):
-    """Step distillation and ARD at the paper's N, with direct and ddim heads, teacher-forced: four students."""
-    return [Student(4, n, p) for p in PARAMETRIZATIONS for n in (0, paper_history_layers(depth))]
+def demo_grid(depth, heads="ddim"):
+    """Step distillation and ARD at the paper's N, with direct heads and heads read through the teacher's
+    solver step (`heads`), teacher-forced: four students."""
+    return [Student(4, n, p) for p in ("direct", heads) for n in (0, paper_history_layers(depth))]
 
 
-def study_grid(dataset, depth):
+def study_grid(dataset, depth, heads="ddim"):
     """The study's students in the order they run: the demo's four and the zero-history control; on the
     digits also the paper's mask ablation (M2, M3), history in every block, K=2 and the ema-fed recipe."""
     ard_n = paper_history_layers(depth)
-    core = demo_grid(depth) + [Student(4, ard_n, history="zeros")]
+    core = demo_grid(depth, heads) + [Student(4, ard_n, heads, history="zeros")]
     if dataset == "shapes":  # 2.5x the digits' cost: the central comparison only
         return core
-    return (core + [Student(4, ard_n, mask=m) for m in ("M2", "M3")] + [Student(4, depth)]
-            + [Student(2, n) for n in (0, ard_n)] + [Student(4, n, recipe="ema-fed") for n in (0, ard_n)])
+    return (core + [Student(4, ard_n, heads, mask=m) for m in ("M2", "M3")] + [Student(4, depth, heads)]
+            + [Student(2, n, heads) for n in (0, ard_n)]
+            + [Student(4, n, heads, recipe="ema-fed") for n in (0, ard_n)])
 
 
-def students_of(dataset, depth, study):
-    return study_grid(dataset, depth) if study else demo_grid(depth)
+def students_of(dataset, depth, study, heads="ddim"):
+    return study_grid(dataset, depth, heads) if study else demo_grid(depth, heads)
 
 
 def run(script, main, argv):
@@ -174,18 +186,31 @@ def train_once(results_dir, stage, name, flags, may_train=True):
     return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
 
 
-def trained_teacher(dataset, out, may_train=True):
-    """Trains the dataset's teacher (or, unless `may_train`, finds it trained) and exports it as assets/ holds it."""
-    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, TEACHER_FLAGS[dataset], may_train)
+def teacher_name(dataset, family):
+    """The name of a shipped teacher: assets/{name}.safetensors."""
+    return f"{dataset}_teacher" if family == "ddpm" else f"{dataset}_{family}_teacher"
+
+
+def trained_teacher(dataset, family, out, may_train=True):
+    """Trains the dataset's teacher of `family` (or, unless `may_train`, finds it trained) and exports it as
+    assets/ holds it."""
+    flags = [*TEACHER_FLAGS[dataset], *FAMILIES[family]["family"]]
+    ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, flags, may_train)
     if ckpt is None:
         raise FileNotFoundError(f"no finished teacher run {dataset!r} in {out}/runs (--report trains nothing)")
-    exported = os.path.join(out, f"{dataset}_teacher.safetensors")
+    exported = os.path.join(out, f"{teacher_name(dataset, family)}.safetensors")
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
 
 
-def teacher_flags(steps):
-    return ["--sampler", "ddim", "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
+def generator(ckpt, flags):
+    """sample.py's generator of `ckpt` under sample.py's `flags` (a teacher's solve; ignored by students)."""
+    p = argparse.ArgumentParser()
+    sample.add_generator_args(p)
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    args = p.parse_args(["--ckpt", ckpt, *map(str, flags)])
+    sample.check_flow_args(p, args)
+    return sample.generator_from_args(args, torch.device("cpu"))
 
 
 class Experiment:
@@ -193,7 +218,8 @@ class Experiment:
 
     def __init__(self, dataset, teacher, out, args):
         self.dataset, self.teacher, self.out, self.args = dataset, teacher, out, args
-        self.config = sample.load_generator(teacher)[2]["dit"]
+        self.family = FAMILIES[args.teacher_family]
+        self.config = generator(teacher, self.teacher_flags(TEACHER_STEPS))[2]["dit"]
         self.depth = self.config["depth"]
         for sub in ("metrics", "samples"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -211,7 +237,7 @@ class Experiment:
         count = self.args.num_held_out if held_out else self.args.num_trajectories
         flags = ["--ckpt", self.teacher, "--num-samples", count, "--shard-size", min(count, 1024), "--batch-size",
                  512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE, "--seed", seed,
-                 *["--held-out"] * held_out]
+                 *["--held-out"] * held_out, *self.family["extract"]]
         path = os.path.join(self.out, f"{'held_out' if held_out else 'trajectories'}_K{K}_s{seed}_"
                                       f"{settings_hash(flags)}")
         if extract:
@@ -222,13 +248,13 @@ class Experiment:
         fed = RECIPE_FLAGS[student.recipe]
         fed = [*fed, "--student-fed-ramp", self.args.iterations // 2] if fed else []
         flags = ["--data-path", self.trajectories(student.K, seed, extract=may_train), "--teacher", self.teacher,
-                 *student.flags(), *fed,
+                 *self.family["family"], *student.flags(), *fed,
                  "--global-seed", seed, "--global-batch-size", self.args.batch_size, "--iterations",
                  self.args.iterations, "--lr", "1e-3", "--ema-decay", 0.995, "--log-every", 250, "--ckpt-every",
                  self.args.iterations, "--sample-every", self.args.iterations, "--num-workers", 0]
         return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", flags, may_train)
 
-    def measure(self, name, ckpt, seed, flags, steps, teacher=None, held_out=None, may_compute=True):
+    def measure(self, name, ckpt, seed, flags, teacher=None, held_out=None, may_compute=True):
         """A generator's metrics on seed `seed`'s evaluation noise: FID, KID, precision, recall, ms/img; with
         `teacher` (the 25-step teacher's row of the same seed) fidelity to it; with `held_out` trajectories the
         per-stage errors. Cached under the hash of everything that produced them (None if not cached and
@@ -249,7 +275,7 @@ class Experiment:
                                         progress=False, return_features=True)
         np.save(path + ".npy", features)
         row = dict(results, key=key, npz=npz, features=path + ".npy",
-                   ms_per_image=ms_per_image(ckpt, steps, min(200, self.args.num_images)))
+                   ms_per_image=ms_per_image(ckpt, flags, min(200, self.args.num_images)))
         if teacher is not None:
             row.update(fidelity(npz, features, teacher))
         if held_out is not None:
@@ -259,9 +285,15 @@ class Experiment:
         save_json(row, path + ".json")
         return row
 
+    def teacher_flags(self, steps):
+        return [*self.family["solve"], "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
+
+    def teacher_label(self, steps):
+        return f"teacher, {self.family['solver']} {steps}"
+
     def teacher_row(self, steps, seed, may_compute=True):
-        return self.measure(f"teacher_ddim{steps}", self.teacher, seed, teacher_flags(steps), steps,
-                            may_compute=may_compute)
+        return self.measure(f"teacher_{self.family['solver'].lower()}{steps}", self.teacher, seed,
+                            self.teacher_flags(steps), may_compute=may_compute)
 
     def student_row(self, student, seed, may_train=True):
         """The student's row, trained and measured if need be (or None, unless `may_train`)."""
@@ -269,7 +301,7 @@ class Experiment:
         ckpt = self.train_student(student, seed, may_train)
         if teacher is None or ckpt is None:
             return None
-        return self.measure(student.key, ckpt, seed, [], student.K, teacher=teacher,
+        return self.measure(student.key, ckpt, seed, [], teacher=teacher,
                             held_out=self.trajectories(student.K, seed, held_out=True, extract=may_train),
                             may_compute=may_train)
 
@@ -287,8 +319,11 @@ class Experiment:
         mu, sigma = self.reference_statistics
         return bootstrap_fids(mu, sigma, {"x": np.load(features)}, resamples=BOOTSTRAP_RESAMPLES, seed=seed)["x"]
 
-    def mflops(self, steps, history_layers=0, guided=False):
-        return 1e3 * gflops(self.config, steps, history_layers) * (2 if guided else 1)  # CFG: two forwards a step
+    def mflops(self, steps, history_layers=0, teacher=False):
+        """A student's, or the teacher's solve (CFG: two forwards a network call)."""
+        if teacher:
+            return 2e3 * gflops(self.config, self.family["calls"](steps))
+        return 1e3 * gflops(self.config, steps, history_layers)
 
 
 def fidelity(npz, features, teacher):
@@ -300,10 +335,10 @@ def fidelity(npz, features, teacher):
     return dict(rms_to_teacher=float(rms), fd_to_teacher=fd)
 
 
-def ms_per_image(ckpt, steps, count, repeats=3):
-    """Wall time per image of generating `count` images in one batch (best of 3)."""
+def ms_per_image(ckpt, flags, count, repeats=3):
+    """Wall time per image of generating `count` images in one batch (best of 3), under sample.py's `flags`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate, network, info = sample.load_generator(ckpt, sampler="ddim", steps=steps, cfg_scale=CFG_SCALE)
+    generate, network, info = generator(ckpt, flags)
     network.to(device)
     shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
     noise, y = (t.to(device) for t in index_noise_and_labels(0, range(count), shape, info["dit"]["num_classes"],
@@ -421,8 +456,8 @@ def report(experiment, students, seeds, rows, teachers):
     """The results table (mean ± sd over seeds) and the comparisons with their intervals, as markdown."""
     header = ["model", "heads", "recipe", "K", "FID", "KID", "precision", "recall", "FD to teacher",
               "RMS to teacher", "exposure bias", "history reliance", "MFLOPs/img", "ms/img"]
-    table = [table_row(f"teacher, DDIM {steps}", "-", "-", steps, list(by_seed.values()),
-                       experiment.mflops(steps, guided=True)) for steps, by_seed in teachers.items()]
+    table = [table_row(experiment.teacher_label(steps), "-", "-", steps, list(by_seed.values()),
+                       experiment.mflops(steps, teacher=True)) for steps, by_seed in teachers.items()]
     for student in students:
         done = [dict(r, **diagnostics(r)) for _, r in sorted(rows.get(student, {}).items())]
         if done:
@@ -430,7 +465,7 @@ def report(experiment, students, seeds, rows, teachers):
                                    experiment.mflops(student.K, student.N)))
     args = experiment.args
     lines = [f"**{experiment.dataset}**: {args.num_images} samples per model and seed, classifier features; teacher "
-             f"{TEACHER_STEPS}-step DDIM, CFG {CFG_SCALE}; students {args.iterations} steps of batch "
+             f"{TEACHER_STEPS}-step {experiment.family['solver']}, CFG {CFG_SCALE}; students {args.iterations} steps of batch "
              f"{args.batch_size} on {args.num_trajectories} trajectories; seeds {', '.join(map(str, seeds))} "
              f"(mean ± sd over seeds; a seed varies trajectories, batch order and evaluation noise).", "",
              *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), "",
@@ -443,7 +478,7 @@ def report(experiment, students, seeds, rows, teachers):
 
 def plot_fid_vs_history(experiment, students, rows, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for parametrization in PARAMETRIZATIONS:
+    for parametrization in ("direct", experiment.family["heads"]):
         points = sorted((s.N, [r["fid"] for r in rows[s].values()]) for s in students if rows.get(s) and s.K == 4
                         and s.parametrization == parametrization and s.recipe == "teacher-forced"
                         and s.mask == "M4" and s.history == "trajectory")
@@ -462,7 +497,7 @@ def plot_fid_vs_history(experiment, students, rows, path):
 def plot_exposure_bias(experiment, rows, path):
     """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per head reading."""
     ard_n = paper_history_layers(experiment.depth)
-    panels = [p for p in PARAMETRIZATIONS if rows.get(Student(4, 0, p))]
+    panels = [p for p in ("direct", experiment.family["heads"]) if rows.get(Student(4, 0, p))]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), sharey=True, squeeze=False)
@@ -484,13 +519,18 @@ def plot_exposure_bias(experiment, rows, path):
     plt.close(fig)
 
 
+def shipped_teacher(dataset, family):
+    return os.path.join(ROOT, "assets", f"{teacher_name(dataset, family)}.safetensors")
+
+
 def run_dataset(dataset, seeds, args):
-    out = os.path.join(args.out, dataset)
+    family = args.teacher_family
+    out = os.path.join(args.out, dataset if family == "ddpm" else f"{dataset}-{family}")
     os.makedirs(out, exist_ok=True)
-    teacher = trained_teacher(dataset, out, may_train=not args.report) if args.teacher == "train" else \
-        args.teacher or os.path.join(ROOT, "assets", f"{dataset}_teacher.safetensors")
+    teacher = trained_teacher(dataset, family, out, may_train=not args.report) if args.teacher == "train" else \
+        args.teacher or shipped_teacher(dataset, family)
     experiment = Experiment(dataset, teacher, out, args)
-    students = students_of(dataset, experiment.depth, args.study)
+    students = students_of(dataset, experiment.depth, args.study, experiment.family["heads"])
     rows = {}
     for student in students:
         for seed in seeds:
@@ -513,6 +553,8 @@ def main(argv=None):
                    help="one dataset (default: digits; with --study, every dataset)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
+    p.add_argument("--teacher-family", choices=list(FAMILIES), default="ddpm",
+                   help="ddpm: ε-prediction, DDIM; flow: velocity, Heun (digits only ships one; in DIR/digits-flow)")
     p.add_argument("--study", action="store_true", help="the whole study: every dataset and axis, 3 seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; study: 0 1 2)")
     p.add_argument("--report", action="store_true", help="train nothing: tables and plots of the finished runs")
@@ -528,6 +570,11 @@ def main(argv=None):
     started = time.time()
     seeds = args.seeds or ([0, 1, 2] if args.study else [0])
     datasets = [args.dataset] if args.dataset else (list(TEACHER_FLAGS) if args.study else ["digits"])
+    missing = [shipped_teacher(d, args.teacher_family) for d in datasets if args.teacher is None
+               and not os.path.exists(shipped_teacher(d, args.teacher_family))]
+    if missing:
+        p.error(f"no shipped {args.teacher_family} teacher at {', '.join(missing)}: pass --teacher train "
+                "(or a checkpoint) or --dataset")
     runs = {dataset: len(students_of(dataset, 4, args.study)) * len(seeds) for dataset in datasets}
     minutes = sum(n * MINUTES_PER_STUDENT[d] for d, n in runs.items()) * args.iterations / 1000
     print(f"{sum(runs.values())} students on {', '.join(datasets)}: about {minutes:.0f} minutes on two CPU cores "

@@ -11,6 +11,7 @@ from ard import ARD
 from extract_trajectories import TrajectoryDataset
 from models import DiT
 from test_ard import inputs, perturbed_dit
+from test_flow_teachers import make_flow_teacher
 
 STUDENTS = [(name, heads) for heads in ("direct", "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
 
@@ -36,8 +37,7 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
 
     report = (out / "results.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
-    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
-        ("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS]
+    assert report_rows(report) == [("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         fid, precision, recall, mflops, ms = (float(cells[i]) for i in (4, 6, 7, 12, 13))
@@ -71,6 +71,35 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
     assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 6
     demo.main([*argv, "--iterations", "5"])
     assert len(checkpoints(digits)) == 2 * len(trained) and set(trained) < set(checkpoints(digits))
+
+
+def report_rows(report):
+    """(model, heads) of each row of a results table."""
+    rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
+    return [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows]
+
+
+def test_reduced_demo_on_a_flow_teacher_solves_with_heun_and_reads_heads_through_euler(tmp_path):
+    teacher = str(tmp_path / "flow_teacher.pt")
+    make_flow_teacher(teacher)
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--teacher", teacher, "--teacher-family", "flow", "--iterations", "2",
+               "--batch-size", "16", "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40"])
+    report = (out / "results.md").read_text()
+    students = [(name, heads) for heads in ("direct", "euler") for name in ("step distillation (N=0)", "ARD (N=1)")]
+    assert report_rows(report) == [("teacher, Heun 25", "-"), ("teacher, Heun 4", "-"), *students]
+    assert "teacher 25-step Heun" in report and len([l for l in report.splitlines() if l.startswith("- ")]) == 4
+    meta = json.loads(next((out / "digits-flow").glob("trajectories_*/meta.json")).read_text())
+    assert (meta["teacher_family"], meta["solver"]) == ("flow", "heun")
+    runs = [torch.load(p, weights_only=True)["args"] for p in (out / "digits-flow" / "runs").glob("*/checkpoints/*.pt")]
+    assert sorted(a["parametrization"] for a in runs) == ["direct", "direct", "euler", "euler"]
+    assert {a["teacher_family"] for a in runs} == {"flow"}
+
+
+def test_demo_without_a_shipped_teacher_of_the_family_stops_first(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--teacher-family", "flow", "--dataset", "shapes"])
+    assert "no shipped flow teacher" in capsys.readouterr().err
 
 
 def test_demo_never_evaluates_on_noise_a_student_trained_on(tmp_path, monkeypatch):
@@ -112,12 +141,12 @@ def test_mean_spread_and_verdicts():
 def test_comparisons_are_fixed_by_the_grid():
     grid = demo.study_grid("digits", depth=4)
     assert len(grid) == len(set(grid)) == 12 and len(demo.study_grid("shapes", depth=4)) == 5
-    zeros = demo.Student(4, 1, history="zeros")
-    assert zeros.comparisons(grid) == [demo.Student(4, 0), demo.Student(4, 1)]
+    zeros = demo.Student(4, 1, "ddim", history="zeros")
+    assert zeros.comparisons(grid) == [demo.Student(4, 0, "ddim"), demo.Student(4, 1, "ddim")]
     assert demo.Student(4, 1, "direct").comparisons(grid) == [demo.Student(4, 0, "direct")]
-    assert demo.Student(2, 1).comparisons(grid) == [demo.Student(2, 0)]
-    assert demo.Student(4, 1, recipe="ema-fed").comparisons(grid) == [demo.Student(4, 0, recipe="ema-fed"),
-                                                                      demo.Student(4, 1)]
+    assert demo.Student(2, 1, "ddim").comparisons(grid) == [demo.Student(2, 0, "ddim")]
+    assert demo.Student(4, 1, "ddim", recipe="ema-fed").comparisons(grid) == [
+        demo.Student(4, 0, "ddim", recipe="ema-fed"), demo.Student(4, 1, "ddim")]
 
 
 def test_diagnostics_are_ratios_to_the_teacher_forced_error():
