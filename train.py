@@ -308,6 +308,8 @@ class AdversarialTask(DistillationTask):
         return regression + weight * adversarial, dict(logs, g_adv=adversarial.detach(), gan_weight=weight)
 
     def discriminator_step(self, discriminator, real_batch, bf16):
+        """One D step; logs its hinge loss, its mean logit on real and fake tokens, and its accuracy (the
+        fraction of real logits above 0 and fake ones below, over every head and token)."""
         images, real_labels = real_batch
         with torch.no_grad():
             real = encode_images(self.autoencoder, images, self.flip)
@@ -318,7 +320,9 @@ class AdversarialTask(DistillationTask):
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.disc_opt.step()
-        return loss.detach()
+        logits_real, logits_fake = logits_real.detach().float(), logits_fake.detach().float()
+        accuracy = torch.cat([(logits_real > 0).flatten(), (logits_fake < 0).flatten()]).float().mean()
+        return dict(d_loss=loss.detach(), d_real=logits_real.mean(), d_fake=logits_fake.mean(), d_acc=accuracy)
 
 
 TASKS = {"teacher": TeacherTask, "ard": DistillationTask, "gan": AdversarialTask}
@@ -701,7 +705,7 @@ def main(argv=None):
         logs = dict(logs, loss=loss.detach(), grad_norm=grad_norm)
         if discriminator is not None:
             real_batch = [t.to(device, non_blocking=True) for t in next(real_data)]
-            logs["d_loss"] = task.discriminator_step(ddp_disc, real_batch, bf16)
+            logs.update(task.discriminator_step(ddp_disc, real_batch, bf16))
         for name, value in logs.items():  # (sum, count): a value may be missing in some steps (GAN warm-up)
             total, count = running.get(name, (0, 0))
             running[name] = (total + value.detach().float(), count + 1)

@@ -564,7 +564,9 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
     assert "g_adv" not in rows[0][1]  # the warm-up does not compute the generator's adversarial loss
     for _, r in rows:
-        assert {"reg", "d_loss", "loss"} <= set(r)
+        assert {"reg", "d_loss", "d_real", "d_fake", "d_acc", "loss"} <= set(r) and 0 <= r["d_acc"] <= 1
+        # hinge: relu(1 - real) + relu(1 + fake) >= 1 - mean real + 1 + mean fake, equal while no logit saturates
+        assert r["d_loss"] >= 2 - r["d_real"] + r["d_fake"] - 1e-3
         assert r["loss"] == pytest.approx(r["reg"] + r["gan_weight"] * r.get("g_adv", 0), rel=1e-3, abs=1e-3)
 
     warm = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path / "warm", "--iterations", 3, "--ckpt-every", 3,
