@@ -20,10 +20,13 @@ Flow-matching teachers (SiT, REPA; transport/) solve with Euler or Heun on the l
 
 with the stages at every (S/K)-th point of the teacher's (possibly --time-shift'ed) grid.
 
-Shards of text-to-image runs hold prompt indices in place of labels. Every prompt is encoded once, by rank 0
-before any solve, into text.safetensors (T5 embeddings without their padding, the negative
-prompt "" last) beside prompts.json; no embedding is stored per trajectory.
+Shards of text-to-image runs hold prompt indices in place of labels. Every prompt is encoded once before any
+solve into the text table text/ (T5 embeddings without their padding, the negative prompt "" last) beside
+prompts.json; no embedding is stored per trajectory. The table is written in chunks of --text-chunk prompts,
+each encoded by one rank (chunk c by rank c mod world size) in fixed batches, so its bytes do not depend on
+the number of processes, a re-run encodes only the missing chunks, and a rank holds one chunk at a time.
 """
+import math
 import argparse
 import contextlib
 import hashlib
@@ -43,12 +46,13 @@ from diffusion import create_diffusion, student_timesteps
 from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
 from transport import CONVENTIONS, SOLVERS, GuidedVelocity, solve_progressive, student_steps, time_grid
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
-                   index_noise_and_labels, index_seed, init_distributed, on_rank_zero, progress, save_json)
+                   index_noise_and_labels, index_seed, init_distributed, on_every_rank, on_rank_zero, progress,
+                   save_json)
 
 # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream;
 # 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval)
 FORMAT_VERSION = 5
-TEXT_TABLE = "text.safetensors"
+TEXT_TABLE = "text"  # the directory of the text table's chunk files
 
 
 def shard_path(directory, index):
@@ -147,12 +151,12 @@ def build_meta(args, teacher_info):
 
 def build_prompt_meta(args, teacher_info, prompts):
     return dict(
-        solver_meta(args, {"prompts": "(n,) indices into prompts.json and text.safetensors"}, clip_denoised=False,
+        solver_meta(args, {"prompts": "(n,) indices into prompts.json and the text table text/"}, clip_denoised=False,
                     settings=ddim_settings(args)),
         condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
         teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],
         shape=teacher_info["shape"], text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS,
-        negative_prompt="", prompt_order=args.labels, num_prompts=len(prompts),
+        negative_prompt="", prompt_order=args.labels, num_prompts=len(prompts), text_chunk=args.text_chunk,
         prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
 
 
@@ -222,6 +226,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-channels", type=int, default=3,
                    help="guide the first C output channels (DiT and SiT: 3; REPA: 4, all)")
     add_flow_args(p)
+    p.add_argument("--text-chunk", type=int, default=1024,
+                   help="--prompts: prompts per text-table chunk (encoded and held by one rank at a time)")
     p.add_argument("--labels", choices=["balanced", "uniform"], default="balanced",
                    help="class labels, or with --prompts the prompt of each sample: index mod count, or random")
     p.add_argument("--seed", type=int, default=0)
@@ -235,8 +241,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.cfg_scale is None:
         args.cfg_scale = pixart.CFG_SCALE if args.prompts else 1.5
-    if min(args.num_samples, args.shard_size, args.batch_size) < 1:
-        p.error("--num-samples, --shard-size and --batch-size must be positive")
+    if min(args.num_samples, args.shard_size, args.batch_size, args.text_chunk) < 1:
+        p.error("--num-samples, --shard-size, --batch-size and --text-chunk must be positive")
     if args.num_samples % args.shard_size:
         p.error(f"--num-samples {args.num_samples} must be a multiple of --shard-size {args.shard_size}")
     if args.cfg_scale < 1:
@@ -330,6 +336,9 @@ class LabelTeacher(DDIMTeacher):
     def prepare(self, directory, device):
         """Rank 0's work before any shard: none here."""
 
+    def prepare_every_rank(self, directory, device, rank, world_size):
+        """Every rank's work before any shard: none here."""
+
     def conditions(self, indices):
         """(noise, labels) of the samples at `indices`."""
         return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], self.meta["num_classes"],
@@ -364,7 +373,7 @@ class FlowTeacher(LabelTeacher):
 class PromptTeacher(DDIMTeacher):
     """A PixArt transformer (diffusers; a hub name or a pipeline folder) on the prompts of a file.
     Sample i takes prompt i mod P (--labels balanced) or a random one (uniform); CFG takes the
-    negative prompt "". Rank 0 encodes every prompt once into text.safetensors, beside prompts.json."""
+    negative prompt "". Every prompt is encoded once into the text table (text/), beside prompts.json."""
 
     def __init__(self, args):
         self.prompts = pixart.read_prompts(args.prompts)
@@ -374,19 +383,30 @@ class PromptTeacher(DDIMTeacher):
         self.args, self.table = args, None
 
     def prepare(self, directory, device):
-        path = os.path.join(directory, TEXT_TABLE)
         save_json(self.prompts, os.path.join(directory, "prompts.json"))
-        if os.path.isfile(path) and len(pixart.TextTable(path)) == len(self.prompts) + 1:
+        os.makedirs(os.path.join(directory, TEXT_TABLE), exist_ok=True)
+
+    def prepare_every_rank(self, directory, device, rank, world_size):
+        """This rank's chunks of the text table that are not on disk yet: chunk c (prompts c·C to (c+1)·C,
+        the negative prompt last) on rank c mod world size, in batches of --batch-size within the chunk."""
+        texts, size = [*self.prompts, self.meta["negative_prompt"]], self.args.text_chunk
+        table = os.path.join(directory, TEXT_TABLE)
+        missing = [c for c in range(math.ceil(len(texts) / size))
+                   if not os.path.isfile(pixart.text_chunk_path(table, c))]
+        mine = missing[rank::world_size]
+        if not mine:
             return
-        encode = pixart.PromptEncoder(self.args.ckpt, device)
-        batch = self.args.batch_size
-        texts = [*self.prompts, self.meta["negative_prompt"]]
-        bar, embeddings = progress(len(texts), "T5", "prompt"), []
-        for i in range(0, len(texts), batch):
-            embeddings += encode(texts[i:i + batch])
-            bar.update(len(texts[i:i + batch]))
+        encoder, batch = pixart.PromptEncoder(self.args.ckpt, device), self.args.batch_size
+        bar = progress(len(missing) * size, "T5", "prompt", enabled=rank == 0)
+
+        def write(chunk):  # its embeddings are freed on return: a rank holds one chunk at a time
+            part = texts[chunk * size:(chunk + 1) * size]
+            pixart.write_text_chunk(pixart.text_chunk_path(table, chunk),
+                                    [e for i in range(0, len(part), batch) for e in encoder.encode(part[i:i + batch])])
+        for j, chunk in enumerate(mine):
+            write(chunk)
+            bar.update(size * min(world_size, len(missing) - j * world_size))  # all ranks' chunks
         bar.close()
-        pixart.write_text_table(path, embeddings)
 
     def conditions(self, indices):
         return index_noise_and_labels(self.args.seed, indices, self.meta["shape"], len(self.prompts),
@@ -416,6 +436,7 @@ def main(argv=None):
         prepare_output(args, meta, missing)
         teacher.prepare(args.out, device)
     on_rank_zero(rank, prepare)
+    on_every_rank(lambda: teacher.prepare_every_rank(args.out, device, rank, world_size))
     model = teacher.network.to(device)
     if args.compile:
         model.forward = torch.compile(model.forward)  # forward_with_cfg calls it too
@@ -481,9 +502,12 @@ class TrajectoryDataset(Dataset):
             check_shard(shard_path(directory, i), shard_shapes(self.meta))
         self.condition, self.text = condition_key(self.meta), None
         if self.condition == "prompts":
+            if "text_chunk" not in self.meta:
+                raise ValueError(f"{meta_path}: trajectories from before the chunked text table (text.safetensors); "
+                                 "re-run extract_trajectories.py into a new directory")
             self.text = pixart.TextTable(os.path.join(directory, TEXT_TABLE))
             if len(self.text) != self.meta["num_prompts"] + 1:
-                raise ValueError(f"{self.text.path} holds {len(self.text)} embeddings, expected "
+                raise ValueError(f"{self.text.directory} holds {len(self.text)} embeddings, expected "
                                  f"{self.meta['num_prompts']} prompts and the negative one")
         self._handles = {}
 

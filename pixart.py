@@ -8,13 +8,16 @@ stage attend to the stages the mask lets it see (or, when sampling, appends each
 a cache); the upper blocks keep diffusers' processor and see one stage at a time. Stage 0 keeps the transformer's output head;
 stages 1..K-1 get copies of it.
 
-Text: prompts are encoded once, with diffusers' own PixArtSigmaPipeline.encode_prompt, and
-kept without their padding (T5 ignores masked tokens, and so does PixArt's cross-attention);
-`TextTable` holds them, the negative prompt "" last, and pads them back to a fixed length.
+Text: prompts are encoded once, as PixArtSigmaPipeline.encode_prompt encodes them, and kept
+without their padding (T5 ignores masked tokens, and so does PixArt's cross-attention);
+`TextTable` holds them in chunk files, the negative prompt "" last, and pads them back to a
+fixed length.
 """
+import bisect
 import copy
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -91,25 +94,32 @@ def load_vae(source):
 
 
 class PromptEncoder:
-    """Prompts -> T5 embeddings as PixArt-Sigma's pipeline makes them (its encode_prompt, captions
-    lower-cased and stripped, no caption cleaning), each cut to its real tokens."""
+    """Prompts -> T5 embeddings as PixArt-Sigma's pipeline makes them (its encode_prompt without caption
+    cleaning: lower-cased, stripped, at most `max_tokens` tokens), each cut to its real tokens. A batch is
+    padded to its own longest prompt, not to 300 tokens: T5 masks the padding, so the embeddings are the
+    pipeline's (up to rounding) at a fraction of the cost. A call encodes each distinct prompt once and
+    keeps it; `encode` keeps nothing (extraction streams every prompt through it)."""
 
     def __init__(self, source, device, max_tokens=TEXT_TOKENS):
-        from diffusers import PixArtSigmaPipeline
         from transformers import AutoTokenizer, T5EncoderModel
-        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
+        self.tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # T5-XXL: 9.5 GB in bf16
-        encoder = _from_pretrained(T5EncoderModel.from_pretrained, source, "text_encoder", dtype=dtype).to(device).eval()
-        self.pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
-                                            scheduler=None)
-        self.device, self.max_tokens = device, max_tokens
+        self.encoder = _from_pretrained(T5EncoderModel.from_pretrained, source, "text_encoder",
+                                        dtype=dtype).to(device).eval()
+        self.device, self.max_tokens, self.known = device, max_tokens, {}
 
     @torch.no_grad()
+    def encode(self, prompts):
+        tokens = self.tokenizer([p.lower().strip() for p in prompts], padding="longest", max_length=self.max_tokens,
+                                truncation=True, add_special_tokens=True, return_tensors="pt").to(self.device)
+        embeddings = self.encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        return [e[: int(m.sum())].float().cpu() for e, m in zip(embeddings, tokens.attention_mask)]
+
     def __call__(self, prompts):
-        embeddings, mask = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                       device=self.device, max_sequence_length=self.max_tokens,
-                                                       clean_caption=False)[:2]
-        return [e[: int(m.sum())].float().cpu() for e, m in zip(embeddings, mask)]
+        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
+        if new:
+            self.known.update(zip(new, self.encode(new)))
+        return [self.known[p] for p in prompts]
 
 
 def read_prompts(path):
@@ -149,7 +159,11 @@ def pad_texts(embeddings):
     return torch.stack(texts), torch.stack(masks)
 
 
-def write_text_table(path, embeddings):
+def text_chunk_path(directory, chunk):
+    return os.path.join(directory, f"chunk_{chunk:05d}.safetensors")
+
+
+def write_text_chunk(path, embeddings):
     """One safetensors file of variable-length embeddings: their rows end to end and the offsets."""
     offsets = torch.tensor([0] + [len(e) for e in embeddings]).cumsum(0)
     tensors = {"embeddings": torch.cat(embeddings).half().contiguous(), "offsets": offsets}
@@ -158,27 +172,37 @@ def write_text_table(path, embeddings):
 
 class TextTable:
     """Embeddings of the prompts, the negative prompt last (index `null`), each returned padded
-    with zeros to `length` tokens with its mask; the file is memory-mapped."""
+    with zeros to `length` tokens with its mask; read from the chunk files of `directory`
+    (chunk_00000.safetensors, ... in prompt order), each memory-mapped."""
 
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"missing text table {path}: re-run extract_trajectories.py to complete it")
-        self.path = path
-        self._file = None
-        with safe_open(path, "pt") as f:
-            self.offsets = f.get_tensor("offsets")
-            self.channels = f.get_slice("embeddings").get_shape()[1]
-        lengths = self.offsets.diff()
+    def __init__(self, directory):
+        names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"chunk_\d{5}\.safetensors", n)) \
+            if os.path.isdir(directory) else []
+        if not names or names[-1] != os.path.basename(text_chunk_path(directory, len(names) - 1)):
+            raise FileNotFoundError(f"incomplete text table in {directory} ({len(names)} chunk files, not numbered "
+                                    f"from 0 without gaps): re-run extract_trajectories.py to complete it")
+        self.directory, self._files, offsets = directory, {}, []
+        for name in names:
+            with safe_open(os.path.join(directory, name), "pt") as f:
+                offsets.append(f.get_tensor("offsets"))
+                self.channels = f.get_slice("embeddings").get_shape()[1]
+        self.offsets = offsets
+        self.starts = [0, *torch.tensor([len(o) - 1 for o in offsets]).cumsum(0).tolist()]
+        lengths = torch.cat([o.diff() for o in offsets])
         self.null, self.length = len(lengths) - 1, int(lengths.max())
 
     def __len__(self):
-        return len(self.offsets) - 1
+        return self.starts[-1]
 
     def __getitem__(self, index):
-        if self._file is None:  # opened lazily: each DataLoader worker maps the file itself
-            self._file = safe_open(self.path, "pt")
-        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return pad_text(self._file.get_slice("embeddings")[start:end].float(), self.length)
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt {index} of a text table of {len(self)}")
+        chunk = bisect.bisect_right(self.starts, index) - 1
+        if chunk not in self._files:  # opened lazily: each DataLoader worker maps the files itself
+            self._files[chunk] = safe_open(text_chunk_path(self.directory, chunk), "pt")
+        offsets, local = self.offsets[chunk], index - self.starts[chunk]
+        start, end = int(offsets[local]), int(offsets[local + 1])
+        return pad_text(self._files[chunk].get_slice("embeddings")[start:end].float(), self.length)
 
     def batch(self, indices):
         """(text (n, length, C), mask (n, length)) of the prompts at `indices`."""
@@ -186,7 +210,7 @@ class TextTable:
         return torch.stack(texts), torch.stack(masks)
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_files": {}}
 
 
 # ---------------------------------------------------------------------------- teacher

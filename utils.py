@@ -124,6 +124,22 @@ def on_rank_zero(rank, work):
     return result
 
 
+def on_every_rank(work):
+    """work() on every rank; when any rank raised, every rank raises the first rank's error (rather than the
+    others waiting for it in the next collective)."""
+    error = None
+    try:
+        work()
+    except Exception as e:  # raised below, on every rank
+        error = e
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

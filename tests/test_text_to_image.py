@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from utils import index_noise_and_labels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red car", "the cat on the grass", "a blue house", "a dog", "the tree on the sky"]
 K, S, SEED, NUM_SAMPLES, SHARD_SIZE, BATCH_SIZE, NUM_SHARDS = 4, 6, 3, 12, 4, 3, 3
+TEXT_CHUNK = 2  # 5 prompts and the negative one: 3 chunks, so 2 processes share the encoding
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def prompt_file(tmp_path_factory):
 def extract_argv(pipeline, prompts, out, *extra):
     return ["--prompts", prompts, "--ckpt", pipeline, "--out", str(out), "--num-samples", str(NUM_SAMPLES),
             "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE), "--num-steps", str(K),
-            "--teacher-steps", str(S), "--seed", str(SEED), *map(str, extra)]
+            "--teacher-steps", str(S), "--seed", str(SEED), "--text-chunk", str(TEXT_CHUNK), *map(str, extra)]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def single(pipeline, prompt_file, tmp_path_factory):
 
 
 def contents(directory):
-    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+    """{relative path: bytes} of every file under `directory`."""
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
 
 
 def must_not_run(*args, **kwargs):
@@ -72,7 +76,8 @@ def test_two_processes_write_the_same_bytes_as_one(single, pipeline, prompt_file
            "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    expected = ["meta.json", "prompts.json", "text.safetensors"] + [f"shard_{i:05d}.safetensors" for i in range(3)]
+    expected = ["meta.json", "prompts.json", *[f"text/chunk_{c:05d}.safetensors" for c in range(3)],
+                *[f"shard_{i:05d}.safetensors" for i in range(3)]]
     assert sorted(contents(single)) == sorted(expected)
     assert contents(single) == contents(tmp_path / "traj")
 
@@ -91,6 +96,60 @@ def test_resume_writes_only_the_missing_shard_and_encodes_nothing(single, pipeli
     assert contents(out) == contents(single)
 
 
+def test_resume_encodes_only_the_missing_text_chunk(single, pipeline, prompt_file, tmp_path, monkeypatch):
+    out = tmp_path / "traj"
+    shutil.copytree(single, out)
+    os.remove(out / "text" / "chunk_00001.safetensors")
+    encoded = []
+    encode = pixart.PromptEncoder.encode
+    monkeypatch.setattr(pixart.PromptEncoder, "encode", lambda self, p: (encoded.append(list(p)), encode(self, p))[1])
+    et.main(extract_argv(pipeline, prompt_file, out))
+    assert encoded == [PROMPTS[2:4]] and contents(out) == contents(single)
+    os.remove(out / "text" / "chunk_00000.safetensors")
+    with pytest.raises(FileNotFoundError, match="not numbered from 0 without gaps"):
+        pixart.TextTable(str(out / "text"))
+
+
+def test_a_rank_holds_one_text_chunk_at_a_time(pipeline, prompt_file, tmp_path, monkeypatch):
+    """Every embedding the encoder returns is tracked; when a chunk is written (and when the next batch is
+    encoded) no more than one chunk's embeddings are alive."""
+    alive, peaks = weakref.WeakSet(), []
+    encode, write = pixart.PromptEncoder.encode, pixart.write_text_chunk
+
+    def tracked_encode(self, prompts):
+        peaks.append(len(alive))
+        embeddings = encode(self, prompts)
+        alive.update(embeddings)
+        return embeddings
+
+    def tracked_write(path, embeddings):
+        peaks.append(len(alive))
+        write(path, embeddings)
+    monkeypatch.setattr(pixart.PromptEncoder, "encode", tracked_encode)
+    monkeypatch.setattr(pixart, "write_text_chunk", tracked_write)
+    et.main(extract_argv(pipeline, prompt_file, tmp_path / "traj", "--text-chunk", 4, "--batch-size", 2,
+                         "--num-samples", 4))
+    assert len(peaks) == 2 + 1 + 2 and max(peaks) == 4  # chunk 0: 2 batches, a write; chunk 1 (2 texts): 1, 1
+    assert peaks[3] == 0  # chunk 0's embeddings are gone before chunk 1 is encoded
+
+
+def test_prompt_encoder_is_the_pipelines_encode_prompt_and_encodes_a_prompt_once(pipeline, monkeypatch):
+    from diffusers import PixArtSigmaPipeline
+    encoder = pixart.PromptEncoder(pipeline, torch.device("cpu"))
+    reference = PixArtSigmaPipeline(tokenizer=encoder.tokenizer, text_encoder=encoder.encoder, vae=None,
+                                    transformer=None, scheduler=None)
+    prompts = [PROMPTS[1], " A Dog ", "", PROMPTS[1]]
+    full, mask = reference.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                         max_sequence_length=pixart.TEXT_TOKENS, clean_caption=False)[:2]
+    calls = []
+    encode = pixart.PromptEncoder.encode
+    monkeypatch.setattr(pixart.PromptEncoder, "encode", lambda self, p: (calls.append(list(p)), encode(self, p))[1])
+    got = encoder(prompts)
+    for e, f, m in zip(got, full, mask):
+        torch.testing.assert_close(e, f[: int(m.sum())], rtol=1e-5, atol=1e-6)
+    assert encoder(prompts[:2])[0] is got[0] and calls == [[PROMPTS[1], " A Dog ", ""]]
+
+
 def test_meta_and_shards_hold_prompt_indices(single):
     meta = json.load(open(os.path.join(single, "meta.json")))
     assert (meta["condition"], meta["family"], meta["num_prompts"], meta["cfg_scale"]) == ("prompts", "pixart", 5, 4.5)
@@ -104,7 +163,7 @@ def test_meta_and_shards_hold_prompt_indices(single):
 def test_text_table_is_the_pipelines_t5_without_padding(single, pipeline):
     """Row i: T5 on prompt i padded to PixArt-Sigma's 300 tokens, cut to its real tokens; the tokenizer
     read from the hub's layout (spiece.model)."""
-    table = pixart.TextTable(os.path.join(single, "text.safetensors"))
+    table = pixart.TextTable(os.path.join(single, "text"))
     assert (len(table), table.null) == (6, 5)
     from transformers import AutoTokenizer
     tokenizer, t5 = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer"), tiny_t5()
@@ -122,7 +181,7 @@ def test_text_table_is_the_pipelines_t5_without_padding(single, pipeline):
 def test_final_point_is_the_guided_ddim_solve(single, pipeline):
     """Shard 0's final states against diffusion.ddim_sample_loop with PixArt's CFG on the negative prompt."""
     teacher = pixart.load_pixart(pipeline)[0]
-    table = pixart.TextTable(os.path.join(single, "text.safetensors"))
+    table = pixart.TextTable(os.path.join(single, "text"))
     noise, prompts = index_noise_and_labels(SEED, range(SHARD_SIZE), [4, 8, 8], 5, "balanced")
     text, mask = table.batch(prompts)
     null_text, null_mask = table.batch([table.null] * SHARD_SIZE)
@@ -323,8 +382,11 @@ def save_tiny_clip(path):
     return str(path)
 
 
-def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path):
+def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path, monkeypatch):
     out = tmp_path / "samples.npz"
+    encoded = []
+    encode = pixart.PromptEncoder.encode
+    monkeypatch.setattr(pixart.PromptEncoder, "encode", lambda self, p: (encoded.append(list(p)), encode(self, p))[1])
     sample_ddp.main(["--ckpt", os.path.join(run4, "checkpoints", "0000004.pt"), "--prompts", prompt_file,
                      "--num-fid-samples", "6", "--per-proc-batch-size", "4", "--chunk-size", "3", "--labels", "balanced",
                      "--out", str(out)])
@@ -332,6 +394,7 @@ def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path):
         images, indices = f["arr_0"], f["arr_1"]
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8  # the tiny VAE upsamples by 2
     assert indices.tolist() == [0, 1, 2, 3, 4, 0]
+    assert encoded == [PROMPTS[:3], PROMPTS[3:]]  # batches of 3: each distinct prompt once, over both
     clip = save_tiny_clip(tmp_path / "clip")
     score = clip_score.main([str(out), prompt_file, "--clip-model", clip, "--device", "cpu"])
     model, tokenizer, processor = clip_score.load_clip(clip)
