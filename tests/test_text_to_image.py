@@ -110,6 +110,16 @@ def test_resume_encodes_only_the_missing_text_chunk(single, pipeline, prompt_fil
         pixart.TextTable(str(out / "text"))
 
 
+def test_trajectories_with_the_single_file_text_table_stop(single, tmp_path):
+    out = tmp_path / "traj"
+    shutil.copytree(single, out)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["text_chunk"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="before the chunked text table"):
+        et.TrajectoryDataset(str(out))
+
+
 def test_a_rank_holds_one_text_chunk_at_a_time(pipeline, prompt_file, tmp_path, monkeypatch):
     """Every embedding the encoder returns is tracked; when a chunk is written (and when the next batch is
     encoded) no more than one chunk's embeddings are alive."""
