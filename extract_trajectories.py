@@ -151,7 +151,8 @@ def build_meta(args, teacher_info):
 
 def build_prompt_meta(args, teacher_info, prompts):
     return dict(
-        solver_meta(args, {"prompts": "(n,) indices into prompts.json and the text table text/"}, clip_denoised=False,
+        solver_meta(args, {"prompts": "(n,) indices into prompts.json and the text table text/"},
+                    clip_denoised=clips_x0(teacher_info["vae"]),
                     settings=ddim_settings(args)),
         condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
         teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],

@@ -56,8 +56,33 @@ def _from_pretrained(load, source, subfolder, **kwargs):
                                 f"tokenizer/, vae/)") from None
 
 
+def pipeline_vae(source):
+    """What the teacher's images live in: `source` itself, whose vae/ decodes its latents, or "none" (pixel
+    space) when its model_index.json states the VAE absent, as diffusers writes an absent component
+    ("vae": [null, null]). A pipeline with neither stops here; reads configs only."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+    index_path = os.path.join(str(source), "model_index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    elif os.path.isdir(str(source)):
+        index = {}
+    else:  # a hub name
+        index = _from_pretrained(lambda name, subfolder: DiffusionPipeline.load_config(name), source, "model_index")
+    if index.get("vae") == [None, None]:
+        return "none"
+    try:
+        AutoencoderKL.load_config(source, subfolder="vae")
+    except OSError:
+        raise FileNotFoundError(f"{source} has no vae/ and does not state pixel space (a model_index.json with "
+                                f'"vae": [null, null]): a latent teacher needs its VAE, a pixel-space one says '
+                                f"so") from None
+    return str(source)
+
+
 def check_pixart(source):
-    """Raises unless `source` (a hub name or a pipeline folder) holds a PixArt transformer; reads its config only."""
+    """Raises unless `source` (a hub name or a pipeline folder) holds a PixArt transformer and its VAE, or
+    states pixel space; reads configs only."""
     from diffusers import PixArtTransformer2DModel
     config = _from_pretrained(PixArtTransformer2DModel.load_config, source, "transformer")
     if config.get("_class_name") != TRANSFORMER_CLASS:
@@ -66,6 +91,7 @@ def check_pixart(source):
     if config.get("out_channels") != 2 * config.get("in_channels", 4):
         raise ValueError(f"{source}: expected a learned-sigma transformer (out_channels = 2 x in_channels), got "
                          f"{config.get('out_channels')} and {config.get('in_channels')}")
+    pipeline_vae(source)
     return config
 
 
@@ -82,13 +108,16 @@ def load_pixart(source):
     config = public_config(transformer.config)
     size = config["sample_size"]
     info = dict(family="pixart", teacher=str(source), pixart=config, shape=[config["in_channels"], size, size],
-                vae=str(source), weights_sha256=weights_sha256(transformer))
+                vae=pipeline_vae(source), weights_sha256=weights_sha256(transformer))
     return transformer, info
 
 
 def load_vae(source):
-    """The pipeline's VAE (vae/) with its own scaling factor (SDXL's 0.13025 for PixArt-Sigma)."""
+    """The pipeline's VAE (vae/) with its own scaling factor (SDXL's 0.13025 for PixArt-Sigma); "none": pixel
+    space (pipeline_vae)."""
     from diffusers import AutoencoderKL
+    if source == "none":
+        return Autoencoder()
     vae = _from_pretrained(AutoencoderKL.from_pretrained, source, "vae").eval()
     return Autoencoder(vae, vae.config.scaling_factor)
 

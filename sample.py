@@ -108,8 +108,8 @@ def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CF
 
         def run(noise, text, mask):
             z = torch.cat([noise, noise]) if guided else noise
-            return loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=dict(text=text, text_mask=mask),
-                        progress=progress)[: len(noise)]
+            return loop(model_fn, z.shape, z, clip_denoised=clips_x0(info["vae"]),
+                        model_kwargs=dict(text=text, text_mask=mask), progress=progress)[: len(noise)]
     encode = pixart.PromptEncoder(info["text_encoder"], device)
 
     def generate(noise, prompts):

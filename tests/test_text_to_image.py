@@ -21,7 +21,8 @@ import sample_ddp
 import train
 from diffusion import create_diffusion, student_timesteps
 from evaluations import clip_score
-from tiny_pixart import MAX_TOKENS, WORDS, save_tiny_pipeline, tiny_t5, tiny_tokenizer, tiny_transformer
+from tiny_pixart import (MAX_TOKENS, WORDS, save_tiny_pipeline, save_tiny_pixel_pipeline, tiny_t5, tiny_tokenizer,
+                         tiny_transformer)
 from utils import index_noise_and_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +159,35 @@ def test_prompt_encoder_is_the_pipelines_encode_prompt_and_encodes_a_prompt_once
     for e, f, m in zip(got, full, mask):
         torch.testing.assert_close(e, f[: int(m.sum())], rtol=1e-5, atol=1e-6)
     assert encoder(prompts[:2])[0] is got[0] and calls == [[PROMPTS[1], " A Dog ", ""]]
+
+
+@pytest.fixture(scope="module")
+def pixel_pipeline(tmp_path_factory):
+    return save_tiny_pixel_pipeline(tmp_path_factory.mktemp("pixel") / "pipeline")
+
+
+def test_pixel_space_is_stated_and_clips_like_every_pixel_teacher(pixel_pipeline, pipeline, prompt_file, tmp_path):
+    assert (pixart.pipeline_vae(pixel_pipeline), pixart.pipeline_vae(pipeline)) == ("none", pipeline)
+    out = tmp_path / "traj"
+    et.main(extract_argv(pixel_pipeline, prompt_file, out))
+    meta = json.load(open(out / "meta.json"))
+    assert (meta["vae"], meta["clip_denoised"], meta["shape"]) == ("none", True, [3, 16, 16])
+    final = load_file(out / "shard_00000.safetensors")["state"][:, -1].float()
+    assert final.abs().max() <= 1  # DDIM's last step returns the clipped x0-prediction
+    grid = tmp_path / "grid.png"
+    sample.main(["--ckpt", pixel_pipeline, "--sampler", "ddim", "--num-sampling-steps", "3", "--prompt", PROMPTS[0],
+                 "--out", str(grid), "--device", "cpu"])
+    assert grid.stat().st_size > 0
+
+
+def test_a_pipeline_neither_latent_nor_stated_pixel_space_stops_before_any_weights(pipeline, tmp_path, monkeypatch):
+    unstated = tmp_path / "pipeline"
+    shutil.copytree(pipeline, unstated)
+    shutil.rmtree(unstated / "vae")
+    from diffusers import PixArtTransformer2DModel
+    monkeypatch.setattr(PixArtTransformer2DModel, "from_pretrained", must_not_run)
+    with pytest.raises(FileNotFoundError, match="has no vae/ and does not state pixel space"):
+        pixart.load_pixart(str(unstated))
 
 
 def test_meta_and_shards_hold_prompt_indices(single):

@@ -82,3 +82,16 @@ def save_tiny_pipeline(path, seed=0, transformer=None):
     save_t5_tokenizer(path / "tokenizer")
     tiny_vae(seed).save_pretrained(path / "vae")
     return str(path)
+
+
+def save_tiny_pixel_pipeline(path, seed=0):
+    """A pixel-space pipeline as diffusers saves one without a VAE: an RGB transformer (learned sigma), no vae/,
+    and a model_index.json that states "vae": [null, null]."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from transformers import AutoTokenizer
+    save_t5_tokenizer(path / "spiece")
+    pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(path / "spiece"), text_encoder=tiny_t5(seed),
+                                   vae=None, transformer=tiny_transformer(seed, sample_size=16, in_channels=3),
+                                   scheduler=DPMSolverMultistepScheduler())
+    pipeline.save_pretrained(path)
+    return str(path)
