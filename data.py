@@ -87,6 +87,84 @@ def render_chunk(labels, draws, background, colour, image_size, supersample):
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+# ---------------------------------------------------------------------------- shapes-text
+
+# Captioned shapes for text-to-image: upright (so a square is never a diamond), larger, in named colours.
+# The grammar, "a [solid|striped] [colour] kind|shape", names each attribute with probability NAMED; an
+# attribute a prompt does not name is drawn at random. The (kind, colour) pairs of HELD_OUT_PAIRS never
+# appear in the training set, with or without being named: the composition split.
+SHAPES_TEXT = "shapes-text"
+PATTERNS = ("solid", "striped")
+COLOURS = {"red": (0.90, 0.15, 0.10), "yellow": (0.95, 0.85, 0.15), "green": (0.15, 0.75, 0.20),
+           "blue": (0.15, 0.35, 0.95), "purple": (0.65, 0.20, 0.85)}
+ATTRIBUTES = {"kind": SHAPE_NAMES, "pattern": PATTERNS, "colour": tuple(COLOURS)}
+HELD_OUT_PAIRS = frozenset(zip(SHAPE_NAMES, ("green", "blue", "purple", "red", "yellow")))
+NAMED = 0.8
+SHAPES_TEXT_TRAIN_SEED, SHAPES_TEXT_TRAIN_COUNT = 0, 20_000
+
+
+def caption(kind=None, pattern=None, colour=None):
+    """The prompt naming the given attributes: caption("disc", "striped", "red") == "a striped red disc"."""
+    return " ".join(["a", *filter(None, (pattern, colour)), kind or "shape"])
+
+
+def parse_caption(prompt):
+    """{attribute: value or None (not named)} of a prompt of the grammar; anything else raises."""
+    words = prompt.split(" ")
+    if len(words) >= 2 and words[0] == "a":
+        *modifiers, noun = words[1:]
+        named = dict(kind=None, pattern=None, colour=None)
+        for attribute in ("pattern", "colour"):
+            if modifiers and modifiers[0] in ATTRIBUTES[attribute]:
+                named[attribute] = modifiers.pop(0)
+        if not modifiers and (noun == "shape" or noun in SHAPE_NAMES):
+            return dict(named, kind=None if noun == "shape" else noun)
+    raise ValueError(f"{prompt!r} is not a shapes-text prompt (\"a [solid|striped] [colour] kind|shape\")")
+
+
+def render_captioned(count, seed, split="train", image_size=16, supersample=2):
+    """Captioned shapes: uint8 images (count, H, W, 3), their prompts, and every attribute's value
+    {attribute: (count,) indices into ATTRIBUTES[attribute]}, named or not. (kind, colour) is uniform over the
+    pairs of `split`: "train" (those not held out), "held_out" (HELD_OUT_PAIRS, kind and colour always
+    named) or "all"; each other attribute is named with probability NAMED. Deterministic given the arguments."""
+    rng = np.random.default_rng(seed)
+    pairs = [(k, c) for k in range(len(SHAPE_NAMES)) for c in range(len(COLOURS))
+             if split == "all" or ((SHAPE_NAMES[k], ATTRIBUTES["colour"][c]) in HELD_OUT_PAIRS) == (split == "held_out")]
+    kind, colour = np.array(pairs)[rng.integers(0, len(pairs), count)].T
+    values = dict(kind=kind, pattern=rng.integers(0, len(PATTERNS), count), colour=colour)
+    named = rng.random((count, len(ATTRIBUTES))) < NAMED
+    if split == "held_out":
+        named[:, [0, 2]] = True
+    prompts = [caption(**{a: ATTRIBUTES[a][values[a][i]] if named[i, j] else None for j, a in enumerate(ATTRIBUTES)})
+               for i in range(count)]
+    return render_attributes(values, rng, image_size, supersample), prompts, values
+
+
+def render_prompts(prompts, seed, image_size=16, supersample=2):
+    """Real renders of `prompts`: uint8 images with every named attribute as named, the others at random."""
+    rng = np.random.default_rng(seed)
+    named = [parse_caption(p) for p in prompts]
+    values = {a: np.array([options.index(n[a]) if n[a] else rng.integers(len(options)) for n in named])
+              for a, options in ATTRIBUTES.items()}
+    return render_attributes(values, rng, image_size, supersample)
+
+
+def render_attributes(values, rng, image_size=16, supersample=2, chunk=1000):
+    """uint8 images of upright shapes with the given attributes ({attribute: indices}); the geometry, stripes,
+    background and colour jitter drawn from `rng`."""
+    count = len(values["kind"])
+    draws = dict(cx=rng.uniform(6.5, 9.5, count), cy=rng.uniform(6.5, 9.5, count),
+                 radius=rng.uniform(5.0, 6.5, count), angle=rng.uniform(-0.2, 0.2, count),
+                 stripe_angle=rng.uniform(0, np.pi, count), period=rng.uniform(2.2, 3.2, count),
+                 gradient_angle=rng.uniform(0, 2 * np.pi, count))
+    background = rng.uniform(0.0, 0.35, (count, 2, 3))
+    rgb = np.array(list(COLOURS.values()))[values["colour"]] + rng.uniform(-0.05, 0.05, (count, 3))
+    labels = values["kind"] + len(SHAPE_NAMES) * values["pattern"]
+    return np.concatenate([render_chunk(labels[i:i + chunk], {k: v[i:i + chunk] for k, v in draws.items()},
+                                        background[i:i + chunk], rgb[i:i + chunk], image_size, supersample)
+                           for i in range(0, count, chunk)])
+
+
 def shapes_training():
     """The shapes training set as uint8 (SHAPES_TRAIN_COUNT, 16, 16, 3) images and labels."""
     return render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)

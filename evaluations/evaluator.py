@@ -115,7 +115,7 @@ def check_inputs(ref, samples, features, classifier):
         if classifier is None:
             raise ValueError(f"{features} features need a classifier path (--classifier PATH; trained there if "
                              "missing)")
-        size = DATASETS[features][2]
+        size = DATASETS[features].image_size
         if samples.shape[1:3] != (size, size):
             raise ValueError(f"{features} features need {size}x{size} images, got "
                              f"{samples.shape[1]}x{samples.shape[2]}")
@@ -154,7 +154,7 @@ def main(argv=None):
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optionally mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images)")
     parser.add_argument("--features", choices=["inception", *DATASETS], default="inception",
-                        help="digits, shapes: the small-data modes; FID, precision/recall and the Inception Score "
+                        help="digits, shapes, shapes-text: the small-data modes; FID, precision/recall and the Inception Score "
                              "use that dataset's classifier, and sFID (no spatial features) is not printed")
     parser.add_argument("--inception-weights", help="pytorch-fid's weight file (default: downloaded and cached)")
     parser.add_argument("--classifier", help="small-data classifier state dict (trained and saved here if missing)")

@@ -1,20 +1,23 @@
-"""Small-data mode: a CNN trained on an embedded dataset (the 8x8 digits or the 16x16 shapes) stands
-in for Inception. Its penultimate features replace pool_3 for FID and precision/recall, its softmax
-gives the Inception Score; there is no spatial feature map, so no sFID. The features are the
-penultimate layer before its ReLU: a ReLU's output has dead units (half of them zero on every
+"""Small-data mode: a CNN trained on an embedded dataset (the 8x8 digits, the 16x16 shapes, or the
+captioned shapes-text, where it reads kind, pattern and colour) stands in for Inception. Its
+penultimate features replace pool_3 for FID and precision/recall, its softmax (over the first
+attribute) gives the Inception Score; there is no spatial feature map, so no sFID. The features are
+the penultimate layer before its ReLU: a ReLU's output has dead units (half of them zero on every
 digit, in an earlier version), which a Fréchet distance cannot see."""
 import contextlib
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import render_shapes, shapes_training
+from data import ATTRIBUTES, render_captioned, render_shapes, shapes_training
 from utils import atomic_write
 
 SHAPES_REFERENCE_SEED, SHAPES_REFERENCE_COUNT = 1, 5000
+SHAPES_TEXT_CLASSIFIER_SEED, SHAPES_TEXT_CLASSIFIER_COUNT = 2, 20_000
 
 
 def digits_uint8():
@@ -31,20 +34,54 @@ def shapes_reference():
     return render_shapes(SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED)
 
 
-# name: (images the classifier trains on, reference images, image size, channels read, training epochs)
+def attribute_values(values):
+    """{attribute: (N,) indices} -> (N, attributes) labels in ATTRIBUTES' order."""
+    return np.stack([values[a] for a in ATTRIBUTES], axis=1)
+
+
+def shapes_text_training():
+    """Renders of every (kind, colour) pair, the held-out ones included, labelled with every attribute: what
+    the attribute classifier learns from (its own seed: neither the teacher's images nor the reference)."""
+    images, _, values = render_captioned(SHAPES_TEXT_CLASSIFIER_COUNT, SHAPES_TEXT_CLASSIFIER_SEED, "all")
+    return images, attribute_values(values)
+
+
+def shapes_text_reference():
+    """Held-out renders of the training distribution (another seed than the training set)."""
+    images, _, values = render_captioned(SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED, "train")
+    return images, attribute_values(values)
+
+
+class SmallDataset(NamedTuple):
+    training: Callable  # () -> uint8 images (N, H, W, 3), labels (N,) or (N, attributes)
+    reference: Callable  # the same, for the images samples are compared against
+    image_size: int
+    channels: int  # read by the classifier
+    epochs: int
+    classes: tuple = (10,)  # the classes of each label column (each attribute)
+
+
 DATASETS = {
-    "digits": (digits_uint8, digits_uint8, 8, 1, 20),
-    "shapes": (shapes_training, shapes_reference, 16, 3, 4),
+    "digits": SmallDataset(digits_uint8, digits_uint8, 8, 1, 20),
+    "shapes": SmallDataset(shapes_training, shapes_reference, 16, 3, 4),
+    "shapes-text": SmallDataset(shapes_text_training, shapes_text_reference, 16, 3, 4,
+                                tuple(len(v) for v in ATTRIBUTES.values())),
 }
 
 
 def reference_images(dataset):
     """uint8 (N, H, W, 3) images and labels that a small-data FID compares samples against."""
-    return DATASETS[dataset][1]()
+    return DATASETS[dataset].reference()
+
+
+def attribute_logits(logits, classes):
+    """The logits (N, sum(classes)) split per attribute."""
+    return logits.split(list(classes), dim=1)
 
 
 class SmallClassifier(nn.Module):
-    """(B, channels, H, W) images in [0, 1] -> 10 logits, through `features` (B, 128), pre-activation."""
+    """(B, channels, H, W) images in [0, 1] -> logits (10, or every attribute's side by side), through
+    `features` (B, 128), pre-activation."""
 
     def __init__(self, channels=1, width=32, feature_dim=128, num_classes=10):
         super().__init__()
@@ -64,14 +101,14 @@ class SmallFeatures(nn.Module):
     """ADM-style images (B, 3, H, W), float in [0, 255] -> {"pool": penultimate features, "logits":
     class logits}, the keys the evaluator reads. Grey datasets read the first channel."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, classes=(10,)):
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.classes = classifier, classes
 
     def forward(self, images):
         channels = self.classifier.features[0].in_channels
         features = self.classifier.features(images[:, :channels].float() / 255)
-        return {"pool": features, "logits": self.classifier.head(features)}
+        return {"pool": features, "logits": attribute_logits(self.classifier.head(features), self.classes)[0]}
 
 
 def as_input(images, channels):
@@ -93,16 +130,17 @@ def one_thread():
 def train_classifier(path, dataset="digits", seed=0, epochs=None, batch_size=64):
     """Train the classifier of `dataset` (deterministic given `seed`, on one thread: the same weights
     whatever the caller's thread count), save its state dict to `path` atomically, and return it."""
-    training_images, _, _, channels, default_epochs = DATASETS[dataset]
-    images, labels = training_images()
-    x, y = as_input(images, channels), torch.tensor(labels)
+    spec = DATASETS[dataset]
+    images, labels = spec.training()
+    x, y = as_input(images, spec.channels), torch.tensor(labels).reshape(len(images), -1)
     with torch.random.fork_rng(), one_thread():
         torch.manual_seed(seed)
-        model = SmallClassifier(channels)
+        model = SmallClassifier(spec.channels, num_classes=sum(spec.classes))
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(epochs or default_epochs):
+        for _ in range(epochs or spec.epochs):
             for idx in torch.randperm(len(x)).split(batch_size):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = sum(F.cross_entropy(logits, y[idx, i])
+                           for i, logits in enumerate(attribute_logits(model(x[idx]), spec.classes)))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -113,7 +151,8 @@ def train_classifier(path, dataset="digits", seed=0, epochs=None, batch_size=64)
 
 def load_classifier(path, dataset="digits", device="cpu"):
     """The classifier saved by train_classifier, in eval mode."""
-    model = SmallClassifier(DATASETS[dataset][3])
+    spec = DATASETS[dataset]
+    model = SmallClassifier(spec.channels, num_classes=sum(spec.classes))
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except RuntimeError as e:
@@ -125,4 +164,4 @@ def load_small_features(path, dataset="digits", device="cpu", seed=0):
     """SmallFeatures from the classifier at `path`, training it there first if the file is missing."""
     if not os.path.exists(path):
         train_classifier(path, dataset, seed=seed)
-    return SmallFeatures(load_classifier(path, dataset, device))
+    return SmallFeatures(load_classifier(path, dataset, device), DATASETS[dataset].classes)
