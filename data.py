@@ -128,8 +128,9 @@ def render_captioned(count, seed, split="train", image_size=16, supersample=2):
     pairs of `split`: "train" (those not held out), "held_out" (HELD_OUT_PAIRS, kind and colour always
     named) or "all"; each other attribute is named with probability NAMED. Deterministic given the arguments."""
     rng = np.random.default_rng(seed)
-    pairs = [(k, c) for k in range(len(SHAPE_NAMES)) for c in range(len(COLOURS))
-             if split == "all" or ((SHAPE_NAMES[k], ATTRIBUTES["colour"][c]) in HELD_OUT_PAIRS) == (split == "held_out")]
+    held_out = [[(kind, colour) in HELD_OUT_PAIRS for colour in COLOURS] for kind in SHAPE_NAMES]
+    pairs = [(k, c) for k, row in enumerate(held_out) for c, out in enumerate(row)
+             if split == "all" or out == (split == "held_out")]
     kind, colour = np.array(pairs)[rng.integers(0, len(pairs), count)].T
     values = dict(kind=kind, pattern=rng.integers(0, len(PATTERNS), count), colour=colour)
     named = rng.random((count, len(ATTRIBUTES))) < NAMED

@@ -69,7 +69,8 @@ def main(argv=None):
     with np.load(args.samples) as f:
         images, indices = f["arr_0"], f["arr_1"]
     if indices.max() >= len(prompts):
-        p.error(f"{args.samples} holds prompt index {indices.max()}: drawn with another prompt file than {args.prompts}")
+        p.error(f"{args.samples} holds prompt index {indices.max()}: drawn with another prompt file than "
+                f"{args.prompts}")
     features = load_small_features(args.classifier, "shapes-text")
     scores = score(images, [prompts[i] for i in indices], features)
     reference = reference_images("shapes-text")[0]

@@ -154,8 +154,9 @@ def main(argv=None):
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optionally mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images)")
     parser.add_argument("--features", choices=["inception", *DATASETS], default="inception",
-                        help="digits, shapes, shapes-text: the small-data modes; FID, precision/recall and the Inception Score "
-                             "use that dataset's classifier, and sFID (no spatial features) is not printed")
+                        help="digits, shapes, shapes-text: the small-data modes; FID, precision/recall and the "
+                             "Inception Score use that dataset's classifier, and sFID (no spatial features) is not "
+                             "printed")
     parser.add_argument("--inception-weights", help="pytorch-fid's weight file (default: downloaded and cached)")
     parser.add_argument("--classifier", help="small-data classifier state dict (trained and saved here if missing)")
     parser.add_argument("--batch-size", type=int, default=250)
