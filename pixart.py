@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
 from models import Autoencoder, KVCache, StageKeys, guided_output, load_state_dict_strict, read_checkpoint, \
     unpatchify, weights_sha256
-from utils import atomic_write
+from utils import atomic_write, save_json
 
 PIXART_SIGMA = {512: "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", 1024: "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
 TEXT_TOKENS = 300  # PixArt-Sigma's max_sequence_length
@@ -149,6 +149,36 @@ class PromptEncoder:
         if new:
             self.known.update(zip(new, self.encode(new)))
         return [self.known[p] for p in prompts]
+
+
+def build_toy_text_encoder(path, words, seed=0, d_model=64):
+    """A toy T5 text encoder in a pipeline's layout (`path`/tokenizer, `path`/text_encoder), the same files
+    for the same arguments: a word-level SentencePiece model over `words` (one token per word, no
+    normalisation, T5's ids: pad 0, eos 1, unk 2) with a tokenizer_config.json naming T5Tokenizer, as the
+    hub's repos store it; and a random T5 encoder (T5 v1.1's gated GELU, 2 layers, `d_model` wide). Frozen, it
+    tells prompts apart by their words, which is all a toy needs of it."""
+    import io
+    import sentencepiece
+    from transformers import T5Config, T5EncoderModel
+    vocabulary = sorted(set(words))
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(vocabulary)]), model_writer=model, model_type="word",
+        vocab_size=len(vocabulary) + 3, normalization_rule_name="identity", pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, minloglevel=2)
+    tokenizer = os.path.join(path, "tokenizer")
+    os.makedirs(tokenizer, exist_ok=True)
+    with open(os.path.join(tokenizer, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    save_json(dict(tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=TEXT_TOKENS, eos_token="</s>",
+                   pad_token="<pad>", unk_token="<unk>"), os.path.join(tokenizer, "tokenizer_config.json"))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = T5EncoderModel(T5Config(vocab_size=len(vocabulary) + 3, d_model=d_model, d_kv=d_model // 4,
+                                          d_ff=2 * d_model, num_layers=2, num_heads=4,
+                                          feed_forward_proj="gated-gelu"))
+    encoder.eval().save_pretrained(os.path.join(path, "text_encoder"))
+    return path
 
 
 def read_prompts(path):

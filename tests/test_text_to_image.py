@@ -21,8 +21,7 @@ import sample_ddp
 import train
 from diffusion import create_diffusion, student_timesteps
 from evaluations import clip_score
-from tiny_pixart import (MAX_TOKENS, WORDS, save_tiny_pipeline, save_tiny_pixel_pipeline, tiny_t5, tiny_tokenizer,
-                         tiny_transformer)
+from tiny_pixart import MAX_TOKENS, WORDS, save_tiny_pipeline, save_tiny_pixel_pipeline, tiny_tokenizer, tiny_transformer
 from utils import index_noise_and_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +143,17 @@ def test_a_rank_holds_one_text_chunk_at_a_time(pipeline, prompt_file, tmp_path, 
     assert peaks[3] == 0  # chunk 0's embeddings are gone before chunk 1 is encoded
 
 
+def test_toy_text_encoder_is_rebuilt_byte_for_byte_and_gives_one_token_a_word(tmp_path):
+    a, b = (pixart.build_toy_text_encoder(str(tmp_path / name), WORDS, seed=3) for name in ("a", "b"))
+    assert contents(a) == contents(b) and contents(a) != contents(pixart.build_toy_text_encoder(
+        str(tmp_path / "c"), WORDS, seed=4))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(a, subfolder="tokenizer")
+    ids = tokenizer("the cat on the grass").input_ids
+    assert len(ids) == 6 and ids[-1] == 1 and len(set(ids[:-1])) == 4 and 2 not in ids  # 5 words, eos; no unk
+    assert tokenizer("a zebra").input_ids[1] == 2  # a word outside the vocabulary is unk
+
+
 def test_prompt_encoder_is_the_pipelines_encode_prompt_and_encodes_a_prompt_once(pipeline, monkeypatch):
     from diffusers import PixArtSigmaPipeline
     encoder = pixart.PromptEncoder(pipeline, torch.device("cpu"))
@@ -205,8 +215,9 @@ def test_text_table_is_the_pipelines_t5_without_padding(single, pipeline):
     read from the hub's layout (spiece.model)."""
     table = pixart.TextTable(os.path.join(single, "text"))
     assert (len(table), table.null) == (6, 5)
-    from transformers import AutoTokenizer
-    tokenizer, t5 = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer"), tiny_t5()
+    from transformers import AutoTokenizer, T5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    t5 = T5EncoderModel.from_pretrained(pipeline, subfolder="text_encoder").eval()
     for i, prompt in enumerate([*PROMPTS, ""]):
         tokens = tokenizer(prompt, padding="max_length", max_length=pixart.TEXT_TOKENS, return_tensors="pt")
         with torch.no_grad():

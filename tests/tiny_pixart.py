@@ -1,14 +1,13 @@
-"""Tiny random PixArt-Sigma pieces for CPU tests: a transformer, a T5 encoder with a SentencePiece
-tokenizer trained here, an SDXL-like VAE, saved in the pipeline's folder layout; and a word-level
-tokenizer for the tiny CLIP."""
-import json
-
+"""Tiny random PixArt-Sigma pieces for CPU tests: a transformer, the project's toy T5 text encoder
+(pixart.build_toy_text_encoder), an SDXL-like VAE, saved in the pipeline's folder layout; and a
+word-level tokenizer for the tiny CLIP."""
 import torch
+
+from pixart import build_toy_text_encoder
 
 TEXT_CHANNELS = 24
 WORDS = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "sky", "house", "car", "tree"]
 MAX_TOKENS = 12
-T5_VOCAB = 30
 
 
 def tiny_transformer(seed=0, num_layers=3, sample_size=8, in_channels=4):
@@ -42,31 +41,6 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def save_t5_tokenizer(path):
-    """T5's tokenizer as the hub's PixArt repos store it: a SentencePiece spiece.model (trained here on
-    WORDS, T5's ids: pad 0, eos 1, unk 2) and a tokenizer_config.json naming T5Tokenizer."""
-    import sentencepiece
-    path.mkdir(parents=True)
-    corpus = path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
-    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path / "spiece"), vocab_size=T5_VOCAB,
-                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                             minloglevel=2)
-    corpus.unlink()
-    (path / "spiece.vocab").unlink()
-    config = dict(tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=300, eos_token="</s>",
-                  pad_token="<pad>", unk_token="<unk>")
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-
-
-def tiny_t5(seed=0):
-    from transformers import T5Config, T5EncoderModel
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=T5_VOCAB, d_model=TEXT_CHANNELS, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
-                      feed_forward_proj="gated-gelu")
-    return T5EncoderModel(config).eval()
-
-
 def tiny_vae(seed=0):
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
@@ -78,8 +52,7 @@ def tiny_vae(seed=0):
 def save_tiny_pipeline(path, seed=0, transformer=None):
     """A pipeline folder (transformer/, text_encoder/, tokenizer/, vae/) as the hub's PixArt-Sigma repos lay it out."""
     (transformer or tiny_transformer(seed)).save_pretrained(path / "transformer")
-    tiny_t5(seed).save_pretrained(path / "text_encoder")
-    save_t5_tokenizer(path / "tokenizer")
+    build_toy_text_encoder(str(path), WORDS, seed, d_model=TEXT_CHANNELS)
     tiny_vae(seed).save_pretrained(path / "vae")
     return str(path)
 
@@ -88,9 +61,10 @@ def save_tiny_pixel_pipeline(path, seed=0):
     """A pixel-space pipeline as diffusers saves one without a VAE: an RGB transformer (learned sigma), no vae/,
     and a model_index.json that states "vae": [null, null]."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
-    from transformers import AutoTokenizer
-    save_t5_tokenizer(path / "spiece")
-    pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(path / "spiece"), text_encoder=tiny_t5(seed),
+    from transformers import AutoTokenizer, T5EncoderModel
+    text = build_toy_text_encoder(str(path / "text"), WORDS, seed, d_model=TEXT_CHANNELS)
+    pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(text, subfolder="tokenizer"),
+                                   text_encoder=T5EncoderModel.from_pretrained(text, subfolder="text_encoder"),
                                    vae=None, transformer=tiny_transformer(seed, sample_size=16, in_channels=3),
                                    scheduler=DPMSolverMultistepScheduler())
     pipeline.save_pretrained(path)
