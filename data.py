@@ -1,5 +1,6 @@
-"""Image data: class-labelled image folders (DiT/ADM preprocessing) and two embedded datasets:
-scikit-learn's digits and procedural shapes."""
+"""Image data: class-labelled image folders (DiT/ADM preprocessing) and three embedded datasets:
+scikit-learn's digits, procedural shapes, and the captioned shapes-text."""
+import functools
 import os
 
 import numpy as np
@@ -166,6 +167,20 @@ def render_attributes(values, rng, image_size=16, supersample=2, chunk=1000):
                            for i in range(0, count, chunk)])
 
 
+@functools.cache  # 20,000 renders: made once per process (a resumed run in the same process reuses them)
+def load_shapes_text(image_size=16):
+    """The shapes-text training set (SHAPES_TEXT_TRAIN_COUNT renders of the training pairs, seed
+    SHAPES_TEXT_TRAIN_SEED): images in [-1, 1] (N, 3, 16, 16), each image's index into the prompts, and the
+    distinct prompts (sorted)."""
+    if image_size != 16:
+        raise ValueError(f"the shapes-text images are 16x16; got --image-size {image_size}")
+    images, prompts, _ = render_captioned(SHAPES_TEXT_TRAIN_COUNT, SHAPES_TEXT_TRAIN_SEED)
+    table = sorted(set(prompts))
+    index = {p: i for i, p in enumerate(table)}
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+            torch.tensor([index[p] for p in prompts]), table)
+
+
 def shapes_training():
     """The shapes training set as uint8 (SHAPES_TRAIN_COUNT, 16, 16, 3) images and labels."""
     return render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)
@@ -181,6 +196,13 @@ def load_shapes(image_size=16):
 
 
 EMBEDDED = {DIGITS: (load_digits, 10, 1), SHAPES: (load_shapes, 2 * len(SHAPE_NAMES), 3)}
+CAPTIONED = {SHAPES_TEXT: load_shapes_text}
+
+
+def captioned_dataset(path, image_size):
+    """(dataset of (image in [-1, 1], prompt index), the prompts, channels) of an embedded captioned dataset."""
+    images, indices, prompts = CAPTIONED[path](image_size)
+    return TensorDataset(images, indices), prompts, images.shape[1]
 
 
 class CenterCropFolder(Dataset):

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import re
+import shutil
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
+from diffusion import create_diffusion
 from models import Autoencoder, KVCache, StageKeys, guided_output, load_state_dict_strict, read_checkpoint, \
     unpatchify, weights_sha256
 from utils import atomic_write, save_json
@@ -278,6 +280,51 @@ def text_conditioning(transformer, text, text_mask):
     """(projected text (B, T, D), additive cross-attention bias (B, 1, T)) as PixArt's forward makes them."""
     bias = (1 - text_mask.to(text.dtype)) * -10000.0
     return transformer.caption_projection(text), bias.unsqueeze(1)
+
+
+def toy_config(image_size, in_channels, caption_channels, depth=4, hidden_size=128, num_heads=4, patch_size=2):
+    """A small PixArtTransformer2DModel config in PixArt-Sigma's layout (learned sigma, no size conditioning),
+    for teachers trained here."""
+    return dict(num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads, in_channels=in_channels,
+                out_channels=2 * in_channels, num_layers=depth, cross_attention_dim=hidden_size,
+                sample_size=image_size, patch_size=patch_size, caption_channels=caption_channels,
+                use_additional_conditions=False)
+
+
+def teacher_solver(transformer, sampler, steps, cfg_scale, clip_denoised, progress=False):
+    """(run(noise, text, mask) -> samples, guided): the teacher's DDIM or DDPM solve; under CFG (`guided`)
+    the rows of text and mask after the first len(noise) are the negative prompt's."""
+    diffusion = create_diffusion(str(steps))
+    loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
+    model_fn, guided = guided_teacher(transformer, cfg_scale), cfg_scale > 1
+
+    def run(noise, text, mask):
+        z = torch.cat([noise, noise]) if guided else noise
+        return loop(model_fn, z.shape, z, clip_denoised=clip_denoised, model_kwargs=dict(text=text, text_mask=mask),
+                    progress=progress)[: len(noise)]
+    return run, guided
+
+
+def export_pipeline(checkpoint_path, out):
+    """A PixArt teacher checkpoint's EMA weights as a pipeline folder in the hub's layout (transformer/,
+    text_encoder/ and tokenizer/ from its text encoder, scheduler/, and a model_index.json stating pixel
+    space: "vae": [null, null]), which extraction, training and sampling take like a hub name."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: export a pipeline into a new folder")
+    checkpoint = read_checkpoint(checkpoint_path)
+    args = checkpoint["args"]
+    transformer = PixArtTransformer2DModel(**args["pixart"])
+    load_state_dict_strict(transformer, checkpoint["ema"], checkpoint_path)
+    text = args["text_encoder"]
+    pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(text, subfolder="tokenizer"),
+                                   text_encoder=T5EncoderModel.from_pretrained(text, subfolder="text_encoder"),
+                                   vae=None, transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler())
+    tmp = f"{out}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp)
+    os.replace(tmp, out)  # readers see the whole folder or none
 
 
 def guided_teacher(transformer, cfg_scale):

@@ -102,14 +102,7 @@ def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CF
     else:
         network, info = pixart.load_pixart(ckpt)
         info = dict(info, kind="teacher", num_steps=steps, text_encoder=ckpt)
-        diffusion = create_diffusion(str(steps))
-        loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}[sampler]
-        model_fn, guided = pixart.guided_teacher(network, cfg_scale), cfg_scale > 1
-
-        def run(noise, text, mask):
-            z = torch.cat([noise, noise]) if guided else noise
-            return loop(model_fn, z.shape, z, clip_denoised=clips_x0(info["vae"]),
-                        model_kwargs=dict(text=text, text_mask=mask), progress=progress)[: len(noise)]
+        run, guided = pixart.teacher_solver(network, sampler, steps, cfg_scale, clips_x0(info["vae"]), progress)
     encode = pixart.PromptEncoder(info["text_encoder"], device)
 
     def generate(noise, prompts):

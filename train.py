@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import pixart
 from ard import ARD, check_student_settings, distillation_loss, solver_readout, student_fed_stages
-from data import DIGITS, EMBEDDED, image_dataset, random_flip
+from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
@@ -157,6 +157,58 @@ class TeacherTask:
 
     def grid_inputs(self, seed):
         return label_grid(self.model.config, seed)
+
+
+class PixArtTeacherTask:
+    """A pixel-space PixArt transformer trained from scratch on a captioned dataset (--data-path shapes-text):
+    ε-MSE plus the variational term, as the DiT teacher. Every prompt is encoded once by --text-encoder's T5
+    into a table held beside the model; a caption is replaced by the negative prompt "" with probability
+    --class-dropout, for CFG. --export writes a pipeline folder."""
+
+    init_checkpoint = None
+
+    def __init__(self, args, device, resumed=None):
+        if not args.text_encoder:
+            raise ValueError(f"--stage teacher on {args.data_path} needs --text-encoder: a folder with tokenizer/ and "
+                             "text_encoder/ (pixart.build_toy_text_encoder writes one)")
+        self.data, self.prompts, channels = captioned_dataset(args.data_path, args.image_size)
+        embeddings = pixart.PromptEncoder(args.text_encoder, device).encode([*self.prompts, ""])
+        self.text, self.text_mask = (t.to(device) for t in pixart.pad_texts(embeddings))
+        sizes = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                                        patch_size=args.patch_size).items() if v}
+        config = pixart.toy_config(args.image_size, channels, self.text.shape[-1], **sizes)
+        from diffusers import PixArtTransformer2DModel
+        self.model = PixArtTransformer2DModel(**config)
+        self.autoencoder = load_autoencoder("none").to(device)
+        self.diffusion = create_diffusion("")
+        self.flip = flips_images(args, args.data_path)
+        self.record = dict(family="pixart", pixart=config, vae="none", text_encoder=args.text_encoder)
+        self.dropout, self.sample_steps, self.cfg_scale = args.class_dropout, args.sample_steps, args.sample_cfg_scale
+        self.notes = []
+
+    def texts(self, prompts):
+        return self.text[prompts], self.text_mask[prompts]
+
+    def loss(self, model, batch, step):
+        images, prompts = batch
+        x = encode_images(self.autoencoder, images, self.flip)
+        dropped = torch.rand(len(prompts), device=x.device) < self.dropout
+        text, mask = self.texts(torch.where(dropped, len(self.prompts), prompts))
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        model_fn = pixart.guided_teacher(model, 1.0)
+        return self.diffusion.training_losses(model_fn, x, t, dict(text=text, text_mask=mask))["loss"].mean(), {}
+
+    def generate(self, ema, noise, prompts):
+        run, guided = pixart.teacher_solver(ema, "ddim", self.sample_steps, self.cfg_scale, clip_denoised=True)
+        return run(noise, *self.texts(torch.cat([prompts, torch.full_like(prompts, len(self.prompts))])
+                                      if guided else prompts))
+
+    def grid_inputs(self, seed):
+        """Fixed noise and the first (up to 16) prompts."""
+        count, size = min(16, len(self.prompts)), self.model.config.sample_size
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(count, self.model.config.in_channels, size, size, generator=generator)
+        return noise, (torch.arange(count),)
 
 
 class DistillationTask:
@@ -331,6 +383,8 @@ TASKS = {"teacher": TeacherTask, "ard": DistillationTask, "gan": AdversarialTask
 def task_class(args):
     """The stage's task; text-to-image when its trajectories come from prompts."""
     meta_path = os.path.join(args.data_path, "meta.json")
+    if args.stage == "teacher" and args.data_path in CAPTIONED:
+        return PixArtTeacherTask
     if args.stage == "teacher" or not os.path.isfile(meta_path):
         return TASKS[args.stage]
     with open(meta_path) as f:
@@ -464,13 +518,15 @@ def mean_over_ranks(values):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(TASKS), default="ard")
-    p.add_argument("--data-path", help="trajectory directory (ard, gan) or image folder, 'digits' or 'shapes' (teacher)")
+    p.add_argument("--data-path", help="trajectory directory (ard, gan); teacher: an image folder, 'digits' or "
+                                        "'shapes', or the captioned 'shapes-text' (a PixArt teacher)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None, help="suffix of the experiment directory")
     p.add_argument("--resume", default=None,
                    help="experiment directory to continue from its newest checkpoint that reads")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
-                   help="write CKPT's EMA weights and settings to OUT (.safetensors) and exit")
+                   help="write CKPT's EMA weights and settings to OUT (.safetensors; a PixArt teacher: a pipeline "
+                        "folder) and exit")
     p.add_argument("--export-half", action="store_true", help="with --export: store float16")
     add_distributed_args(p)
     run = p.add_argument_group("optimisation")
@@ -512,7 +568,9 @@ def build_parser():
     arch.add_argument("--hidden-size", type=int)
     arch.add_argument("--num-heads", type=int)
     arch.add_argument("--patch-size", type=int)
-    arch.add_argument("--class-dropout", type=float, default=0.1)
+    arch.add_argument("--class-dropout", type=float, default=0.1,
+                      help="teacher: the share of labels dropped to the null class (captions: to the negative prompt)")
+    arch.add_argument("--text-encoder", help="a PixArt teacher on captions: a folder with tokenizer/ and text_encoder/")
     arch.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                       help="flip real images (default: on for image folders, off for digits)")
     ard = p.add_argument_group("ARD student")
@@ -597,7 +655,7 @@ def check_args(parser, args):
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
     if not args.data_path:
         parser.error("--data-path is required")
-    if args.data_path not in EMBEDDED and not os.path.exists(args.data_path):
+    if args.data_path not in (*EMBEDDED, *CAPTIONED) and not os.path.exists(args.data_path):
         parser.error(f"--data-path {args.data_path} does not exist")
     if args.stage == "gan":
         for flag in ("init", "real_data"):
@@ -641,6 +699,10 @@ def check_student_fed(parser, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export and read_checkpoint(args.export[0]).get("args", {}).get("family") == "pixart":
+        pixart.export_pipeline(*args.export)
+        print(f"exported the EMA weights of {args.export[0]} as the pipeline folder {args.export[1]}")
+        return args.export[1]
     if args.export:
         export_ema(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")

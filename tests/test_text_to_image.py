@@ -200,6 +200,53 @@ def test_a_pipeline_neither_latent_nor_stated_pixel_space_stops_before_any_weigh
         pixart.load_pixart(str(unstated))
 
 
+@pytest.fixture(scope="module")
+def toy_text_encoder(tmp_path_factory):
+    from data import ATTRIBUTES
+    words = ["a", "shape", *[w for options in ATTRIBUTES.values() for w in options]]
+    return pixart.build_toy_text_encoder(str(tmp_path_factory.mktemp("toy_t5")), words, d_model=16)
+
+
+def teacher_argv(text_encoder, results, *extra):
+    return ["--stage", "teacher", "--data-path", "shapes-text", "--image-size", "16", "--text-encoder", text_encoder,
+            "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4", "--global-batch-size", "8",
+            "--iterations", "4", "--ckpt-every", "2", "--sample-every", "4", "--log-every", "2", "--num-workers", "0",
+            "--sample-steps", "2", "--results-dir", str(results), *map(str, extra)]
+
+
+def test_pixel_pixart_teacher_trains_resumes_bit_identically_and_exports_a_pipeline(toy_text_encoder, tmp_path):
+    torch.manual_seed(0)
+    full = train.main(teacher_argv(toy_text_encoder, tmp_path / "full"))
+    torch.manual_seed(0)
+    half = train.main(teacher_argv(toy_text_encoder, tmp_path / "half", "--iterations", 2))
+    train.main(["--resume", half, "--iterations", "4"])
+    a, b = (torch.load(os.path.join(e, "checkpoints", "0000004.pt"), weights_only=True) for e in (full, half))
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
+    start = torch.load(os.path.join(full, "checkpoints", "0000002.pt"), weights_only=True)
+    assert any(not torch.equal(start["model"][k], a["model"][k]) for k in a["model"])  # it trains
+    assert (a["args"]["family"], a["args"]["vae"]) == ("pixart", "none")
+    assert os.path.getsize(os.path.join(full, "samples", "0000004.png")) > 0
+
+    pipeline = str(tmp_path / "pipeline")
+    train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), pipeline])
+    transformer, info = pixart.load_pixart(pipeline)
+    assert info["vae"] == "none" and info["shape"] == [3, 16, 16]
+    assert all(torch.equal(v, a["ema"][k]) for k, v in transformer.state_dict().items())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a striped red disc\na blue shape\n")
+    et.main(["--prompts", str(prompts), "--ckpt", pipeline, "--out", str(tmp_path / "traj"), "--num-samples", "4",
+             "--shard-size", "4", "--batch-size", "4", "--teacher-steps", "4", "--num-steps", "2"])
+    assert json.load(open(tmp_path / "traj" / "meta.json"))["clip_denoised"] is True
+    with pytest.raises(FileExistsError, match="exists"):
+        train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), pipeline])
+
+
+def test_pixart_teacher_without_a_text_encoder_stops(tmp_path):
+    with pytest.raises(ValueError, match="needs --text-encoder"):
+        train.main(["--stage", "teacher", "--data-path", "shapes-text", "--image-size", "16", "--iterations", "1",
+                    "--results-dir", str(tmp_path)])
+
+
 def test_meta_and_shards_hold_prompt_indices(single):
     meta = json.load(open(os.path.join(single, "meta.json")))
     assert (meta["condition"], meta["family"], meta["num_prompts"], meta["cfg_scale"]) == ("prompts", "pixart", 5, 4.5)
