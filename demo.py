@@ -67,7 +67,7 @@ RECIPES = tuple(RECIPE_FLAGS)
 BOOTSTRAP_RESAMPLES = 200
 # What each teacher family adds to the commands that load its teacher (`family`), how the teacher solves
 # (samples: `solve`; trajectories: `extract`), the name of that solve, its network calls for a number of steps,
-# and the stage heads read through the same solver's step.
+# and the stage heads read through the family's one-jump step (ard.solver_readout: DDIM's, or Euler's).
 FAMILIES = {
     "ddpm": dict(family=[], solve=["--sampler", "ddim"], extract=[], solver="DDIM", calls=lambda steps: steps,
                  heads="ddim"),

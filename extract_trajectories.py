@@ -50,7 +50,8 @@ from utils import (add_distributed_args, atomic_write, autocast, barrier, check_
                    save_json)
 
 # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream;
-# 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval)
+# 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval).
+# Prompt trajectories also record text_chunk: their text table is text/'s chunk files (before: one file).
 FORMAT_VERSION = 5
 TEXT_TABLE = "text"  # the directory of the text table's chunk files
 
@@ -394,7 +395,7 @@ class PromptTeacher(DDIMTeacher):
         table = os.path.join(directory, TEXT_TABLE)
         missing = [c for c in range(math.ceil(len(texts) / size))
                    if not os.path.isfile(pixart.text_chunk_path(table, c))]
-        mine = missing[rank::world_size]
+        mine = [c for c in missing if c % world_size == rank]  # each rank decides only about its own chunks
         if not mine:
             return
         encoder, batch = pixart.PromptEncoder(self.args.ckpt, device), self.args.batch_size
@@ -404,9 +405,9 @@ class PromptTeacher(DDIMTeacher):
             part = texts[chunk * size:(chunk + 1) * size]
             pixart.write_text_chunk(pixart.text_chunk_path(table, chunk),
                                     [e for i in range(0, len(part), batch) for e in encoder.encode(part[i:i + batch])])
-        for j, chunk in enumerate(mine):
+        for chunk in mine:
             write(chunk)
-            bar.update(size * min(world_size, len(missing) - j * world_size))  # all ranks' chunks
+            bar.update(size * (world_size if rank == 0 else 1))  # rank 0's bar stands for every rank
         bar.close()
 
     def conditions(self, indices):

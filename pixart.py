@@ -126,10 +126,12 @@ def load_vae(source):
 
 class PromptEncoder:
     """Prompts -> T5 embeddings as PixArt-Sigma's pipeline makes them (its encode_prompt without caption
-    cleaning: lower-cased, stripped, at most `max_tokens` tokens), each cut to its real tokens. A batch is
-    padded to its own longest prompt, not to 300 tokens: T5 masks the padding, so the embeddings are the
-    pipeline's (up to rounding) at a fraction of the cost. A call encodes each distinct prompt once and
-    keeps it; `encode` keeps nothing (extraction streams every prompt through it)."""
+    cleaning: lower-cased, stripped, at most `max_tokens` tokens), each cut to its real tokens. `encode` pads
+    a batch to its own longest prompt, not to 300 tokens: T5 masks the padding, so the embeddings are the
+    pipeline's (up to rounding) at a fraction of the cost, and it keeps nothing (extraction streams every
+    prompt through it in fixed batches). A call encodes each prompt it has not seen alone and keeps it, so a
+    prompt's embedding does not depend on which prompts came with it (nor on the world size); sampling holds
+    the embeddings of its distinct prompts."""
 
     def __init__(self, source, device, max_tokens=TEXT_TOKENS):
         from transformers import AutoTokenizer, T5EncoderModel
@@ -147,9 +149,9 @@ class PromptEncoder:
         return [e[: int(m.sum())].float().cpu() for e, m in zip(embeddings, tokens.attention_mask)]
 
     def __call__(self, prompts):
-        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
-        if new:
-            self.known.update(zip(new, self.encode(new)))
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self.known:
+                self.known[prompt] = self.encode([prompt])[0]
         return [self.known[p] for p in prompts]
 
 
@@ -311,6 +313,7 @@ def export_pipeline(checkpoint_path, out):
     space: "vae": [null, null]), which extraction, training and sampling take like a hub name."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
+    out = os.path.normpath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: export a pipeline into a new folder")
     checkpoint = read_checkpoint(checkpoint_path)

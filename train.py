@@ -171,6 +171,9 @@ class PixArtTeacherTask:
         if not args.text_encoder:
             raise ValueError(f"--stage teacher on {args.data_path} needs --text-encoder: a folder with tokenizer/ and "
                              "text_encoder/ (pixart.build_toy_text_encoder writes one)")
+        if args.teacher_family != "ddpm" or args.vae != "none":
+            raise ValueError(f"--stage teacher on {args.data_path} trains a pixel-space DDPM PixArt teacher: pass "
+                             "--vae none and no --teacher-family")
         self.data, self.prompts, channels = captioned_dataset(args.data_path, args.image_size)
         embeddings = pixart.PromptEncoder(args.text_encoder, device).encode([*self.prompts, ""])
         self.text, self.text_mask = (t.to(device) for t in pixart.pad_texts(embeddings))
@@ -182,9 +185,14 @@ class PixArtTeacherTask:
         self.autoencoder = load_autoencoder("none").to(device)
         self.diffusion = create_diffusion("")
         self.flip = flips_images(args, args.data_path)
-        self.record = dict(family="pixart", pixart=config, vae="none", text_encoder=args.text_encoder)
+        text_encoder = os.path.abspath(args.text_encoder) if os.path.isdir(args.text_encoder) else args.text_encoder
+        self.record = dict(family="pixart", pixart=config, vae="none", text_encoder=text_encoder)
         self.dropout, self.sample_steps, self.cfg_scale = args.class_dropout, args.sample_steps, args.sample_cfg_scale
         self.notes = []
+        if self.dropout == 0 and self.cfg_scale != 1:  # the negative prompt was never trained
+            self.cfg_scale = 1.0
+            self.notes.append("--class-dropout 0: the negative prompt is never trained, so the sample grids are drawn "
+                              f"without guidance (not --sample-cfg-scale {args.sample_cfg_scale})")
 
     def texts(self, prompts):
         return self.text[prompts], self.text_mask[prompts]
@@ -699,7 +707,10 @@ def check_student_fed(parser, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.export and read_checkpoint(args.export[0]).get("args", {}).get("family") == "pixart":
+    exported = read_checkpoint(args.export[0]).get("args", {}) if args.export else {}
+    if (exported.get("family"), exported.get("stage")) == ("pixart", "teacher"):
+        if args.export_half:
+            raise ValueError("--export-half: a PixArt teacher exports as a float32 pipeline folder")
         pixart.export_pipeline(*args.export)
         print(f"exported the EMA weights of {args.export[0]} as the pipeline folder {args.export[1]}")
         return args.export[1]

@@ -68,6 +68,8 @@ def main(argv=None):
     named_attributes(prompts)  # a prompt outside the grammar stops here, before any classifier is trained
     with np.load(args.samples) as f:
         images, indices = f["arr_0"], f["arr_1"]
+    if images.dtype != np.uint8 or images.shape[1:] != (16, 16, 3):
+        p.error(f"{args.samples}: expected uint8 16x16 RGB images, got {images.dtype} {images.shape[1:]}")
     if indices.max() >= len(prompts):
         p.error(f"{args.samples} holds prompt index {indices.max()}: drawn with another prompt file than "
                 f"{args.prompts}")

@@ -59,9 +59,9 @@ def test_adherence_by_hand():
 
 def test_adherence_of_real_renders_is_their_ceiling_and_shuffled_prompts_are_at_chance(features):
     _, prompts, _ = render_captioned(2000, seed=5)
-    renders = render_prompts(prompts, SHAPES_REFERENCE_SEED)
-    scores = adherence.score(renders, prompts, features)
-    assert scores["samples"] == scores["ceiling"]  # the same renders the ceiling draws
+    scores = adherence.score(render_prompts(prompts, seed=11), prompts, features)  # other renders than the ceiling's
+    for key, value in scores["samples"].items():  # real renders of the prompts score their ceiling, up to noise
+        assert abs(value - scores["ceiling"][key]) < 0.03, (key, scores)
     assert min(scores["ceiling"][a] for a in ATTRIBUTES) > 0.8
     for a, options in ATTRIBUTES.items():
         assert abs(scores["floor"][a] - 1 / len(options)) < 0.05, (a, scores["floor"])

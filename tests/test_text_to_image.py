@@ -80,6 +80,10 @@ def test_two_processes_write_the_same_bytes_as_one(single, pipeline, prompt_file
                 *[f"shard_{i:05d}.safetensors" for i in range(3)]]
     assert sorted(contents(single)) == sorted(expected)
     assert contents(single) == contents(tmp_path / "traj")
+    os.remove(tmp_path / "traj" / "text" / "chunk_00001.safetensors")  # a re-run: one rank has nothing to encode
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert contents(single) == contents(tmp_path / "traj")
 
 
 def test_resume_writes_only_the_missing_shard_and_encodes_nothing(single, pipeline, prompt_file, tmp_path,
@@ -168,7 +172,7 @@ def test_prompt_encoder_is_the_pipelines_encode_prompt_and_encodes_a_prompt_once
     got = encoder(prompts)
     for e, f, m in zip(got, full, mask):
         torch.testing.assert_close(e, f[: int(m.sum())], rtol=1e-5, atol=1e-6)
-    assert encoder(prompts[:2])[0] is got[0] and calls == [[PROMPTS[1], " A Dog ", ""]]
+    assert encoder(prompts[:2])[0] is got[0] and calls == [[PROMPTS[1]], [" A Dog "], [""]]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,8 @@ def toy_text_encoder(tmp_path_factory):
 
 
 def teacher_argv(text_encoder, results, *extra):
-    return ["--stage", "teacher", "--data-path", "shapes-text", "--image-size", "16", "--text-encoder", text_encoder,
+    return ["--stage", "teacher", "--data-path", "shapes-text", "--image-size", "16", "--vae", "none",
+            "--text-encoder", text_encoder,
             "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4", "--global-batch-size", "8",
             "--iterations", "4", "--ckpt-every", "2", "--sample-every", "4", "--log-every", "2", "--num-workers", "0",
             "--sample-steps", "2", "--results-dir", str(results), *map(str, extra)]
@@ -428,6 +433,15 @@ def test_shape_and_teacher_mismatches(single, tmp_path, monkeypatch):
         run(train_argv(other, single, tmp_path))
 
 
+def test_a_pixart_student_exports_its_ema_weights_as_safetensors(run4, tmp_path):
+    path = os.path.join(run4, "checkpoints", "0000004.pt")
+    out = str(tmp_path / "student.safetensors")
+    train.main(["--export", path, out])
+    student, args = pixart.load_student(out)
+    assert args["stage"] == "ard" and all(torch.equal(v, torch.load(path, weights_only=True)["ema"][k])
+                                          for k, v in student.state_dict().items())
+
+
 def test_gan_stage_is_class_conditional_only(run4, single, tmp_path):
     with pytest.raises(ValueError, match="class-conditional only"):
         run(["--stage", "gan", "--init", os.path.join(run4, "checkpoints", "0000004.pt"), "--data-path", single,
@@ -492,7 +506,7 @@ def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path, monkeypa
         images, indices = f["arr_0"], f["arr_1"]
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8  # the tiny VAE upsamples by 2
     assert indices.tolist() == [0, 1, 2, 3, 4, 0]
-    assert encoded == [PROMPTS[:3], PROMPTS[3:]]  # batches of 3: each distinct prompt once, over both
+    assert encoded == [[p] for p in PROMPTS]  # each distinct prompt once, alone, over both batches of 3
     clip = save_tiny_clip(tmp_path / "clip")
     score = clip_score.main([str(out), prompt_file, "--clip-model", clip, "--device", "cpu"])
     model, tokenizer, processor = clip_score.load_clip(clip)
