@@ -48,7 +48,7 @@ import extract_trajectories  # noqa: E402
 import sample  # noqa: E402
 import sample_ddp  # noqa: E402
 import train  # noqa: E402
-from ard import gflops, load_student  # noqa: E402
+from ard import gflops, load_student, solver_readout  # noqa: E402
 from evaluations.evaluator import evaluate, extract_features  # noqa: E402
 from evaluations.metrics import bootstrap_fids, frechet_distance, gaussian_statistics  # noqa: E402
 from evaluations.npz import open_images  # noqa: E402
@@ -66,14 +66,13 @@ RECIPE_FLAGS = {"teacher-forced": [], "ema-fed": ["--student-fed", STUDENT_FED_P
 RECIPES = tuple(RECIPE_FLAGS)
 BOOTSTRAP_RESAMPLES = 200
 # What each teacher family adds to the commands that load its teacher (`family`), how the teacher solves
-# (samples: `solve`; trajectories: `extract`), the name of that solve, its network calls for a number of steps,
-# and the stage heads read through the family's one-jump step (ard.solver_readout: DDIM's, or Euler's).
+# (samples: `solve`; trajectories: `extract`), the name of that solve and its network calls for a number of
+# steps. Its students' solver-read heads are ard.solver_readout's (ddim, or euler).
 FAMILIES = {
-    "ddpm": dict(family=[], solve=["--sampler", "ddim"], extract=[], solver="DDIM", calls=lambda steps: steps,
-                 heads="ddim"),
+    "ddpm": dict(family=[], solve=["--sampler", "ddim"], extract=[], solver="DDIM", calls=lambda steps: steps),
     "flow": dict(family=["--teacher-family", "flow"], solve=["--teacher-family", "flow", "--solver", "heun"],
                  extract=["--teacher-family", "flow", "--solver", "heun"], solver="Heun",
-                 calls=lambda steps: 2 * steps - 1, heads="euler"),  # Heun's last step is Euler
+                 calls=lambda steps: 2 * steps - 1),  # Heun's last step is Euler
 }
 
 
@@ -218,7 +217,7 @@ class Experiment:
 
     def __init__(self, dataset, teacher, out, args):
         self.dataset, self.teacher, self.out, self.args = dataset, teacher, out, args
-        self.family = FAMILIES[args.teacher_family]
+        self.family, self.heads = FAMILIES[args.teacher_family], solver_readout(args.teacher_family)
         self.config = generator(teacher, self.teacher_flags(TEACHER_STEPS))[2]["dit"]
         self.depth = self.config["depth"]
         for sub in ("metrics", "samples"):
@@ -478,7 +477,7 @@ def report(experiment, students, seeds, rows, teachers):
 
 def plot_fid_vs_history(experiment, students, rows, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for parametrization in ("direct", experiment.family["heads"]):
+    for parametrization in ("direct", experiment.heads):
         points = sorted((s.N, [r["fid"] for r in rows[s].values()]) for s in students if rows.get(s) and s.K == 4
                         and s.parametrization == parametrization and s.recipe == "teacher-forced"
                         and s.mask == "M4" and s.history == "trajectory")
@@ -497,7 +496,7 @@ def plot_fid_vs_history(experiment, students, rows, path):
 def plot_exposure_bias(experiment, rows, path):
     """Per-step error fed its own outputs against teacher-forced, N=0 and ARD, one panel per head reading."""
     ard_n = paper_history_layers(experiment.depth)
-    panels = [p for p in ("direct", experiment.family["heads"]) if rows.get(Student(4, 0, p))]
+    panels = [p for p in ("direct", experiment.heads) if rows.get(Student(4, 0, p))]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), sharey=True, squeeze=False)
@@ -530,7 +529,7 @@ def run_dataset(dataset, seeds, args):
     teacher = trained_teacher(dataset, family, out, may_train=not args.report) if args.teacher == "train" else \
         args.teacher or shipped_teacher(dataset, family)
     experiment = Experiment(dataset, teacher, out, args)
-    students = students_of(dataset, experiment.depth, args.study, experiment.family["heads"])
+    students = students_of(dataset, experiment.depth, args.study, experiment.heads)
     rows = {}
     for student in students:
         for seed in seeds:

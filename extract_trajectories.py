@@ -407,7 +407,7 @@ class PromptTeacher(DDIMTeacher):
                                     [e for i in range(0, len(part), batch) for e in encoder.encode(part[i:i + batch])])
         for chunk in mine:
             write(chunk)
-            bar.update(size * (world_size if rank == 0 else 1))  # rank 0's bar stands for every rank
+            bar.update(size * world_size)  # rank 0's bar (the only one drawn) stands for every rank
         bar.close()
 
     def conditions(self, indices):

@@ -113,6 +113,12 @@ def feeds_student(seed, step, probability, ramp=0):
 
 # ---------------------------------------------------------------------------- tasks
 
+def architecture_overrides(args):
+    """The size flags a teacher from scratch was given (--depth, --hidden-size, --num-heads, --patch-size)."""
+    return {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                                  patch_size=args.patch_size).items() if v}
+
+
 class TeacherTask:
     """A DiT trained from scratch, class dropout for CFG: ε-MSE plus the variational term (DDPM), or with
     --teacher-family flow the flow-matching velocity MSE in --time-convention's time (no learned sigma)."""
@@ -122,8 +128,7 @@ class TeacherTask:
     def __init__(self, args, device, resumed=None):
         self.data, num_classes, channels = image_dataset(args.data_path, args.image_size)
         latent = args.vae != "none"
-        overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size,
-                                            num_heads=args.num_heads, patch_size=args.patch_size).items() if v}
+        overrides = architecture_overrides(args)
         self.flow = args.teacher_family == "flow"
         self.convention = args.time_convention = (args.time_convention or "sit") if self.flow else None
         self.model = create_dit(args.model, args.image_size, latent=latent, in_channels=4 if latent else channels,
@@ -177,9 +182,7 @@ class PixArtTeacherTask:
         self.data, self.prompts, channels = captioned_dataset(args.data_path, args.image_size)
         embeddings = pixart.PromptEncoder(args.text_encoder, device).encode([*self.prompts, ""])
         self.text, self.text_mask = (t.to(device) for t in pixart.pad_texts(embeddings))
-        sizes = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
-                                        patch_size=args.patch_size).items() if v}
-        config = pixart.toy_config(args.image_size, channels, self.text.shape[-1], **sizes)
+        config = pixart.toy_config(args.image_size, channels, self.text.shape[-1], **architecture_overrides(args))
         from diffusers import PixArtTransformer2DModel
         self.model = PixArtTransformer2DModel(**config)
         self.autoencoder = load_autoencoder("none").to(device)
