@@ -104,6 +104,11 @@ NAMED = 0.8
 SHAPES_TEXT_TRAIN_SEED, SHAPES_TEXT_TRAIN_COUNT = 0, 20_000
 
 
+def caption_words():
+    """Every word of the grammar: the vocabulary of a toy text encoder (pixart.build_toy_text_encoder)."""
+    return ["a", "shape", *[word for options in ATTRIBUTES.values() for word in options]]
+
+
 def caption(kind=None, pattern=None, colour=None):
     """The prompt naming the given attributes: caption("disc", "striped", "red") == "a striped red disc"."""
     return " ".join(["a", *filter(None, (pattern, colour)), kind or "shape"])
@@ -123,11 +128,12 @@ def parse_caption(prompt):
     raise ValueError(f"{prompt!r} is not a shapes-text prompt (\"a [solid|striped] [colour] kind|shape\")")
 
 
-def render_captioned(count, seed, split="train", image_size=16, supersample=2):
-    """Captioned shapes: uint8 images (count, H, W, 3), their prompts, and every attribute's value
-    {attribute: (count,) indices into ATTRIBUTES[attribute]}, named or not. (kind, colour) is uniform over the
-    pairs of `split`: "train" (those not held out), "held_out" (HELD_OUT_PAIRS, kind and colour always
-    named) or "all"; each other attribute is named with probability NAMED. Deterministic given the arguments."""
+def draw_captions(count, seed, split="train"):
+    """Prompts of the grammar and every attribute's value {attribute: (count,) indices into
+    ATTRIBUTES[attribute]}, named or not, and the generator to draw their renders from. (kind, colour) is
+    uniform over the pairs of `split`: "train" (those not held out), "held_out" (HELD_OUT_PAIRS, kind and
+    colour always named) or "all"; each other attribute is named with probability NAMED. Deterministic
+    given the arguments."""
     rng = np.random.default_rng(seed)
     held_out = [[(kind, colour) in HELD_OUT_PAIRS for colour in COLOURS] for kind in SHAPE_NAMES]
     pairs = [(k, c) for k, row in enumerate(held_out) for c, out in enumerate(row)
@@ -139,6 +145,13 @@ def render_captioned(count, seed, split="train", image_size=16, supersample=2):
         named[:, [0, 2]] = True
     prompts = [caption(**{a: ATTRIBUTES[a][values[a][i]] if named[i, j] else None for j, a in enumerate(ATTRIBUTES)})
                for i in range(count)]
+    return prompts, values, rng
+
+
+def render_captioned(count, seed, split="train", image_size=16, supersample=2):
+    """Captioned shapes: uint8 images (count, H, W, 3) of draw_captions(count, seed, split), their prompts,
+    and every attribute's value."""
+    prompts, values, rng = draw_captions(count, seed, split)
     return render_attributes(values, rng, image_size, supersample), prompts, values
 
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, replace
 
@@ -45,16 +46,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import extract_trajectories  # noqa: E402
+import pixart  # noqa: E402
 import sample  # noqa: E402
 import sample_ddp  # noqa: E402
 import train  # noqa: E402
 from ard import gflops, load_student, solver_readout  # noqa: E402
+from data import CAPTIONED, caption_words, draw_captions  # noqa: E402
+from evaluations import adherence  # noqa: E402
 from evaluations.evaluator import evaluate, extract_features  # noqa: E402
-from evaluations.metrics import bootstrap_fids, frechet_distance, gaussian_statistics  # noqa: E402
+from evaluations.metrics import (bootstrap_fids, bootstrap_multiplicities, frechet_distance,  # noqa: E402
+                                 gaussian_statistics)
 from evaluations.npz import open_images  # noqa: E402
-from evaluations.small import load_small_features, reference_images  # noqa: E402
+from evaluations.small import (SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED, load_small_features,  # noqa: E402
+                               reference_images)
 from extract_trajectories import TrajectoryDataset  # noqa: E402
-from utils import index_noise_and_labels, save_json, save_npz  # noqa: E402
+from utils import atomic_write, index_noise_and_labels, save_json, save_npz  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER_STEPS = 25
@@ -64,7 +70,9 @@ STUDENT_FED_PROB = 0.5
 # over the first half of training up to STUDENT_FED_PROB, rolling out with the EMA weights.
 RECIPE_FLAGS = {"teacher-forced": [], "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
 RECIPES = tuple(RECIPE_FLAGS)
+STUDY_DATASETS = ("digits", "shapes")
 BOOTSTRAP_RESAMPLES = 200
+TRAINING_PROMPT_SEED = 1000  # + the seed: each seed's trajectory prompts (captioned datasets)
 # What each teacher family adds to the commands that load its teacher (`family`), how the teacher solves
 # (samples: `solve`; trajectories: `extract`), the name of that solve and its network calls for a number of
 # steps. Its students' solver-read heads are ard.solver_readout's (ddim, or euler).
@@ -86,13 +94,119 @@ TEACHER_FLAGS = {
     "digits": ["--data-path", "digits", "--image-size", 8, "--model", "DiT-S/2", "--iterations", 4000, *small_dit(64)],
     "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
                "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
+    # a pixel-space PixArt transformer; the demo adds --text-encoder (its toy T5, built in DIR/shapes-text)
+    "shapes-text": ["--data-path", "shapes-text", "--image-size", 16, "--patch-size", 4, "--iterations", 20000,
+                    "--ckpt-every", 2500, "--sample-every", 5000, *small_dit(128)],
 }
 # 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (3.4 min per digits
 # student in a fresh clone's demo at the study's budget); the shapes cost about 2.5x the digits per step.
-MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5}
+MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5, "shapes-text": 8.5}
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
            "demo": dict(iterations=500, num_trajectories=2048, num_images=1000)}
+
+
+class Labels:
+    """What a class-conditional dataset's teacher (a DiT) is conditioned on: its class labels."""
+
+    cfg_scale = CFG_SCALE
+    columns = ()  # its metrics beyond the common ones
+    sample_flags = generator_flags = ()
+    load_student = staticmethod(load_student)
+
+    def architecture(self, teacher, teacher_flags):
+        """The teacher's config and depth."""
+        config = generator(teacher, teacher_flags)[2]["dit"]
+        return config, config["depth"]
+
+    def trajectory_flags(self, count, seed, held_out):
+        return []
+
+    def grid_flags(self):
+        return ["--class-labels", *list(range(10)) * 4, "--nrow", 10]
+
+    def inputs(self, info, count, device):
+        """Evaluation noise and conditions of the first `count` samples."""
+        dit = info["dit"]
+        shape = (dit["in_channels"], dit["input_size"], dit["input_size"])
+        return (t.to(device) for t in index_noise_and_labels(0, range(count), shape, dit["num_classes"],
+                                                              stream="evaluation"))
+
+    def mflops(self, config, steps, history_layers=0, teacher_calls=None):
+        """A student's, or with `teacher_calls` the teacher's solve (CFG: two forwards a network call)."""
+        if teacher_calls is not None:
+            return 2e3 * gflops(config, teacher_calls)
+        return 1e3 * gflops(config, steps, history_layers)
+
+    def score(self, npz, path, classifier):
+        return {}
+
+
+class Prompts(Labels):
+    """What a captioned dataset's teacher (PixArt) is conditioned on: prompts, read by its T5. Every evaluation
+    draws sample i with the prompt of reference render i (`file`), and each seed's trajectories take prompts
+    drawn afresh from the training grammar; their adherence is read by the attribute classifier."""
+
+    cfg_scale = pixart.CFG_SCALE
+    columns = (("kind", "adherence_kind", 3), ("pattern", "adherence_pattern", 3), ("colour", "adherence_colour", 3),
+               ("all named", "adherence_all", 3))
+    load_student = staticmethod(pixart.load_student)
+    # the grid's columns: one prompt naming every attribute per kind, two naming fewer, one held-out pair's
+    GRID = ("a red disc", "a striped blue triangle", "a yellow diamond", "a striped purple ring",
+            "a green square", "a striped shape", "a blue shape", "a green disc")
+
+    def __init__(self, out):
+        self.out = out
+        self.prompts, _, _ = draw_captions(SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED)
+        self.file = self.write(self.prompts, "prompts.txt")
+        self.generator_flags = ("--prompts", self.file)
+        self.sample_flags = (*self.generator_flags, "--labels", "balanced")
+
+    def write(self, prompts, name):
+        """The prompt file `name` (written once: reuse keys on its modification time)."""
+        path = os.path.join(self.out, name)
+        if not os.path.exists(path):
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.write("\n".join(prompts) + "\n")
+            atomic_write(path, write)
+        return path
+
+    def architecture(self, teacher, teacher_flags):
+        config = pixart.check_pixart(teacher)
+        encoder = pixart.PromptEncoder(teacher, torch.device("cpu"))
+        self.text_tokens = max(len(e) for e in encoder.encode(sorted(set(self.prompts))))  # the longest prompt
+        return config, config["num_layers"]
+
+    def trajectory_flags(self, count, seed, held_out):
+        """Held-out trajectories take the evaluation's prompts; training ones a seed's own draw."""
+        if held_out:
+            return ["--prompts", self.file]
+        prompts, _, _ = draw_captions(count, TRAINING_PROMPT_SEED + seed)
+        return ["--prompts", self.write(prompts, f"train_prompts_n{count}_s{seed}.txt")]
+
+    def grid_flags(self):
+        return [*[a for p in self.GRID * 4 for a in ("--prompt", p)], "--nrow", len(self.GRID)]
+
+    def inputs(self, info, count, device):
+        noise, indices = index_noise_and_labels(0, range(count), info["shape"], len(self.prompts),
+                                                stream="evaluation")
+        return noise.to(device), [self.prompts[i] for i in indices]
+
+    def mflops(self, config, steps, history_layers=0, teacher_calls=None):
+        if teacher_calls is not None:
+            return 1e3 * pixart.teacher_gflops(config, teacher_calls, self.cfg_scale, self.text_tokens)
+        return 1e3 * pixart.gflops(config, steps, history_layers, self.text_tokens)
+
+    def score(self, npz, path, classifier):
+        """Adherence of the samples to their prompts, and each sample's correctness (saved beside, for pairs)."""
+        with np.load(npz) as f:
+            images, indices = f["arr_0"], f["arr_1"]
+        named = adherence.named_attributes([self.prompts[i] for i in indices])
+        read = adherence.read_attributes(images, load_small_features(classifier, "shapes-text"))
+        np.save(path + "-adherence.npy", adherence.correct(read, named).all(axis=1))
+        return dict({f"adherence_{k}": v for k, v in adherence.adherence(read, named).items()},
+                    adherence=path + "-adherence.npy")
 
 
 @dataclass(frozen=True)
@@ -154,6 +268,10 @@ def study_grid(dataset, depth, heads="ddim"):
 
 
 def students_of(dataset, depth, study, heads="ddim"):
+    """The study's or the demo's students; on a captioned dataset (never in the study) N=0 and ARD with
+    solver-read heads, the study's default."""
+    if dataset in CAPTIONED:
+        return [Student(4, n, heads) for n in (0, paper_history_layers(depth))]
     return study_grid(dataset, depth, heads) if study else demo_grid(depth, heads)
 
 
@@ -164,9 +282,16 @@ def run(script, main, argv):
     return main(argv)
 
 
+def identity(item):
+    """A file by path, size and time; a pipeline folder likewise by its transformer's weights; else the text."""
+    weights = os.path.join(str(item), "transformer", "diffusion_pytorch_model.safetensors")
+    path = weights if os.path.isfile(weights) else str(item)
+    return sample_ddp.checkpoint_identity(path) if os.path.isfile(path) else str(item)
+
+
 def settings_hash(argv):
-    """A short hash of a command line, each existing file in it identified by path, size and time."""
-    items = [sample_ddp.checkpoint_identity(a) if os.path.isfile(str(a)) else str(a) for a in argv]
+    """A short hash of a command line, each existing file or pipeline folder in it identified by identity()."""
+    items = [identity(a) for a in argv]
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -186,18 +311,31 @@ def train_once(results_dir, stage, name, flags, may_train=True):
 
 
 def teacher_name(dataset, family):
-    """The name of a shipped teacher: assets/{name}.safetensors."""
-    return f"{dataset}_teacher" if family == "ddpm" else f"{dataset}_{family}_teacher"
+    """The name of a shipped teacher in assets/: a .safetensors file, or a captioned dataset's pipeline folder."""
+    name = dataset.replace("-", "_") + ("_teacher" if family == "ddpm" else f"_{family}_teacher")
+    return name if dataset in CAPTIONED else f"{name}.safetensors"
+
+
+def toy_text_encoder(out):
+    """The captioned datasets' text encoder: the toy T5 over the grammar's words, built once in `out`."""
+    path = os.path.join(out, "text_encoder")
+    if not os.path.exists(path):
+        pixart.build_toy_text_encoder(f"{path}.tmp", caption_words())
+        os.replace(f"{path}.tmp", path)
+    return path
 
 
 def trained_teacher(dataset, family, out, may_train=True):
     """Trains the dataset's teacher of `family` (or, unless `may_train`, finds it trained) and exports it as
     assets/ holds it."""
     flags = [*TEACHER_FLAGS[dataset], *FAMILIES[family]["family"]]
+    if dataset in CAPTIONED:
+        flags += ["--text-encoder", toy_text_encoder(out)]
     ckpt = train_once(os.path.join(out, "runs"), "teacher", dataset, flags, may_train)
     if ckpt is None:
         raise FileNotFoundError(f"no finished teacher run {dataset!r} in {out}/runs (--report trains nothing)")
-    exported = os.path.join(out, f"{teacher_name(dataset, family)}.safetensors")
+    exported = os.path.join(out, teacher_name(dataset, family))
+    shutil.rmtree(exported, ignore_errors=True)  # a pipeline folder is exported into a new folder
     run("train.py", train.main, ["--export", ckpt, exported, "--export-half"])
     return exported
 
@@ -209,7 +347,7 @@ def generator(ckpt, flags):
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
     args = p.parse_args(["--ckpt", ckpt, *map(str, flags)])
     sample.check_flow_args(p, args)
-    return sample.generator_from_args(args, torch.device("cpu"))
+    return sample.generator_from_args(args, torch.device("cpu"), text_to_image=bool(args.prompts))
 
 
 class Experiment:
@@ -218,10 +356,10 @@ class Experiment:
     def __init__(self, dataset, teacher, out, args):
         self.dataset, self.teacher, self.out, self.args = dataset, teacher, out, args
         self.family, self.heads = FAMILIES[args.teacher_family], solver_readout(args.teacher_family)
-        self.config = generator(teacher, self.teacher_flags(TEACHER_STEPS))[2]["dit"]
-        self.depth = self.config["depth"]
         for sub in ("metrics", "samples"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
+        self.conditions = Prompts(out) if dataset in CAPTIONED else Labels()
+        self.config, self.depth = self.conditions.architecture(teacher, self.teacher_flags(TEACHER_STEPS))
         self.reference = os.path.join(out, "reference.npz")
         self.classifier = os.path.join(out, "classifier.pt")
         load_small_features(self.classifier, dataset)  # trained now if missing: metrics are keyed by its file
@@ -235,8 +373,9 @@ class Experiment:
         from the evaluation noise); with `extract`, extracted there (or checked) first."""
         count = self.args.num_held_out if held_out else self.args.num_trajectories
         flags = ["--ckpt", self.teacher, "--num-samples", count, "--shard-size", min(count, 1024), "--batch-size",
-                 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", CFG_SCALE, "--seed", seed,
-                 *["--held-out"] * held_out, *self.family["extract"]]
+                 512, "--num-steps", K, "--teacher-steps", TEACHER_STEPS, "--cfg-scale", self.conditions.cfg_scale,
+                 "--seed", seed, *["--held-out"] * held_out, *self.family["extract"],
+                 *self.conditions.trajectory_flags(count, seed, held_out)]
         path = os.path.join(self.out, f"{'held_out' if held_out else 'trajectories'}_K{K}_s{seed}_"
                                       f"{settings_hash(flags)}")
         if extract:
@@ -258,7 +397,8 @@ class Experiment:
         `teacher` (the 25-step teacher's row of the same seed) fidelity to it; with `held_out` trajectories the
         per-stage errors. Cached under the hash of everything that produced them (None if not cached and
         not `may_compute`); the samples' features are kept beside, for paired comparisons."""
-        sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags]
+        sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags,
+                        *self.conditions.sample_flags]
         key = settings_hash([*sample_flags, self.classifier, teacher and teacher["key"], held_out])
         path = os.path.join(self.out, "metrics", f"{name}-s{seed}-{key}")
         if os.path.exists(path + ".json"):
@@ -274,18 +414,36 @@ class Experiment:
                                         progress=False, return_features=True)
         np.save(path + ".npy", features)
         row = dict(results, key=key, npz=npz, features=path + ".npy",
-                   ms_per_image=ms_per_image(ckpt, flags, min(200, self.args.num_images)))
+                   ms_per_image=self.ms_per_image(ckpt, flags, min(200, self.args.num_images)),
+                   **self.conditions.score(npz, path, self.classifier))
         if teacher is not None:
             row.update(fidelity(npz, features, teacher))
         if held_out is not None:
-            row.update(zip(("free_errors", "forced_errors", "history_reliance"), stage_errors(ckpt, held_out)))
+            row.update(zip(("free_errors", "forced_errors", "history_reliance"),
+                           stage_errors(ckpt, held_out, self.conditions.load_student)))
         run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{name}.png"),
-                                       "--class-labels", *list(range(10)) * 4, "--nrow", 10, *flags])
+                                       *self.conditions.grid_flags(), *flags])
         save_json(row, path + ".json")
         return row
 
     def teacher_flags(self, steps):
-        return [*self.family["solve"], "--cfg-scale", CFG_SCALE, "--num-sampling-steps", steps]
+        return [*self.family["solve"], "--cfg-scale", self.conditions.cfg_scale, "--num-sampling-steps", steps]
+
+    def ms_per_image(self, ckpt, flags, count, repeats=3):
+        """Wall time per image of generating `count` images in one batch (best of 3), under sample.py's `flags`."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        generate, network, info = generator(ckpt, [*flags, *self.conditions.generator_flags])
+        network.to(device)
+        noise, conditions = self.conditions.inputs(info, count, device)
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                generate(noise, conditions)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return 1000 * min(times) / count
 
     def teacher_label(self, steps):
         return f"teacher, {self.family['solver']} {steps}"
@@ -319,10 +477,9 @@ class Experiment:
         return bootstrap_fids(mu, sigma, {"x": np.load(features)}, resamples=BOOTSTRAP_RESAMPLES, seed=seed)["x"]
 
     def mflops(self, steps, history_layers=0, teacher=False):
-        """A student's, or the teacher's solve (CFG: two forwards a network call)."""
-        if teacher:
-            return 2e3 * gflops(self.config, self.family["calls"](steps))
-        return 1e3 * gflops(self.config, steps, history_layers)
+        """A student's, or the teacher's solve."""
+        calls = self.family["calls"](steps) if teacher else None
+        return self.conditions.mflops(self.config, steps, history_layers, calls)
 
 
 def fidelity(npz, features, teacher):
@@ -334,46 +491,28 @@ def fidelity(npz, features, teacher):
     return dict(rms_to_teacher=float(rms), fd_to_teacher=fd)
 
 
-def ms_per_image(ckpt, flags, count, repeats=3):
-    """Wall time per image of generating `count` images in one batch (best of 3), under sample.py's `flags`."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate, network, info = generator(ckpt, flags)
-    network.to(device)
-    shape = (info["dit"]["in_channels"], info["dit"]["input_size"], info["dit"]["input_size"])
-    noise, y = (t.to(device) for t in index_noise_and_labels(0, range(count), shape, info["dit"]["num_classes"],
-                                                              stream="evaluation"))
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            generate(noise, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return 1000 * min(times) / count
-
-
-def stage_errors(ckpt, held_out):
+def stage_errors(ckpt, held_out, load=load_student):
     """Per-stage MSE against the teacher's held-out trajectory points, generating freely (each stage fed the
     student's own outputs) and teacher-forced (each stage fed the teacher's points), and how far each
-    stage's output moves when its history is swapped for another sample's (history_reliance)."""
-    student, args = load_student(ckpt)
+    stage's output moves when its history is swapped for another sample's (history_reliance). `load`: the
+    student family's loader."""
+    student, args = load(ckpt)
     data = TrajectoryDataset(held_out, args["target"], held_out=True)
-    stages, targets, y = (torch.stack(t) for t in zip(*[data[i] for i in range(len(data))]))
+    stages, targets, *conditions = (torch.stack(t) for t in zip(*[data[i] for i in range(len(data))]))
     with torch.no_grad():
-        free, forced = student.sample(stages[:, 0], y), student(stages, y)
-        reliance = history_reliance(student, stages, y, forced)
+        free, forced = student.sample(stages[:, 0], *conditions), student(stages, *conditions)
+        reliance = history_reliance(student, stages, conditions, forced)
     free_errors, forced_errors = (((p - targets) ** 2).mean(dim=(0, 2, 3, 4)).tolist() for p in (free, forced))
     return free_errors, forced_errors, reliance
 
 
-def history_reliance(student, stages, y, forced):
+def history_reliance(student, stages, conditions, forced):
     """For stages k >= 1: the mean squared change of stage k's teacher-forced output when the inputs
     of stages < k are taken from another trajectory (the batch rolled by one). Exactly 0 with N=0."""
     changes = []
     for k in range(1, stages.shape[1]):
         swapped = torch.cat([stages.roll(1, dims=0)[:, :k], stages[:, k:]], dim=1)
-        changes.append(((student(swapped, y)[:, k] - forced[:, k]) ** 2).mean().item())
+        changes.append(((student(swapped, *conditions)[:, k] - forced[:, k]) ** 2).mean().item())
     return changes
 
 
@@ -412,6 +551,24 @@ def paired_comparison(experiment, rows, teachers, student, other):
     return per_seed, [np.percentile(m, [2.5, 97.5]) for m in means]
 
 
+def paired_adherence(rows, other_rows):
+    """{seed: difference} of the all-named-correct rate between two models' {seed: row}, and its 95% interval
+    over samples of the mean over seeds, resampled as the FIDs are (the same indices within a seed)."""
+    per_seed, resampled = {}, []
+    for seed in sorted(set(rows) & set(other_rows)):
+        a, b = (np.load(r[seed]["adherence"]).astype(np.float64) for r in (rows, other_rows))
+        per_seed[seed] = a.mean() - b.mean()
+        resampled.append(bootstrap_multiplicities(len(a), BOOTSTRAP_RESAMPLES, seed) @ (a - b) / len(a))
+    return per_seed, np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
+
+
+def adherence_clause(rows, other_rows):
+    per_seed, interval = paired_adherence(rows, other_rows)
+    values = list(per_seed.values())
+    return (f"all-named adherence {np.mean(values):+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}] (seeds "
+            f"{', '.join(f'{v:+.3f}' for v in values)}): {verdict(values, interval, 0)}")
+
+
 def verdict(values, interval, null):
     """'differs' when the 95% interval excludes `null` and every seed lies on the same side of it."""
     sides = {np.sign(v - null) for v in values}
@@ -420,7 +577,11 @@ def verdict(values, interval, null):
 
 def comparison_lines(experiment, students, rows, teachers):
     lines = []
+    prompts = bool(experiment.conditions.columns)
     for student in students:
+        if prompts and rows.get(student):
+            lines.append(f"- {describe(student)} against the {TEACHER_STEPS}-step teacher: "
+                         + adherence_clause(rows[student], teachers))
         for other in student.comparisons(students):
             if not rows.get(student) or not rows.get(other):
                 continue
@@ -433,6 +594,8 @@ def comparison_lines(experiment, students, rows, teachers):
                 line += (f"; gap ratio {np.mean(ratios):.2f} [{ratio_ci[0]:.2f}, {ratio_ci[1]:.2f}] (seeds "
                          f"{', '.join(f'{r:.2f}' for r in ratios)}): {verdict(ratios, ratio_ci, 1)} "
                          f"(the paper: 0.19 at K=4)")
+            if prompts:
+                line += "; " + adherence_clause(rows[student], rows[other])
             lines.append(line)
     return lines
 
@@ -441,38 +604,58 @@ def describe(student):
     return f"{student.label()}, {student.parametrization} heads, {student.recipe}, K={student.K}"
 
 
-def table_row(name, heads, recipe, steps, done, mflops):
-    """One markdown row: mean ± sd over seeds of each metric present in the rows `done`."""
+def table_row(name, heads, recipe, steps, done, mflops, columns=()):
+    """One markdown row: mean ± sd over seeds of each metric present in the rows `done` (and of `columns`:
+    (header, key, digits) after the recall)."""
     def cell(key, digits):
         values = [r[key] for r in done if key in r]
         return mean_spread(values, digits) if values else "-"
     return [name, heads, recipe, steps, cell("fid", 2), cell("kid", 1), cell("precision", 3),
-            cell("recall", 3), cell("fd_to_teacher", 2), cell("rms_to_teacher", 3), cell("exposure_bias", 2),
-            cell("history_reliance", 3), f"{mflops:.2f}", cell("ms_per_image", 3)]
+            cell("recall", 3), *[cell(key, digits) for _, key, digits in columns], cell("fd_to_teacher", 2),
+            cell("rms_to_teacher", 3), cell("exposure_bias", 2), cell("history_reliance", 3), f"{mflops:.2f}",
+            cell("ms_per_image", 3)]
 
 
 def report(experiment, students, seeds, rows, teachers):
     """The results table (mean ± sd over seeds) and the comparisons with their intervals, as markdown."""
-    header = ["model", "heads", "recipe", "K", "FID", "KID", "precision", "recall", "FD to teacher",
-              "RMS to teacher", "exposure bias", "history reliance", "MFLOPs/img", "ms/img"]
+    columns = experiment.conditions.columns
+    header = ["model", "heads", "recipe", "K", "FID", "KID", "precision", "recall", *[c[0] for c in columns],
+              "FD to teacher", "RMS to teacher", "exposure bias", "history reliance", "MFLOPs/img", "ms/img"]
     table = [table_row(experiment.teacher_label(steps), "-", "-", steps, list(by_seed.values()),
-                       experiment.mflops(steps, teacher=True)) for steps, by_seed in teachers.items()]
+                       experiment.mflops(steps, teacher=True), columns) for steps, by_seed in teachers.items()]
     for student in students:
         done = [dict(r, **diagnostics(r)) for _, r in sorted(rows.get(student, {}).items())]
         if done:
             table.append(table_row(student.label(), student.parametrization, student.recipe, student.K, done,
-                                   experiment.mflops(student.K, student.N)))
+                                   experiment.mflops(student.K, student.N), columns))
     args = experiment.args
     lines = [f"**{experiment.dataset}**: {args.num_images} samples per model and seed, classifier features; teacher "
-             f"{TEACHER_STEPS}-step {experiment.family['solver']}, CFG {CFG_SCALE}; students {args.iterations} steps of batch "
+             f"{TEACHER_STEPS}-step {experiment.family['solver']}, CFG {experiment.conditions.cfg_scale}; students "
+             f"{args.iterations} steps of batch "
              f"{args.batch_size} on {args.num_trajectories} trajectories; seeds {', '.join(map(str, seeds))} "
              f"(mean ± sd over seeds; a seed varies trajectories, batch order and evaluation noise).", "",
              *(f"| {' | '.join(map(str, r))} |" for r in [header, ["---"] * len(header), *table]), "",
-             f"Comparisons (decided before the runs; [95% paired bootstrap interval over samples of the mean over "
-             f"seeds], then each seed's value; 'differs' needs the interval to exclude no change and every seed to "
-             f"agree in sign):", "",
+             *adherence_bounds(experiment, teachers[TEACHER_STEPS]),
+             "Comparisons (decided before the runs; [95% paired bootstrap interval over samples of the mean over "
+             "seeds], then each seed's value; 'differs' needs the interval to exclude no change and every seed to "
+             "agree in sign):", "",
              *comparison_lines(experiment, students, rows, teachers[TEACHER_STEPS])]
     return "\n".join(lines) + "\n"
+
+
+def adherence_bounds(experiment, teachers):
+    """A captioned dataset's adherence ceiling (real renders of the evaluation's prompts) and floor (the
+    25-step teacher's samples against the prompts shuffled), from its first seed's samples."""
+    if not experiment.conditions.columns or not teachers:
+        return []
+    with np.load(teachers[min(teachers)]["npz"]) as f:
+        images, indices = f["arr_0"], f["arr_1"]
+    scores = adherence.score(images, [experiment.conditions.prompts[i] for i in indices],
+                             load_small_features(experiment.classifier, experiment.dataset))
+    return [f"Adherence ({', '.join(scores['ceiling'])}): ceiling "
+            f"{', '.join(f'{v:.3f}' for v in scores['ceiling'].values())} (real renders of the same prompts); floor "
+            f"{', '.join(f'{v:.3f}' for v in scores['floor'].values())} (the teacher's samples, prompts shuffled).",
+            ""]
 
 
 def plot_fid_vs_history(experiment, students, rows, path):
@@ -519,7 +702,7 @@ def plot_exposure_bias(experiment, rows, path):
 
 
 def shipped_teacher(dataset, family):
-    return os.path.join(ROOT, "assets", f"{teacher_name(dataset, family)}.safetensors")
+    return os.path.join(ROOT, "assets", teacher_name(dataset, family))
 
 
 def run_dataset(dataset, seeds, args):
@@ -568,7 +751,7 @@ def main(argv=None):
             setattr(args, name, value)
     started = time.time()
     seeds = args.seeds or ([0, 1, 2] if args.study else [0])
-    datasets = [args.dataset] if args.dataset else (list(TEACHER_FLAGS) if args.study else ["digits"])
+    datasets = [args.dataset] if args.dataset else (list(STUDY_DATASETS) if args.study else ["digits"])
     missing = [shipped_teacher(d, args.teacher_family) for d in datasets if args.teacher is None
                and not os.path.exists(shipped_teacher(d, args.teacher_family))]
     if missing:

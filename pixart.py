@@ -307,10 +307,11 @@ def teacher_solver(transformer, sampler, steps, cfg_scale, clip_denoised, progre
     return run, guided
 
 
-def export_pipeline(checkpoint_path, out):
+def export_pipeline(checkpoint_path, out, half=False):
     """A PixArt teacher checkpoint's EMA weights as a pipeline folder in the hub's layout (transformer/,
     text_encoder/ and tokenizer/ from its text encoder, scheduler/, and a model_index.json stating pixel
-    space: "vae": [null, null]), which extraction, training and sampling take like a hub name."""
+    space: "vae": [null, null]), which extraction, training and sampling take like a hub name. With `half`
+    the transformer is stored in float16 (it loads back as float32, as every pipeline here)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
     out = os.path.normpath(out)
@@ -320,6 +321,8 @@ def export_pipeline(checkpoint_path, out):
     args = checkpoint["args"]
     transformer = PixArtTransformer2DModel(**args["pixart"])
     load_state_dict_strict(transformer, checkpoint["ema"], checkpoint_path)
+    if half:
+        transformer.half()
     text = args["text_encoder"]
     pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(text, subfolder="tokenizer"),
                                    text_encoder=T5EncoderModel.from_pretrained(text, subfolder="text_encoder"),

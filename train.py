@@ -712,9 +712,7 @@ def main(argv=None):
     args = parse_args(argv)
     exported = read_checkpoint(args.export[0]).get("args", {}) if args.export else {}
     if (exported.get("family"), exported.get("stage")) == ("pixart", "teacher"):
-        if args.export_half:
-            raise ValueError("--export-half: a PixArt teacher exports as a float32 pipeline folder")
-        pixart.export_pipeline(*args.export)
+        pixart.export_pipeline(*args.export, half=args.export_half)
         print(f"exported the EMA weights of {args.export[0]} as the pipeline folder {args.export[1]}")
         return args.export[1]
     if args.export:

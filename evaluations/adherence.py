@@ -39,9 +39,14 @@ def read_attributes(images, features):
     return torch.stack([g.argmax(1) for g in attribute_logits(logits, features.classes)], dim=1).numpy()
 
 
+def correct(read, named):
+    """(N, attributes): True where the attribute is read as named, or not named."""
+    return (read == named) | (named < 0)
+
+
 def adherence(read, named):
     """{attribute: accuracy over the samples naming it, "all": share with every named attribute right}."""
-    right = (read == named) | (named < 0)
+    right = correct(read, named)
     scores = {a: float(right[named[:, i] >= 0, i].mean()) for i, a in enumerate(ATTRIBUTES) if (named[:, i] >= 0).any()}
     return dict(scores, all=float(right.all(axis=1).mean()))
 

@@ -117,6 +117,13 @@ def kernel_inception_distance(features_a, features_b, block_size=10000):
     return within(a) + within(b) - 2 * kernel_sum(a, b) / (len(a) * len(b))
 
 
+def bootstrap_multiplicities(n, resamples=200, seed=0):
+    """(resamples, n): how often each of n samples is drawn in each bootstrap resample; the same for the same
+    arguments, so that statistics of sample sets sharing their indices stay paired."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
+
+
 def bootstrap_fids(ref_mu, ref_sigma, features, resamples=200, seed=0):
     """{name: (resamples,) FIDs} of sample sets that share their indices (images i of every set come
     from the same noise), each resample drawing the same indices for every set: differences and ratios
@@ -126,8 +133,8 @@ def bootstrap_fids(ref_mu, ref_sigma, features, resamples=200, seed=0):
     lengths = {len(f) for f in features.values()}
     if len(lengths) != 1:
         raise ValueError(f"paired sample sets must have equal lengths, got {sorted(lengths)}")
-    n, rng = lengths.pop(), np.random.default_rng(seed)
-    multiplicities = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
+    n = lengths.pop()
+    multiplicities = bootstrap_multiplicities(n, resamples, seed)
     ref_mu, ref_sigma = np.asarray(ref_mu, dtype=np.float64), np.asarray(ref_sigma, dtype=np.float64)
     eigenvalues, vectors = np.linalg.eigh(ref_sigma)
     ref_root = (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T

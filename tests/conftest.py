@@ -23,3 +23,12 @@ def fixed_seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shapes_text_classifier(tmp_path_factory):
+    """The shapes-text attribute classifier, trained for one epoch (the metrics' own trains for four)."""
+    from evaluations.small import train_classifier
+    path = str(tmp_path_factory.mktemp("classifier") / "shapes_text.pt")
+    train_classifier(path, "shapes-text", epochs=1)
+    return path

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ard import (ARD, MASKS, PARAMETRIZATIONS, StageReadout, distillation_loss, gflops, stage_mask, stage_runs,
+from ard import (ARD, MASKS, StageReadout, distillation_loss, gflops, stage_mask, stage_runs,
                  student_fed_stages)
 from diffusion.gaussian_diffusion import get_named_beta_schedule
 from diffusion.respace import SpacedDiffusion

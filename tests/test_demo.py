@@ -1,6 +1,7 @@
 """A reduced demo, end to end: the same scripts as `python demo.py`, on a tiny teacher and a few steps."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_history_reliance_is_zero_exactly_when_stages_cannot_see_their_history(h
     student = ARD(perturbed_dit(), num_steps=4, history_layers=history_layers).eval()
     stages, y = inputs(batch=5)
     with torch.no_grad():
-        changes = demo.history_reliance(student, stages, y, student(stages, y))
+        changes = demo.history_reliance(student, stages, (y,), student(stages, y))
     assert len(changes) == 3
     if history_layers:
         assert min(changes) > 1e-7
@@ -171,3 +172,34 @@ def test_report_does_not_train_a_missing_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.train, "main", lambda argv: pytest.fail(f"train.py ran: {argv}"))
     with pytest.raises(FileNotFoundError, match=r"no finished teacher run 'digits' .* \(--report trains nothing\)"):
         demo.main(["--out", str(tmp_path), "--teacher", "train", "--report"])
+
+
+def test_reduced_demo_on_captioned_shapes_scores_adherence_beside_fid(tmp_path, shapes_text_classifier):
+    from data import caption_words
+    from tiny_pixart import save_tiny_pixel_pipeline
+    teacher = save_tiny_pixel_pipeline(tmp_path / "pipeline", words=caption_words())
+    out = tmp_path / "demo"
+    os.makedirs(out / "shapes-text")
+    shutil.copy(shapes_text_classifier, out / "shapes-text" / "classifier.pt")
+    demo.main(["--out", str(out), "--dataset", "shapes-text", "--teacher", teacher, "--iterations", "2",
+               "--batch-size", "8", "--num-trajectories", "16", "--num-held-out", "8", "--num-images", "24"])
+    report = (out / "results.md").read_text()
+    assert report_rows(report) == [("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"),
+                                   ("step distillation (N=0)", "ddim"), ("ARD (N=1)", "ddim")]
+    header = [line for line in report.splitlines() if line.startswith("| ")][0]
+    assert "| recall | kind | pattern | colour | all named | FD to teacher |" in header and "CFG 4.5" in report
+    for row in [line for line in report.splitlines() if line.startswith("| ")][2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(0 <= float(cells[i]) <= 1 for i in range(8, 12)) and float(cells[-2]) > 0
+    assert "ceiling" in report and "floor" in report
+    comparisons = [line for line in report.splitlines() if line.startswith("- ")]
+    assert len(comparisons) == 3 and sum("all-named adherence" in line for line in comparisons) == 3
+    folder = out / "shapes-text"
+    prompts = (folder / "prompts.txt").read_text().splitlines()
+    [train_prompts] = folder.glob("train_prompts_n16_s0.txt")
+    assert len(prompts) == 5000 and len(train_prompts.read_text().splitlines()) == 16
+    meta = json.loads(next(folder.glob("trajectories_*/meta.json")).read_text())
+    assert (meta["condition"], meta["num_prompts"], meta["cfg_scale"]) == ("prompts", 16, 4.5)
+    [row] = [json.loads(p.read_text()) for p in (folder / "metrics").glob("K4-N1-ddim-teacher-forced-s0-*.json")]
+    assert len(row["free_errors"]) == 4 and row["history_reliance"][0] > 0
+    assert len(list(folder.glob("grid_*.png"))) == 4

@@ -7,17 +7,15 @@ import pytest
 from data import (ATTRIBUTES, HELD_OUT_PAIRS, SHAPE_NAMES, caption, parse_caption, render_captioned,
                   render_prompts)
 from evaluations import adherence
-from evaluations.small import SHAPES_REFERENCE_SEED, load_small_features, train_classifier
+from evaluations.small import load_small_features
 
 EVERY_PROMPT = [caption(kind, pattern, colour) for kind, pattern, colour in
                 itertools.product((None, *SHAPE_NAMES), (None, *ATTRIBUTES["pattern"]), (None, *ATTRIBUTES["colour"]))]
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("classifier") / "shapes_text.pt")
-    train_classifier(path, "shapes-text", epochs=1)
-    return path
+def classifier(shapes_text_classifier):
+    return shapes_text_classifier
 
 
 @pytest.fixture(scope="module")

@@ -206,9 +206,8 @@ def test_a_pipeline_neither_latent_nor_stated_pixel_space_stops_before_any_weigh
 
 @pytest.fixture(scope="module")
 def toy_text_encoder(tmp_path_factory):
-    from data import ATTRIBUTES
-    words = ["a", "shape", *[w for options in ATTRIBUTES.values() for w in options]]
-    return pixart.build_toy_text_encoder(str(tmp_path_factory.mktemp("toy_t5")), words, d_model=16)
+    from data import caption_words
+    return pixart.build_toy_text_encoder(str(tmp_path_factory.mktemp("toy_t5")), caption_words(), d_model=16)
 
 
 def teacher_argv(text_encoder, results, *extra):
@@ -237,6 +236,9 @@ def test_pixel_pixart_teacher_trains_resumes_bit_identically_and_exports_a_pipel
     transformer, info = pixart.load_pixart(pipeline)
     assert info["vae"] == "none" and info["shape"] == [3, 16, 16]
     assert all(torch.equal(v, a["ema"][k]) for k, v in transformer.state_dict().items())
+    train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), f"{pipeline}-half", "--export-half"])
+    half = pixart.load_pixart(f"{pipeline}-half")[0].state_dict()
+    assert all(v.dtype == torch.float32 and torch.equal(v, a["ema"][k].half().float()) for k, v in half.items())
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a striped red disc\na blue shape\n")
     et.main(["--prompts", str(prompts), "--ckpt", pipeline, "--out", str(tmp_path / "traj"), "--num-samples", "4",

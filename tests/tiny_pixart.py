@@ -57,12 +57,12 @@ def save_tiny_pipeline(path, seed=0, transformer=None):
     return str(path)
 
 
-def save_tiny_pixel_pipeline(path, seed=0):
+def save_tiny_pixel_pipeline(path, seed=0, words=WORDS):
     """A pixel-space pipeline as diffusers saves one without a VAE: an RGB transformer (learned sigma), no vae/,
-    and a model_index.json that states "vae": [null, null]."""
+    and a model_index.json that states "vae": [null, null]; its toy T5 knows `words`."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import AutoTokenizer, T5EncoderModel
-    text = build_toy_text_encoder(str(path / "text"), WORDS, seed, d_model=TEXT_CHANNELS)
+    text = build_toy_text_encoder(str(path / "text"), words, seed, d_model=TEXT_CHANNELS)
     pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(text, subfolder="tokenizer"),
                                    text_encoder=T5EncoderModel.from_pretrained(text, subfolder="text_encoder"),
                                    vae=None, transformer=tiny_transformer(seed, sample_size=16, in_channels=3),
