@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
 DIGITS = "digits"
 SHAPES = "shapes"
@@ -208,7 +209,8 @@ def load_shapes(image_size=16):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, torch.from_numpy(labels)
 
 
-EMBEDDED = {DIGITS: (load_digits, 10, 1), SHAPES: (load_shapes, 2 * len(SHAPE_NAMES), 3)}
+# name: (loader, number of classes, channels, image size)
+EMBEDDED = {DIGITS: (load_digits, 10, 1, 8), SHAPES: (load_shapes, 2 * len(SHAPE_NAMES), 3, 16)}
 CAPTIONED = {SHAPES_TEXT: load_shapes_text}
 
 
@@ -239,12 +241,21 @@ def image_dataset(path, image_size):
     """(dataset of (image in [-1, 1], label), number of classes, channels) for an embedded dataset
     ("digits", "shapes") or an image folder."""
     if path in EMBEDDED:
-        load, num_classes, channels = EMBEDDED[path]
+        load, num_classes, channels, _ = EMBEDDED[path]
         return TensorDataset(*load(image_size)), num_classes, channels
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no image folder at {path!r} (or use --data-path {' or '.join(EMBEDDED)})")
     dataset = CenterCropFolder(path, image_size)
     return dataset, len(dataset.folder.classes), 3
+
+
+def image_format(path):
+    """(image size, channels, number of classes) of image_dataset(path, ...), read without loading an image;
+    the size is None for an image folder, which is centre-cropped to any size."""
+    if path in EMBEDDED:
+        _, num_classes, channels, image_size = EMBEDDED[path]
+        return image_size, channels, num_classes
+    return None, 3, len(find_classes(path)[0])
 
 
 def random_flip(images):

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import pixart
 from ard import ARD, check_student_settings, distillation_loss, solver_readout, student_fed_stages
-from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, random_flip
+from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, image_format, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
@@ -676,10 +676,34 @@ def check_args(parser, args):
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
+        if not args.resume:  # a resumed run keeps the --real-data it was checked with
+            check_real_data(parser, args)
     check_ema(parser, args)
     if args.attention == "flex" and not args.compile:
         parser.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     check_student_fed(parser, args)
+
+
+def check_real_data(parser, args):
+    """--real-data must fit the student of --init, as its record describes it (nothing loads): the image size,
+    the channels the teacher takes (RGB through a VAE) and the classes, since a real image's label indexes the
+    student's classes."""
+    student = read_checkpoint(args.init).get("args", {})
+    if "dit" not in student:  # no DiT student: AdversarialTask says what --init is
+        return
+    size, channels, num_classes = image_format(args.real_data)
+    want_size, want_classes = student["image_size"], student["dit"]["num_classes"]
+    want_channels = student["dit"]["in_channels"] if student["vae"] == "none" else 3
+    mismatches = []
+    if size not in (None, want_size):
+        mismatches.append(f"{size}x{size} images, the student's are {want_size}x{want_size}")
+    if channels != want_channels:
+        mismatches.append(f"{channels}-channel images, the student's have {want_channels}")
+    if num_classes != want_classes:
+        mismatches.append(f"{num_classes} classes, the student's {want_classes}")
+    if mismatches:
+        parser.error(f"--real-data {args.real_data} does not fit the student of --init {args.init}: "
+                     + "; ".join(mismatches))
 
 
 def check_ema(parser, args):

@@ -1123,6 +1123,30 @@ def test_gan_with_missing_inputs(ard_run, traj, tmp_path, capsys):
     assert experiments(tmp_path) == []
 
 
+def class_folders(root, count):
+    """An image folder of `count` classes, one 8x8 RGB image each."""
+    from PIL import Image
+    for c in range(count):
+        (root / f"class{c:02d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / f"class{c:02d}" / "0.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("real, message", [
+    ("shapes", "16x16 images, the student's are 8x8; 3-channel images, the student's have 1"),
+    ("folder", "3-channel images, the student's have 1; 11 classes, the student's 10"),
+], ids=["shapes", "folder"])
+def test_gan_with_real_data_that_does_not_fit_the_student(real, message, ard_run, traj, tmp_path, capsys):
+    """The digits student (8x8, 1 channel, 10 classes) against shapes (16x16 RGB) or 11 classes of RGB
+    images: one usage error naming every mismatch, before the teacher or the trajectories load."""
+    real = class_folders(tmp_path / "images", 11) if real == "folder" else real
+    argv = gan_argv(ckpt(ard_run, 6), traj, tmp_path)
+    argv[argv.index("--real-data") + 1] = real
+    expect_usage_error(argv, capsys, f"--real-data {real} does not fit the student of --init {ckpt(ard_run, 6)}: "
+                                     + message)
+    assert experiments(tmp_path) == []
+
+
 @pytest.mark.parametrize("flag, value", [("--history-layers", "2"), ("--teacher", "other.pt"), ("--vae", "mse")])
 def test_gan_takes_the_student_and_teacher_settings_from_init(flag, value, ard_run, traj, tmp_path, capsys):
     expect_usage_error(gan_argv(ckpt(ard_run, 6), traj, tmp_path, flag, value), capsys, f"drop {flag}")
