@@ -92,11 +92,13 @@ def generator_hinge_loss(logits_fake):
 
 
 def adaptive_weight(regression_loss, adversarial_loss, last_layer, scale=10.0, max_weight=1e4):
-    """λ = ||∇L_reg|| / (||∇L_adv|| + 1e-4) on `last_layer`, clamped to [0, max_weight], times `scale`."""
+    """(λ, ||∇L_reg||, ||∇L_adv||): λ = ||∇L_reg|| / (||∇L_adv|| + 1e-4) on `last_layer`, clamped to
+    [0, max_weight], times `scale`; the two norms tell which of them makes λ large or small."""
     grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
                          for loss in (regression_loss, adversarial_loss)])
     if dist.is_initialized():  # the gradients of the whole batch, so λ does not depend on the world size
         dist.all_reduce(grads)
         grads /= dist.get_world_size()
-    weight = grads[0].norm() / (grads[1].norm() + 1e-4)
-    return weight.clamp(0, max_weight).detach() * scale
+    regression_norm, adversarial_norm = grads[0].norm(), grads[1].norm()
+    weight = regression_norm / (adversarial_norm + 1e-4)
+    return weight.clamp(0, max_weight).detach() * scale, regression_norm, adversarial_norm

@@ -356,6 +356,8 @@ class AdversarialTask(DistillationTask):
             return self.generator_loss(model, batch, step)
 
     def generator_loss(self, model, batch, step):
+        """L_reg + λ·L_G (λ = 0 in the warm-up); logs both terms, λ and, as g_reg_grad and g_adv_grad, the
+        two gradient norms on the last head that λ is the ratio of."""
         stages, targets, (y,), fed = self.stage_inputs(batch, step)
         prediction = model(stages, y)
         regression, per_stage = distillation_loss(prediction, targets)
@@ -367,8 +369,10 @@ class AdversarialTask(DistillationTask):
         adversarial = generator_hinge_loss(self.discriminator(*self.features_input(prediction[:, -1]), y))
         self.discriminator.heads.requires_grad_(True)
         last_layer = self.model.heads[-1].linear.weight  # the module itself, however `model` wraps it
-        weight = adaptive_weight(regression, adversarial, last_layer, scale=self.gan_scale)
-        return regression + weight * adversarial, dict(logs, g_adv=adversarial.detach(), gan_weight=weight)
+        weight, regression_grad, adversarial_grad = adaptive_weight(regression, adversarial, last_layer,
+                                                                    scale=self.gan_scale)
+        return regression + weight * adversarial, dict(logs, g_adv=adversarial.detach(), gan_weight=weight,
+                                                       g_reg_grad=regression_grad, g_adv_grad=adversarial_grad)
 
     def discriminator_step(self, discriminator, real_batch, bf16):
         """One D step; logs its hinge loss, its mean logit on real and fake tokens, and its accuracy (the

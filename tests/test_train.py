@@ -562,7 +562,9 @@ def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, t
     assert [s for s, _ in rows] == [1, 2, 3, 4]
     weights = [r["gan_weight"] for _, r in rows]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
-    assert "g_adv" not in rows[0][1]  # the warm-up does not compute the generator's adversarial loss
+    assert not {"g_adv", "g_reg_grad", "g_adv_grad"} & set(rows[0][1])  # the warm-up computes no adversarial term
+    for _, r in rows[1:]:  # the gradient norms on the last head that the adaptive weight is made of
+        assert r["gan_weight"] == pytest.approx(10 * min(r["g_reg_grad"] / (r["g_adv_grad"] + 1e-4), 1e4), rel=2e-3)
     for _, r in rows:
         assert {"reg", "d_loss", "d_real", "d_fake", "d_acc", "loss"} <= set(r) and 0 <= r["d_acc"] <= 1
         # hinge: relu(1 - real) + relu(1 + fake) >= 1 - mean real + 1 + mean fake, equal while no logit saturates
@@ -665,10 +667,11 @@ def test_adaptive_weight_by_hand():
     g_reg = torch.autograd.grad(reg, w, retain_graph=True)[0]
     g_adv = torch.autograd.grad(adv, w, retain_graph=True)[0]
     expected = g_reg.norm() / (g_adv.norm() + 1e-4) * 10
-    weight = gan.adaptive_weight(reg, adv, w)
-    assert weight.requires_grad is False
+    weight, reg_norm, adv_norm = gan.adaptive_weight(reg, adv, w)
+    assert not (weight.requires_grad or reg_norm.requires_grad or adv_norm.requires_grad)
     assert weight.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert gan.adaptive_weight(reg, adv, w, scale=3.0).item() == pytest.approx(expected.item() * 0.3, rel=1e-6)
+    assert (reg_norm, adv_norm) == (g_reg.norm(), g_adv.norm())
+    assert gan.adaptive_weight(reg, adv, w, scale=3.0)[0].item() == pytest.approx(expected.item() * 0.3, rel=1e-6)
     # the graph is kept for the backward of reg + weight * adv
     (reg + weight * adv).backward()
     assert torch.allclose(w.grad, g_reg + weight * g_adv)
@@ -677,10 +680,10 @@ def test_adaptive_weight_by_hand():
     w.grad = None
     reg = (x @ w.t()).pow(2).mean()
     flat = (w * 0).sum()
-    assert gan.adaptive_weight(reg, flat, w).item() == pytest.approx(1e4 * 10)
-    assert gan.adaptive_weight(reg, flat, w, max_weight=7.0, scale=2.0).item() == pytest.approx(14.0)
+    assert gan.adaptive_weight(reg, flat, w)[0].item() == pytest.approx(1e4 * 10)
+    assert gan.adaptive_weight(reg, flat, w, max_weight=7.0, scale=2.0)[0].item() == pytest.approx(14.0)
     adv = -(x @ w.t()).sin().mean()
-    assert gan.adaptive_weight((w * 0).sum(), adv, w).item() == 0
+    assert gan.adaptive_weight((w * 0).sum(), adv, w)[0].item() == 0
 
 
 def test_hinge_losses():
