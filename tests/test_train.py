@@ -4,6 +4,7 @@ The expensive artefacts are made once per module: a tiny teacher trained on the 
 trajectory sets extracted from it, one in-process ARD run and one GAN run, and one set of
 two-process (torchrun, gloo) runs. The other tests compare against them or start from them.
 """
+import copy
 import functools
 import glob
 import io
@@ -23,6 +24,7 @@ import extract_trajectories as et
 import gan
 import models
 import train
+from data import load_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -555,6 +557,62 @@ def test_gan_updates_discriminator_and_student(gan_run, ard_run, teacher_ckpt):
     assert not any(k.startswith("features") for k in heads)
     # the discriminator's optimiser holds exactly the heads' parameters (not the spectral-norm vectors)
     assert len(end["disc_opt"]["state"]) == len([k for k in heads if not k.endswith(("_u", "_v"))])
+
+
+def test_adversarial_steps_lower_the_discriminators_hinge_loss(ard_run, traj, tmp_path, monkeypatch):
+    """8 adversarial steps (no warm-up) lower the discriminator's hinge loss on a fixed batch: 8 real digits
+    against the --init student's final-stage predictions. --disc-lr 1e-2: the tiny teacher's conditioning
+    vector (norm ~0.1) makes the projection's logits start near 0 and grow slowly at the default 1e-3."""
+    initial = []
+
+    def recording(teacher):  # a copy of the discriminator as the run builds it, before it trains
+        discriminator = gan.Discriminator(teacher)
+        initial.append(copy.deepcopy(discriminator).eval())
+        return discriminator
+
+    monkeypatch.setattr(train, "Discriminator", recording)
+    steps = 8
+    experiment = run(gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--iterations", steps, "--ckpt-every", steps,
+                              "--gan-warmup", 0, "--disc-lr", 1e-2))
+    trained = copy.deepcopy(initial[0])
+    trained.heads.load_state_dict(load(ckpt(experiment, steps))["disc_heads"])
+    real, real_labels = (t[-BATCH:] for t in load_digits())
+    stages, _, labels = teacher_batch(traj, 0)
+    student, _ = ard.load_student(ckpt(ard_run, 6))
+    clean = torch.zeros(BATCH, dtype=torch.long)
+    with torch.no_grad():
+        fake = student(stages, labels)[:, -1]
+
+    @torch.no_grad()
+    def hinge_loss(discriminator):  # eval: the spectral norms' power iteration does not move
+        return gan.discriminator_hinge_loss(discriminator(real, clean, real_labels),
+                                            discriminator(fake, clean, labels)).item()
+
+    before, after = hinge_loss(initial[0]), hinge_loss(trained)
+    assert after < before - 0.02, (before, after)
+
+
+def test_generator_gradient_reaches_the_student_and_not_the_discriminator(ard_run, traj, tmp_path, monkeypatch):
+    """Past the warm-up, the adversarial term's gradient reaches every student parameter that the final stage
+    depends on (all but the earlier stages' heads, whose teacher-forced outputs it does not see) and nothing
+    of the discriminator: its frozen teacher features stay frozen, and its heads get no gradient from the
+    generator's loss (only their own step trains them)."""
+    adversarial = []
+    monkeypatch.setattr(train, "generator_hinge_loss",
+                        lambda logits: adversarial.append(gan.generator_hinge_loss(logits)) or adversarial[-1])
+    args = train.parse_args([str(a) for a in gan_argv(ckpt(ard_run, 6), traj, tmp_path, "--gan-warmup", 0)])
+    task = train.AdversarialTask(args, torch.device("cpu"))
+    task.model.load_state_dict(task.init_checkpoint["model"])
+    loss, _ = task.loss(task.model, teacher_batch(traj, 0), step=0)
+
+    student = dict(task.model.named_parameters())
+    grads = torch.autograd.grad(adversarial[0], list(student.values()), retain_graph=True, allow_unused=True)
+    reached = {name for name, grad in zip(student, grads) if grad is not None and grad.abs().sum() > 0}
+    assert reached == {name for name in student if not name.startswith("heads.") or name.startswith(f"heads.{K - 1}.")}
+    loss.backward()
+    discriminator = task.discriminator
+    assert [n for n, p in discriminator.features.named_parameters() if p.requires_grad or p.grad is not None] == []
+    assert [n for n, p in discriminator.heads.named_parameters() if not p.requires_grad or p.grad is not None] == []
 
 
 def test_gan_weight_is_zero_during_warmup_and_positive_after(gan_run, ard_run, traj, tmp_path):
