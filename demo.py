@@ -102,8 +102,10 @@ TEACHER_FLAGS = {
 # student in a fresh clone's demo at the study's budget); the shapes cost about 2.5x the digits per step.
 MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5, "shapes-text": 8.5}
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores.
+# The PixArt toy's students cost 1.3x the shapes' per step, and its demo has no study: fewer steps and trajectories.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
-           "demo": dict(iterations=500, num_trajectories=2048, num_images=1000)}
+           "demo": dict(iterations=500, num_trajectories=2048, num_images=1000),
+           "shapes-text": dict(iterations=300, num_trajectories=1024, num_images=1000)}
 
 
 class Labels:
@@ -746,7 +748,8 @@ def main(argv=None):
     p.add_argument("--num-held-out", type=int, default=512, help="held-out trajectories for the per-step errors")
     p.add_argument("--num-images", type=int, help="samples per model and seed for the metrics (demo 1000, study 2000)")
     args = p.parse_args(argv)
-    for name, value in BUDGETS["study" if args.study else "demo"].items():
+    budget = "study" if args.study else args.dataset if args.dataset in BUDGETS else "demo"
+    for name, value in BUDGETS[budget].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     started = time.time()
