@@ -95,7 +95,7 @@ TEACHER_FLAGS = {
     "shapes": ["--data-path", "shapes", "--image-size", 16, "--model", "DiT-S/4", "--iterations", 6000,
                "--ckpt-every", 2000, "--sample-every", 2000, *small_dit(128)],
     # a pixel-space PixArt transformer; the demo adds --text-encoder (its toy T5, built in DIR/shapes-text)
-    "shapes-text": ["--data-path", "shapes-text", "--image-size", 16, "--patch-size", 4, "--iterations", 20000,
+    "shapes-text": ["--data-path", "shapes-text", "--image-size", 16, "--patch-size", 4, "--iterations", 7500,
                     "--ckpt-every", 2500, "--sample-every", 5000, *small_dit(128)],
 }
 # 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (3.4 min per digits
