@@ -6,6 +6,7 @@ the trajectory's history helps.
     python demo.py --study             # the study: 3 seeds, both datasets, every axis (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
     python demo.py --teacher-family flow   # the demo on the shipped flow-matching digits teacher (Heun, euler heads)
+    python demo.py --dataset shapes-text   # text-to-image: a PixArt toy on captioned shapes, adherence beside FID
 
 Students. Step distillation (N=0) and ARD (history in the lower N blocks), with the heads read
 "direct" (the raw output is the prediction, as in the public re-implementation) or "ddim" (read
@@ -99,8 +100,9 @@ TEACHER_FLAGS = {
                     "--ckpt-every", 2500, "--sample-every", 5000, *small_dit(128)],
 }
 # 1000 steps of batch 64, samples, metrics and diagnostics of one student on two CPU cores (3.4 min per digits
-# student in a fresh clone's demo at the study's budget); the shapes cost about 2.5x the digits per step.
-MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5, "shapes-text": 8.5}
+# student in a fresh clone's demo at the study's budget); the shapes cost about 2.5x the digits per step; the
+# shapes-text demo (its PixArt teacher's solves included) took 9.8 min for two 300-step students.
+MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5, "shapes-text": 16.3}
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores.
 # The PixArt toy's students cost 1.3x the shapes' per step, and its demo has no study: fewer steps and trajectories.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
