@@ -10,13 +10,14 @@ WORDS = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "sky", "house",
 MAX_TOKENS = 12
 
 
-def tiny_transformer(seed=0, num_layers=3, sample_size=8, in_channels=4):
+def tiny_transformer(seed=0, num_layers=3, sample_size=8, in_channels=4, patch_size=2):
     """A tiny PixArtTransformer2DModel whose zero-initialised layers are perturbed, so every path matters."""
     from diffusers import PixArtTransformer2DModel
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
                                      out_channels=2 * in_channels, num_layers=num_layers, cross_attention_dim=32,
-                                     sample_size=sample_size, caption_channels=TEXT_CHANNELS)
+                                     sample_size=sample_size, patch_size=patch_size,
+                                     caption_channels=TEXT_CHANNELS)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -57,7 +58,7 @@ def save_tiny_pipeline(path, seed=0, transformer=None):
     return str(path)
 
 
-def save_tiny_pixel_pipeline(path, seed=0, words=WORDS):
+def save_tiny_pixel_pipeline(path, seed=0, words=WORDS, patch_size=2):
     """A pixel-space pipeline as diffusers saves one without a VAE: an RGB transformer (learned sigma), no vae/,
     and a model_index.json that states "vae": [null, null]; its toy T5 knows `words`."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
@@ -65,7 +66,8 @@ def save_tiny_pixel_pipeline(path, seed=0, words=WORDS):
     text = build_toy_text_encoder(str(path / "text"), words, seed, d_model=TEXT_CHANNELS)
     pipeline = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(text, subfolder="tokenizer"),
                                    text_encoder=T5EncoderModel.from_pretrained(text, subfolder="text_encoder"),
-                                   vae=None, transformer=tiny_transformer(seed, sample_size=16, in_channels=3),
+                                   vae=None, transformer=tiny_transformer(seed, sample_size=16, in_channels=3,
+                                                                patch_size=patch_size),
                                    scheduler=DPMSolverMultistepScheduler())
     pipeline.save_pretrained(path)
     return str(path)
