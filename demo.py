@@ -736,7 +736,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--dataset", choices=list(TEACHER_FLAGS), default=None,
-                   help="one dataset (default: digits; with --study, every dataset)")
+                   help="one dataset (default: digits; with --study, digits and shapes)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint, or 'train' to train one "
                                                     "(default: the shipped one in assets/)")
     p.add_argument("--teacher-family", choices=list(FAMILIES), default="ddpm",
