@@ -28,11 +28,9 @@ def center_crop_arr(image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
-def load_digits(image_size=8):
+def load_digits():
     """scikit-learn's UCI digits (1,797 8x8 grey images, shipped in its wheel): images in [-1, 1]
     of shape (N, 1, 8, 8) and labels (N,)."""
-    if image_size != 8:
-        raise ValueError(f"the digits are 8x8 images; got --image-size {image_size}")
     from sklearn.datasets import load_digits as sklearn_digits
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # values 0..16
@@ -200,11 +198,9 @@ def shapes_training():
     return render_shapes(SHAPES_TRAIN_COUNT, SHAPES_TRAIN_SEED)
 
 
-def load_shapes(image_size=16):
+def load_shapes():
     """The shapes training set (SHAPES_TRAIN_COUNT images, seed SHAPES_TRAIN_SEED): images in
     [-1, 1] of shape (N, 3, 16, 16) and labels (N,)."""
-    if image_size != 16:
-        raise ValueError(f"the shapes are 16x16 images; got --image-size {image_size}")
     images, labels = shapes_training()
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, torch.from_numpy(labels)
 
@@ -241,8 +237,10 @@ def image_dataset(path, image_size):
     """(dataset of (image in [-1, 1], label), number of classes, channels) for an embedded dataset
     ("digits", "shapes") or an image folder."""
     if path in EMBEDDED:
-        load, num_classes, channels, _ = EMBEDDED[path]
-        return TensorDataset(*load(image_size)), num_classes, channels
+        load, num_classes, channels, size = EMBEDDED[path]
+        if image_size != size:
+            raise ValueError(f"the {path} are {size}x{size} images; got --image-size {image_size}")
+        return TensorDataset(*load()), num_classes, channels
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no image folder at {path!r} (or use --data-path {' or '.join(EMBEDDED)})")
     dataset = CenterCropFolder(path, image_size)
