@@ -286,16 +286,11 @@ def run(script, main, argv):
     return main(argv)
 
 
-def identity(item):
-    """A file by path, size and time; a pipeline folder likewise by its transformer's weights; else the text."""
-    weights = os.path.join(str(item), "transformer", "diffusion_pytorch_model.safetensors")
-    path = weights if os.path.isfile(weights) else str(item)
-    return sample_ddp.checkpoint_identity(path) if os.path.isfile(path) else str(item)
-
-
 def settings_hash(argv):
-    """A short hash of a command line, each existing file or pipeline folder in it identified by identity()."""
-    items = [identity(a) for a in argv]
+    """A short hash of a command line, each existing file or pipeline folder in it identified by path, size and
+    time (sample_ddp.checkpoint_identity); other folders by their path."""
+    items = [sample_ddp.checkpoint_identity(a) if os.path.isfile(str(a)) or sample_ddp.pipeline_weights(a)
+             else str(a) for a in argv]
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 
 

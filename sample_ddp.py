@@ -64,12 +64,20 @@ def chunk_path(parts_dir, index):
 
 def checkpoint_identity(ckpt, hub_names=False):
     """An official name as it is; a file by absolute path, size and modification time, so that
-    a file rewritten at the same path counts as another checkpoint. With `hub_names` (PixArt
-    pipelines), a name that is no local path is a hub name, also kept as it is."""
+    a file rewritten at the same path counts as another checkpoint; a pipeline folder likewise by the
+    files of its transformer/ (the folder's own time misses weights rewritten in place). With `hub_names`
+    (PixArt pipelines), a name that is no local path is a hub name, also kept as it is."""
     if ckpt in OFFICIAL_CHECKPOINTS or hub_names and not os.path.exists(ckpt):
         return ckpt
-    stat = os.stat(ckpt)
-    return dict(path=os.path.abspath(ckpt), bytes=stat.st_size, modified_ns=stat.st_mtime_ns)
+    stats = [os.stat(f) for f in pipeline_weights(ckpt)] or [os.stat(ckpt)]
+    return dict(path=os.path.abspath(ckpt), bytes=sum(s.st_size for s in stats),
+                modified_ns=max(s.st_mtime_ns for s in stats))
+
+
+def pipeline_weights(path):
+    """The files of a pipeline folder's transformer/ (none for anything else)."""
+    transformer = os.path.join(str(path), "transformer")
+    return sorted(os.path.join(transformer, f) for f in os.listdir(transformer)) if os.path.isdir(transformer) else []
 
 
 def parts_settings(args):

@@ -253,3 +253,18 @@ def test_sample_ddp_decodes_under_the_decode_precision(checkpoints, tmp_path, mo
     sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "b.npz", "--num-fid-samples", "3", "--decode-precision",
                              "bf16"))
     assert precisions == ["fp32", "bf16"]
+
+
+def test_a_pipeline_folder_whose_weights_are_rewritten_in_place_is_another_checkpoint(tmp_path):
+    weights = tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"old")
+    before = sample_ddp.checkpoint_identity(str(tmp_path / "pipeline"), hub_names=True)
+    folder_time = os.stat(tmp_path / "pipeline").st_mtime_ns
+    weights.write_bytes(b"new weights")
+    assert os.stat(tmp_path / "pipeline").st_mtime_ns == folder_time  # the folder itself looks unchanged
+    after = sample_ddp.checkpoint_identity(str(tmp_path / "pipeline"), hub_names=True)
+    assert after != before and after["bytes"] == len(b"new weights")
+    file = tmp_path / "student.pt"
+    file.write_bytes(b"12345")
+    assert sample_ddp.checkpoint_identity(str(file))["bytes"] == 5
