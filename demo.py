@@ -222,17 +222,21 @@ class Student:
     mask: str = "M4"
     history: str = "trajectory"
     target: str = "state"
+    stage: str = "R"  # the paper's Table 1: R, the regression; R+D, then adversarial fine-tuning
 
     @property
     def key(self):
-        extras = [self.mask] * (self.mask != "M4") + ["zeros"] * (self.history == "zeros") + ["x0"] * (self.target == "x0")
+        extras = ([self.mask] * (self.mask != "M4") + ["zeros"] * (self.history == "zeros")
+                  + ["x0"] * (self.target == "x0") + [self.stage] * (self.stage != "R"))
         return "-".join([f"K{self.K}", f"N{self.N}", self.parametrization, self.recipe, *extras])
 
     def label(self):
         if self.N == 0:
-            return "step distillation (N=0)"
-        details = [f"N={self.N}", *[self.mask] * (self.mask != "M4"), *["zero history"] * (self.history == "zeros")]
-        return f"ARD ({', '.join(details)})" + (", x0 target" if self.target == "x0" else "")
+            name = "step distillation (N=0)"
+        else:
+            details = [f"N={self.N}", *[self.mask] * (self.mask != "M4"), *["zero history"] * (self.history == "zeros")]
+            name = f"ARD ({', '.join(details)})" + (", x0 target" if self.target == "x0" else "")
+        return name + (f", {self.stage}" if self.stage != "R" else "")
 
     def flags(self):
         return ["--num-steps", self.K, "--history-layers", self.N, "--parametrization", self.parametrization,
@@ -240,11 +244,12 @@ class Student:
 
     def comparisons(self, grid):
         """The students of `grid` this one is compared with, fixed before any run: its step-distillation
-        baseline (a gap ratio), and the same student without each thing it varies."""
+        baseline (a gap ratio), and the same student without each thing it varies (an R+D student: its R twin)."""
         others = [replace(self, N=0, mask="M4", history="trajectory")] if self.N else []
         changes = [(self.parametrization != "direct", dict(parametrization="direct")),
                    (self.mask != "M4", dict(mask="M4")), (self.history == "zeros", dict(history="trajectory")),
-                   (self.recipe != "teacher-forced", dict(recipe="teacher-forced"))]
+                   (self.recipe != "teacher-forced", dict(recipe="teacher-forced")),
+                   (self.stage != "R", dict(stage="R"))]
         return [s for s in others + [replace(self, **change) for applies, change in changes if applies] if s in grid]
 
 
