@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from test_ard import inputs, perturbed_dit
 from test_flow_teachers import make_flow_teacher
 
 STUDENTS = [(name, heads) for heads in ("direct", "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
+FINE_TUNED = [("step distillation (N=0), R+D", "ddim"), ("ARD (N=1), R+D", "ddim")]
 
 
 def tiny_teacher(tmp_path):
@@ -33,12 +35,12 @@ def checkpoints(digits):
 def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--out", str(out), "--teacher", tiny_teacher(tmp_path), "--iterations", "4", "--batch-size", "16",
-            "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40"]
+            "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40", "--gan-iterations", "2"]
     demo.main(argv)
 
     report = (out / "results.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
-    assert report_rows(report) == [("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS]
+    assert report_rows(report) == [("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS, *FINE_TUNED]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         fid, precision, recall, mflops, ms = (float(cells[i]) for i in (4, 6, 7, 12, 13))
@@ -47,11 +49,12 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[8]) >= 0 and float(cells[9]) > 0 and float(cells[10]) > 0
     comparisons = [line for line in report.splitlines() if line.startswith("- ")]
-    assert len(comparisons) == 4 and sum("gap ratio" in line for line in comparisons) == 2
-    assert all(line.endswith(("differs", "no difference", "(the paper: 0.19 at K=4)")) for line in comparisons)
+    assert len(comparisons) == 7 and all(line.endswith(("differs", "no difference", "at K=4)")) for line in comparisons)
+    assert_fine_tuned_students_compared(comparisons)
     assert report in capsys.readouterr().out
     digits = out / "digits"
-    assert len(list(digits.glob("grid_*.png"))) == 6
+    assert len(list(digits.glob("grid_*.png"))) == 8
+    assert_fine_tuned_from_their_regression_runs(digits)
     for plot in ("exposure_bias.png", "fid_vs_history.png"):
         assert Image.open(digits / plot).size[0] > 0
     [row] = [json.loads(p.read_text()) for p in (digits / "metrics").glob("K4-N0-ddim-teacher-forced-s0-*.json")]
@@ -69,9 +72,31 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
     # another evaluation setting measures again but trains nothing; another training setting trains again
     metrics = set((digits / "metrics").glob("*.json"))
     demo.main([*argv, "--num-images", "44"])
-    assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 6
+    assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 8
     demo.main([*argv, "--iterations", "5"])
     assert len(checkpoints(digits)) == 2 * len(trained) and set(trained) < set(checkpoints(digits))
+
+
+def assert_fine_tuned_students_compared(comparisons):
+    """Each R+D student against its R twin, and two gap ratios for the ddim heads: R's and R+D's."""
+    pairs = [line.split(": FID")[0] for line in comparisons]
+    ddim = ", ddim heads, teacher-forced, K=4"
+    for name in ("step distillation (N=0)", "ARD (N=1)"):
+        assert f"- {name}, R+D{ddim} against {name}{ddim}" in pairs
+    ratios = [pair for pair, line in zip(pairs, comparisons) if "gap ratio" in line and ddim in pair]
+    assert ratios == [f"- ARD (N=1){ddim} against step distillation (N=0){ddim}",
+                      f"- ARD (N=1), R+D{ddim} against step distillation (N=0), R+D{ddim}"]
+
+
+def assert_fine_tuned_from_their_regression_runs(digits):
+    """The R+D runs are train.py --stage gan from the final checkpoint of their R twin's run (4 steps), counting
+    their own adversarial steps (2)."""
+    runs = [torch.load(p, weights_only=True) for p in (digits / "runs").glob("*-gan-*/checkpoints/*.pt")]
+    assert {(r["args"]["stage"], r["args"]["real_data"], r["step"]) for r in runs} == {("gan", "digits", 2)}
+    inits = sorted(Path(r["args"]["init"]) for r in runs)
+    assert [i.parents[1].name.split("-", 1)[1].rsplit("-", 1)[0] for i in inits] == [
+        "ard-K4-N0-ddim-teacher-forced-s0", "ard-K4-N1-ddim-teacher-forced-s0"]
+    assert {(i.parents[2], i.name) for i in inits} == {(digits / "runs", "0000004.pt")}
 
 
 def report_rows(report):
@@ -127,7 +152,8 @@ def test_demo_never_evaluates_on_noise_a_student_trained_on(tmp_path, monkeypatc
     spy(demo.extract_trajectories)
     out = tmp_path / "demo"
     demo.main(["--out", str(out), "--teacher", tiny_teacher(tmp_path), "--iterations", "2", "--batch-size", "16",
-               "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40", "--seeds", "0", "1"])
+               "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40", "--gan-iterations", "2",
+               "--seeds", "0", "1"])
     trained = torch.cat([TrajectoryDataset(str(d))[i][0][0][None] for d in (out / "digits").glob("trajectories_*")
                          for i in range(32)]).flatten(1)
     evaluation = torch.cat([n for module, stream, n in drawn
