@@ -59,15 +59,25 @@ class DiscriminatorHead(nn.Module):
         return (out * self.cmap(c).unsqueeze(-1)).sum(dim=1) / math.sqrt(out.shape[1])
 
 
-class Discriminator(nn.Module):
-    """One head per teacher block; returns logits (num_blocks, B, L). The teacher's weights are
-    frozen and it stays in eval mode (no label dropout); gradients flow through its activations."""
+# Which teacher blocks feed a head (the paper: all of them), as a slice of the block list.
+DISC_BLOCKS = {"all": lambda depth: slice(0, depth), "lower": lambda depth: slice(0, depth // 2),
+               "upper": lambda depth: slice(depth // 2, depth)}
 
-    def __init__(self, teacher, cmap_dim=64):
+
+class Discriminator(nn.Module):
+    """One head per teacher block of `blocks` (DISC_BLOCKS); returns logits (num_heads, B, L). The
+    teacher's weights are frozen and it stays in eval mode (no label dropout); gradients flow through
+    its activations. Blocks above the last one read are not run."""
+
+    def __init__(self, teacher, cmap_dim=64, blocks="all"):
         super().__init__()
         self.features = copy.deepcopy(teacher).requires_grad_(False).eval()
+        self.read = DISC_BLOCKS[blocks](len(teacher.blocks))
+        if not teacher.blocks[self.read]:
+            raise ValueError(f"--disc-blocks {blocks} reads no block of a {len(teacher.blocks)}-block teacher")
         width = teacher.config["hidden_size"]
-        self.heads = nn.ModuleList([DiscriminatorHead(width, width, cmap_dim) for _ in teacher.blocks])
+        self.heads = nn.ModuleList([DiscriminatorHead(width, width, cmap_dim)
+                                    for _ in teacher.blocks[self.read]])
 
     def train(self, mode=True):
         super().train(mode)
@@ -77,9 +87,10 @@ class Discriminator(nn.Module):
     def forward(self, x, t, y):
         tokens, c = self.features.embed(x, t, y)
         logits = []
-        for block, head in zip(self.features.blocks, self.heads):
+        for index, block in enumerate(self.features.blocks[:self.read.stop]):
             tokens = block(tokens, c.unsqueeze(1))
-            logits.append(head(tokens, c))
+            if index >= self.read.start:
+                logits.append(self.heads[index - self.read.start](tokens, c))
         return torch.stack(logits)
 
 

@@ -43,7 +43,7 @@ from ard import ARD, check_student_settings, distillation_loss, solver_readout, 
 from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, image_format, random_flip
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
-from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
+from gan import DISC_BLOCKS, Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
@@ -335,7 +335,7 @@ class AdversarialTask(DistillationTask):
         self.init_checkpoint = None if resumed else start
         self.real, _, _ = image_dataset(args.real_data, args.image_size)
         self.flip = flips_images(args, args.real_data)
-        self.discriminator = Discriminator(teacher).to(device)
+        self.discriminator = Discriminator(teacher, blocks=args.disc_blocks).to(device)
         self.disc_opt = torch.optim.AdamW(self.discriminator.heads.parameters(), lr=args.disc_lr, weight_decay=0,
                                           fused=device.type == "cuda")
         self.gan_noise, self.warmup, self.gan_scale = args.gan_noise, args.gan_warmup, args.gan_weight_scale
@@ -621,6 +621,8 @@ def build_parser():
     gan.add_argument("--gan-weight-scale", type=float, default=10.0)
     gan.add_argument("--gan-noise", choices=["none", "uniform"], default="none",
                      help="re-noise real and fake before the feature network: no (t=0) or at uniform random t")
+    gan.add_argument("--disc-blocks", choices=list(DISC_BLOCKS), default="all",
+                     help="the teacher blocks whose tokens feed a discriminator head (the paper: all)")
     return p
 
 

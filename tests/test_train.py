@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 import ard
 import extract_trajectories as et
@@ -203,6 +204,7 @@ def gan_run(ard_run, traj, tmp_path_factory):
 DRIVER = """
 import functools, json, sys
 import torch
+import torch.nn as nn
 torch.set_num_threads(1)
 torch.compile = functools.partial(torch.compile, backend="aot_eager")  # see compile_with_aot_eager
 import train, utils
@@ -565,8 +567,8 @@ def test_adversarial_steps_lower_the_discriminators_hinge_loss(ard_run, traj, tm
     vector (norm ~0.1) makes the projection's logits start near 0 and grow slowly at the default 1e-3."""
     initial = []
 
-    def recording(teacher):  # a copy of the discriminator as the run builds it, before it trains
-        discriminator = gan.Discriminator(teacher)
+    def recording(teacher, **settings):  # a copy of the discriminator as the run builds it, before it trains
+        discriminator = gan.Discriminator(teacher, **settings)
         initial.append(copy.deepcopy(discriminator).eval())
         return discriminator
 
@@ -792,6 +794,25 @@ def test_discriminator_shapes_and_frozen_features():
     assert not disc.train().features.training
 
 
+def test_discriminator_on_the_lower_or_upper_blocks_is_the_whole_ones_heads_there():
+    """--disc-blocks lower/upper: the heads of the blocks read, with the same weights, give the whole
+    discriminator's logits of those blocks; a teacher too shallow to split is refused."""
+    teacher = models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2,
+                         num_classes=10)
+    whole = gan.Discriminator(teacher).eval()
+    x, t, y = torch.randn(8, 1, 8, 8), torch.full((8,), 3, dtype=torch.long), torch.arange(8)
+    with torch.no_grad():
+        logits = whole(x, t, y)
+        for blocks, read in (("lower", slice(0, 2)), ("upper", slice(2, 4))):
+            part = gan.Discriminator(teacher, blocks=blocks).eval()
+            part.heads.load_state_dict(nn.ModuleList(whole.heads[read]).state_dict())
+            torch.testing.assert_close(part(x, t, y), logits[read], rtol=0, atol=0)
+    shallow = models.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                         num_classes=10)
+    with pytest.raises(ValueError, match="--disc-blocks lower reads no block of a 1-block teacher"):
+        gan.Discriminator(shallow, blocks="lower")
+
+
 # ---------------------------------------------------------------------------- student-fed inputs
 
 def record_forward_calls(monkeypatch):
@@ -945,6 +966,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teache
 KILLED_RUN = """
 import io, os, sys
 import torch
+import torch.nn as nn
 torch.set_num_threads(1)
 import train
 real_save = torch.save
@@ -993,6 +1015,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher
 FULL_DISK_RUN = """
 import sys
 import torch
+import torch.nn as nn
 torch.set_num_threads(1)
 import train
 
