@@ -36,6 +36,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import time
@@ -74,11 +75,24 @@ STUDENT_FED_PROB = 0.5
 RECIPE_FLAGS = {"teacher-forced": [], "ema-fed": ["--student-fed", STUDENT_FED_PROB, "--student-fed-ema"]}
 RECIPES = tuple(RECIPE_FLAGS)
 # The optimiser of the regression (R) students, and the recipe of their adversarial fine-tuning (R+D: train.py
-# --stage gan from the R student's final checkpoint). The R+D recipe is provisional, for a later session to tune:
-# an issue probe found that lr 1e-3 (the regression's) destroys a digits student and 1e-4 recovers it (FID 16.32
-# for ARD+GAN below its teacher's 16.54, one seed). The EMA is the regression's.
+# --stage gan from the R student's final checkpoint): the paper's generator lr 1e-4 (an issue probe found the
+# regression's 1e-3 destroys a digits student), batch 48, discriminator lr 1e-3, weight scale 10, clean features
+# and every block (train.py's defaults), with the regression's EMA, and no adversarial term for the first
+# GAN_WARMUP of the stage (the paper: 3,000 of about 20,000 steps).
 REGRESSION_FLAGS = ["--lr", "1e-3", "--ema-decay", 0.995]
-GAN_FLAGS = ["--lr", "1e-4", "--gan-warmup", 100, "--ema-decay", 0.995]
+GAN_FLAGS = ["--lr", "1e-4", "--ema-decay", 0.995]
+GAN_BATCH = 48
+GAN_WARMUP = 0.2
+# The GAN study's adversaries, each one change to the paper's recipe: flags, and the warm-up's fraction of the
+# stage. "no adversary" keeps the weight 0 throughout: the regression continued at the stage's lr and batch, the
+# control for what the adversarial term itself adds.
+ADVERSARIES = {"paper": ([], GAN_WARMUP), "no adversary": ([], 1.0), "uniform noise": (["--gan-noise", "uniform"],
+               GAN_WARMUP), "weight scale 1": (["--gan-weight-scale", 1], GAN_WARMUP), "no warm-up": ([], 0.0),
+               "lower blocks": (["--disc-blocks", "lower"], GAN_WARMUP),
+               "upper blocks": (["--disc-blocks", "upper"], GAN_WARMUP)}
+# The R+D runs measured along their stage too (FID, KID, fidelity against GAN steps), at every GAN_CHECKPOINTS-th.
+TRACED_ADVERSARIES = ("paper", "no adversary")
+GAN_CHECKPOINTS = 4
 STUDY_DATASETS = ("digits", "shapes")
 BOOTSTRAP_RESAMPLES = 200
 # The paper's gap ratios at K=4 (Table 1): R (4.32 - 2.89) / (10.25 - 2.89); R+D (1.84 - 2.89) / (3.84 - 2.89).
@@ -121,7 +135,7 @@ GAN_STEP_COST = 2.3
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores
 # (gan_iterations: an R+D student's adversarial steps after its R twin's; a placeholder until the recipe is tuned).
 # The PixArt toy's students cost 1.3x the shapes' per step, and its demo has no study: fewer steps and trajectories.
-BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000),
+BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000, gan_iterations=500),
            "demo": dict(iterations=500, num_trajectories=2048, num_images=1000, gan_iterations=300),
            "shapes-text": dict(iterations=300, num_trajectories=1024, num_images=1000)}
 
@@ -239,11 +253,13 @@ class Student:
     history: str = "trajectory"
     target: str = "state"
     stage: str = "R"  # the paper's Table 1: R, the regression; R+D, then adversarial fine-tuning
+    adversary: str = "paper"  # R+D: its recipe (ADVERSARIES)
 
     @property
     def key(self):
         extras = ([self.mask] * (self.mask != "M4") + ["zeros"] * (self.history == "zeros")
-                  + ["x0"] * (self.target == "x0") + [self.stage] * (self.stage != "R"))
+                  + ["x0"] * (self.target == "x0") + [self.stage] * (self.stage != "R")
+                  + [self.adversary.replace(" ", "_")] * (self.adversary != "paper"))
         return "-".join([f"K{self.K}", f"N{self.N}", self.parametrization, self.recipe, *extras])
 
     def label(self):
@@ -252,7 +268,8 @@ class Student:
         else:
             details = [f"N={self.N}", *[self.mask] * (self.mask != "M4"), *["zero history"] * (self.history == "zeros")]
             name = f"ARD ({', '.join(details)})" + (", x0 target" if self.target == "x0" else "")
-        return name + (f", {self.stage}" if self.stage != "R" else "")
+        adversary = f" ({self.adversary})" if self.adversary != "paper" else ""
+        return name + (f", {self.stage}{adversary}" if self.stage != "R" else "")
 
     def flags(self):
         return ["--num-steps", self.K, "--history-layers", self.N, "--parametrization", self.parametrization,
@@ -265,7 +282,8 @@ class Student:
         changes = [(self.parametrization != "direct", dict(parametrization="direct")),
                    (self.mask != "M4", dict(mask="M4")), (self.history == "zeros", dict(history="trajectory")),
                    (self.recipe != "teacher-forced", dict(recipe="teacher-forced")),
-                   (self.stage != "R", dict(stage="R"))]
+                   (self.adversary != "paper", dict(adversary="paper")),
+                   (self.stage != "R" and self.adversary in TRACED_ADVERSARIES, dict(stage="R", adversary="paper"))]
         return [s for s in others + [replace(self, **change) for applies, change in changes if applies] if s in grid]
 
 
@@ -281,22 +299,35 @@ def regression_grid(depth, heads="ddim"):
 
 
 def demo_grid(depth, heads="ddim", adversarial=True):
-    """The paper's Table 1 in small: the four regression students (R), then, with `adversarial`, step
-    distillation and ARD with `heads` after adversarial fine-tuning (R+D)."""
-    fine_tuned = [Student(4, n, heads, stage="R+D") for n in (0, paper_history_layers(depth))]
-    return regression_grid(depth, heads) + (fine_tuned if adversarial else [])
+    """The paper's Table 1 in small: step distillation and ARD with `heads` after the regression (R) and after
+    adversarial fine-tuning (R+D); without `adversarial` (a family without that stage) the four regression
+    students, direct heads beside `heads`. (The study has both.)"""
+    if not adversarial:
+        return regression_grid(depth, heads)
+    return [Student(4, n, heads) for n in (0, paper_history_layers(depth))] + adversarial_grid(depth, heads)
+
+
+def adversarial_grid(depth, heads, adversaries=("paper",), axes=()):
+    """R+D students with `heads`: N=0 and ARD under each of `adversaries`, ARD alone under each of `axes`."""
+    ard_n = paper_history_layers(depth)
+    return ([Student(4, n, heads, stage="R+D", adversary=a) for a in adversaries for n in (0, ard_n)]
+            + [Student(4, ard_n, heads, stage="R+D", adversary=a) for a in axes])
 
 
 def study_grid(dataset, depth, heads="ddim"):
     """The study's students in the order they run: the four regression students and the zero-history control;
-    on the digits also the paper's mask ablation (M2, M3), history in every block, K=2 and the ema-fed recipe."""
+    on the digits also the paper's mask ablation (M2, M3), history in every block, K=2 and the ema-fed recipe.
+    Then the GAN study: N=0 and ARD after the paper's adversarial stage and after its control without the
+    adversary; on the digits also ARD under each other adversary."""
     ard_n = paper_history_layers(depth)
     core = regression_grid(depth, heads) + [Student(4, ard_n, heads, history="zeros")]
-    if dataset == "shapes":  # 2.5x the digits' cost: the central comparison only
-        return core
+    if dataset == "shapes":  # 2.5x the digits' cost: the central comparisons only
+        return core + adversarial_grid(depth, heads, TRACED_ADVERSARIES)
+    axes = [a for a in ADVERSARIES if a not in TRACED_ADVERSARIES]
     return (core + [Student(4, ard_n, heads, mask=m) for m in ("M2", "M3")] + [Student(4, depth, heads)]
             + [Student(2, n, heads) for n in (0, ard_n)]
-            + [Student(4, n, heads, recipe="ema-fed") for n in (0, ard_n)])
+            + [Student(4, n, heads, recipe="ema-fed") for n in (0, ard_n)]
+            + adversarial_grid(depth, heads, TRACED_ADVERSARIES, axes))
 
 
 def students_of(dataset, depth, study, family="ddpm"):
@@ -418,30 +449,39 @@ class Experiment:
         fed = [*fed, "--student-fed-ramp", self.args.iterations // 2] if fed else []
         flags = ["--data-path", self.trajectories(student.K, seed, extract=may_train), "--teacher", self.teacher,
                  *self.family["family"], *student.flags(), *fed,
-                 *self.run_flags(seed, self.args.iterations, REGRESSION_FLAGS)]
+                 *self.run_flags(seed, self.args.iterations, self.args.batch_size, REGRESSION_FLAGS)]
         return train_once(os.path.join(self.out, "runs"), "ard", f"{student.key}-s{seed}", flags, may_train)
 
     def fine_tune(self, student, seed, may_train=True):
         """An R+D student: train.py --stage gan from its R twin's final checkpoint (trained first if need be) on
         the same trajectories, against the dataset's real images, for gan_iterations steps (a gan run counts
-        its steps from 0, whatever the step of its --init). The student's settings come from the --init."""
-        init = self.train_student(replace(student, stage="R"), seed, may_train)
+        its steps from 0, whatever the step of its --init) under its adversary's recipe, in batches of
+        GAN_BATCH (or the regression's, if smaller), logged 20 times (the
+        study's traced adversaries: a checkpoint at every GAN_CHECKPOINTS-th of the stage). The student's
+        settings come from the --init."""
+        init = self.train_student(replace(student, stage="R", adversary="paper"), seed, may_train)
         if init is None:
             return None
+        iterations = self.args.gan_iterations
+        adversary, warmup = ADVERSARIES[student.adversary]
+        every = iterations // GAN_CHECKPOINTS if self.args.study and student.adversary in TRACED_ADVERSARIES \
+            else iterations
         flags = ["--init", init, "--data-path", self.trajectories(student.K, seed, extract=may_train),
-                 "--real-data", self.dataset, *self.run_flags(seed, self.args.gan_iterations, GAN_FLAGS)]
+                 "--real-data", self.dataset, *GAN_FLAGS, "--gan-warmup", round(warmup * iterations), *adversary,
+                 *self.run_flags(seed, iterations, min(GAN_BATCH, self.args.batch_size), log_every=max(1, iterations // 20), ckpt_every=every)]
         return train_once(os.path.join(self.out, "runs"), "gan", f"{student.key}-s{seed}", flags, may_train)
 
-    def run_flags(self, seed, iterations, recipe):
-        """A student run's seed, batch, length and `recipe`, one checkpoint and sample grid at its end."""
-        return ["--global-seed", seed, "--global-batch-size", self.args.batch_size, "--iterations", iterations,
-                *recipe, "--log-every", 250, "--ckpt-every", iterations, "--sample-every", iterations,
+    def run_flags(self, seed, iterations, batch_size, recipe=(), log_every=250, ckpt_every=None):
+        """A student run's seed, batch, length and `recipe`; a checkpoint every `ckpt_every` steps (default: at
+        its end) and a sample grid at its end."""
+        return ["--global-seed", seed, "--global-batch-size", batch_size, "--iterations", iterations, *recipe,
+                "--log-every", log_every, "--ckpt-every", ckpt_every or iterations, "--sample-every", iterations,
                 "--num-workers", 0]
 
-    def measure(self, name, ckpt, seed, flags, teacher=None, held_out=None, may_compute=True):
+    def measure(self, name, ckpt, seed, flags, teacher=None, held_out=None, may_compute=True, grid=True):
         """A generator's metrics on seed `seed`'s evaluation noise: FID, KID, precision, recall, ms/img; with
         `teacher` (the 25-step teacher's row of the same seed) fidelity to it; with `held_out` trajectories the
-        per-stage errors. Cached under the hash of everything that produced them (None if not cached and
+        per-stage errors; with `grid`, its sample grid. Cached under the hash of everything that produced them (None if not cached and
         not `may_compute`); the samples' features are kept beside, for paired comparisons."""
         sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags,
                         *self.conditions.sample_flags]
@@ -467,8 +507,9 @@ class Experiment:
         if held_out is not None:
             row.update(zip(("free_errors", "forced_errors", "history_reliance"),
                            stage_errors(ckpt, held_out, self.conditions.load_student)))
-        run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{name}.png"),
-                                       *self.conditions.grid_flags(), *flags])
+        if grid:
+            run("sample.py", sample.main, ["--ckpt", ckpt, "--out", os.path.join(self.out, f"grid_{name}.png"),
+                                           *self.conditions.grid_flags(), *flags])
         save_json(row, path + ".json")
         return row
 
@@ -499,14 +540,22 @@ class Experiment:
                             self.teacher_flags(steps), may_compute=may_compute)
 
     def student_row(self, student, seed, may_train=True):
-        """The student's row, trained and measured if need be (or None, unless `may_train`)."""
+        """The student's row, trained and measured if need be (or None, unless `may_train`), with its final
+        checkpoint; a traced R+D student's also has `trace`, {GAN step: metrics} of its earlier checkpoints."""
         teacher = self.teacher_row(TEACHER_STEPS, seed, may_compute=may_train)
         ckpt = self.train_student(student, seed, may_train)
         if teacher is None or ckpt is None:
             return None
-        return self.measure(student.key, ckpt, seed, [], teacher=teacher,
-                            held_out=self.trajectories(student.K, seed, held_out=True, extract=may_train),
-                            may_compute=may_train)
+        row = self.measure(student.key, ckpt, seed, [], teacher=teacher,
+                           held_out=self.trajectories(student.K, seed, held_out=True, extract=may_train),
+                           may_compute=may_train)
+        if row is None:
+            return None
+        earlier = sorted(glob.glob(os.path.join(os.path.dirname(ckpt), "*.pt")))[:-1]
+        trace = {int(os.path.basename(c)[:-3]): self.measure(f"{student.key}-{os.path.basename(c)[:-3]}", c, seed,
+                                                              [], teacher=teacher, may_compute=may_train, grid=False)
+                 for c in earlier}
+        return dict(row, ckpt=ckpt, **({"trace": trace} if trace and None not in trace.values() else {}))
 
     @functools.cached_property
     def reference_statistics(self):
@@ -615,6 +664,24 @@ def adherence_clause(rows, other_rows):
             f"{', '.join(f'{v:+.3f}' for v in values)}): {verdict(values, interval, 0)}")
 
 
+def fid_difference(experiment, rows, other_rows):
+    """{seed: FID(model) - FID(other)} of two models' {seed: row} and its 95% interval over resamples of the
+    mean over seeds, paired."""
+    per_seed, resampled = {}, []
+    for seed in sorted(set(rows) & set(other_rows)):
+        model, other = rows[seed], other_rows[seed]
+        per_seed[seed] = model["fid"] - other["fid"]
+        resampled.append(experiment.resampled_fids(model["features"], seed)
+                         - experiment.resampled_fids(other["features"], seed))
+    return per_seed, np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
+
+
+def difference_clause(per_seed, interval):
+    diffs = list(per_seed.values())
+    return (f"FID difference {np.mean(diffs):+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] (seeds "
+            f"{', '.join(f'{d:+.2f}' for d in diffs)}): {verdict(diffs, interval, 0)}")
+
+
 def verdict(values, interval, null):
     """'differs' when the 95% interval excludes `null` and every seed lies on the same side of it."""
     sides = {np.sign(v - null) for v in values}
@@ -628,18 +695,25 @@ def comparison_lines(experiment, students, rows, teachers):
         if prompts and rows.get(student):
             lines.append(f"- {describe(student)} against the {TEACHER_STEPS}-step teacher: "
                          + adherence_clause(rows[student], teachers))
+        if student.stage == "R+D" and rows.get(student):
+            lines.append(f"- {describe(student)} against the {TEACHER_STEPS}-step teacher: "
+                         + difference_clause(*fid_difference(experiment, rows[student], teachers)))
+            half = experiment.args.gan_iterations // 2
+            if all(half in row.get("trace", {}) for row in rows[student].values()):
+                halves = {seed: row["trace"][half] for seed, row in rows[student].items()}
+                lines.append(f"- {describe(student)}, the whole stage against its first {half} steps: "
+                             + difference_clause(*fid_difference(experiment, rows[student], halves)))
         for other in student.comparisons(students):
             if not rows.get(student) or not rows.get(other):
                 continue
             per_seed, (diff_ci, ratio_ci) = paired_comparison(experiment, rows, teachers, student, other)
             diffs, ratios = zip(*per_seed.values())
-            line = (f"- {describe(student)} against {describe(other)}: FID difference {np.mean(diffs):+.2f} "
-                    f"[{diff_ci[0]:+.2f}, {diff_ci[1]:+.2f}] (seeds {', '.join(f'{d:+.2f}' for d in diffs)}): "
-                    f"{verdict(diffs, diff_ci, 0)}")
+            line = f"- {describe(student)} against {describe(other)}: " + difference_clause(
+                dict(zip(per_seed, diffs)), diff_ci)
             if other.N == 0 and student.N:
+                paper = f" (the paper: {PAPER_GAP_RATIOS[student.stage]:.2f} at K=4)" * (student.adversary == "paper")
                 line += (f"; gap ratio {np.mean(ratios):.2f} [{ratio_ci[0]:.2f}, {ratio_ci[1]:.2f}] (seeds "
-                         f"{', '.join(f'{r:.2f}' for r in ratios)}): {verdict(ratios, ratio_ci, 1)} "
-                         f"(the paper: {PAPER_GAP_RATIOS[student.stage]:.2f} at K=4)")
+                         f"{', '.join(f'{r:.2f}' for r in ratios)}): {verdict(ratios, ratio_ci, 1)}{paper}")
             if prompts:
                 line += "; " + adherence_clause(rows[student], rows[other])
             lines.append(line)
@@ -695,7 +769,8 @@ def adversarial_budget(args, rows):
     if not any(s.stage == "R+D" for s in rows):
         return ""
     recipe = " ".join(map(str, GAN_FLAGS))
-    return f", R+D then {args.gan_iterations} adversarial steps (train.py --stage gan {recipe})"
+    return (f", R+D then {args.gan_iterations} adversarial steps of batch {GAN_BATCH}, the first "
+            f"{GAN_WARMUP:.0%} without the adversarial term (train.py --stage gan {recipe})")
 
 
 def adherence_bounds(experiment, teachers):
@@ -726,6 +801,73 @@ def plot_fid_vs_history(experiment, students, rows, path):
     ax.set(xlabel=f"history layers N (of {experiment.depth})", ylabel=f"FID ({experiment.dataset} features)",
            title=f"{experiment.dataset}: FID against N, K=4, teacher-forced")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def traced(students, rows):
+    """The R+D students whose rows carry their stage's trace, with their R twins."""
+    return [(s, replace(s, stage="R", adversary="paper")) for s in students
+            if s.stage == "R+D" and rows.get(s) and all("trace" in r for r in rows[s].values())]
+
+
+def plot_adversarial_stage(experiment, students, rows, teachers, path):
+    """FID, KID and FD to the teacher against GAN steps (step 0: the R twin), mean ± sd over seeds, with the
+    25-step teacher's FID and KID."""
+    pairs = traced(students, rows)
+    if not pairs:
+        return
+    metrics = (("fid", "FID"), ("kid", "KID x 1e6"), ("fd_to_teacher", f"FD to the {TEACHER_STEPS}-step teacher"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for student, twin in pairs:
+        seeds = sorted(set(rows[student]) & set(rows.get(twin, {})))
+        stages = [{0: rows[twin][seed], **rows[student][seed]["trace"], experiment.args.gan_iterations:
+                   rows[student][seed]} for seed in seeds]
+        steps = sorted(stages[0]) if stages else []
+        for ax, (key, name) in zip(axes, metrics):
+            values = np.array([[stage[step][key] for step in steps] for stage in stages])
+            ax.errorbar(steps, values.mean(0), yerr=values.std(0), fmt="o-", capsize=3, label=student.label())
+            ax.set(xlabel="GAN steps", ylabel=name)
+    for ax, key in zip(axes, ("fid", "kid")):
+        ax.axhline(np.mean([t[key] for t in teachers.values()]), color="k", ls=":", label=f"teacher, {TEACHER_STEPS} steps")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{experiment.dataset}: the adversarial stage, {len(seeds)} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def training_log(ckpt):
+    """{name: (steps, values)} of every logged quantity in the log.txt of the run that wrote `ckpt`."""
+    series = {}
+    with open(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "log.txt")) as f:
+        for line in f:
+            if match := re.search(r"\] step (\d+) (.*)", line):
+                for name, value in re.findall(r"(\w+)=(\S+)", match.group(2)):
+                    series.setdefault(name, ([], []))
+                    series[name][0].append(int(match.group(1)))
+                    series[name][1].append(float(value))
+    return series
+
+
+def plot_adversarial_training(experiment, students, rows, path):
+    """The traced R+D runs' discriminator logits on real and fake tokens, its accuracy and the adaptive
+    weight against GAN steps, mean over seeds."""
+    pairs = traced(students, rows)
+    if not pairs:
+        return
+    panels = (("d_real", "mean D logit, real"), ("d_fake", "mean D logit, fake"), ("d_acc", "D accuracy"),
+              ("gan_weight", "adaptive weight λ"))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for student, _ in pairs:
+        logs = [training_log(row["ckpt"]) for row in rows[student].values()]
+        for ax, (key, name) in ((ax, panel) for ax, panel in zip(axes, panels) if all(panel[0] in log for log in logs)):
+            steps = logs[0][key][0]
+            ax.plot(steps, np.mean([log[key][1] for log in logs], axis=0), label=student.label())
+            ax.set(xlabel="GAN steps", ylabel=name, yscale="symlog" if key == "gan_weight" else "linear")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{experiment.dataset}: the adversarial stage's training, mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -780,12 +922,16 @@ def run_dataset(dataset, seeds, args):
     text = report(experiment, students, seeds, rows, teachers)
     plot_fid_vs_history(experiment, students, rows, os.path.join(out, "fid_vs_history.png"))
     plot_exposure_bias(experiment, rows, os.path.join(out, "exposure_bias.png"))
+    plot_adversarial_stage(experiment, students, rows, teachers[TEACHER_STEPS], os.path.join(out, "gan_stage.png"))
+    plot_adversarial_training(experiment, students, rows, os.path.join(out, "gan_training.png"))
     return text
 
 
 def training_steps(student, args):
     """A student's training in regression steps of the same cost (an R+D student's beyond its R twin's)."""
-    return args.gan_iterations * GAN_STEP_COST if student.stage == "R+D" else args.iterations
+    if student.stage == "R":
+        return args.iterations
+    return args.gan_iterations * GAN_STEP_COST * min(GAN_BATCH / args.batch_size, 1)
 
 
 def main(argv=None):

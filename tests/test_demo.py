@@ -15,8 +15,8 @@ from models import DiT
 from test_ard import inputs, perturbed_dit
 from test_flow_teachers import make_flow_teacher
 
-STUDENTS = [(name, heads) for heads in ("direct", "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
-FINE_TUNED = [("step distillation (N=0), R+D", "ddim"), ("ARD (N=1), R+D", "ddim")]
+STUDENTS = [(name, "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
+FINE_TUNED = [(f"{name}, R+D", heads) for name, heads in STUDENTS]
 
 
 def tiny_teacher(tmp_path):
@@ -49,11 +49,11 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[8]) >= 0 and float(cells[9]) > 0 and float(cells[10]) > 0
     comparisons = [line for line in report.splitlines() if line.startswith("- ")]
-    assert len(comparisons) == 7 and all(line.endswith(("differs", "no difference", "at K=4)")) for line in comparisons)
+    assert len(comparisons) == 6 and all(line.endswith(("differs", "no difference", "at K=4)")) for line in comparisons)
     assert_fine_tuned_students_compared(comparisons)
     assert report in capsys.readouterr().out
     digits = out / "digits"
-    assert len(list(digits.glob("grid_*.png"))) == 8
+    assert len(list(digits.glob("grid_*.png"))) == 6
     assert_fine_tuned_from_their_regression_runs(digits)
     for plot in ("exposure_bias.png", "fid_vs_history.png"):
         assert Image.open(digits / plot).size[0] > 0
@@ -72,17 +72,18 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
     # another evaluation setting measures again but trains nothing; another training setting trains again
     metrics = set((digits / "metrics").glob("*.json"))
     demo.main([*argv, "--num-images", "44"])
-    assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 8
+    assert checkpoints(digits) == trained and len(set((digits / "metrics").glob("*.json")) - metrics) == 6
     demo.main([*argv, "--iterations", "5"])
     assert len(checkpoints(digits)) == 2 * len(trained) and set(trained) < set(checkpoints(digits))
 
 
 def assert_fine_tuned_students_compared(comparisons):
-    """Each R+D student against its R twin, and two gap ratios for the ddim heads: R's and R+D's."""
+    """Each R+D student against the 25-step teacher and its R twin, and two gap ratios: R's and R+D's."""
     pairs = [line.split(": FID")[0] for line in comparisons]
     ddim = ", ddim heads, teacher-forced, K=4"
     for name in ("step distillation (N=0)", "ARD (N=1)"):
         assert f"- {name}, R+D{ddim} against {name}{ddim}" in pairs
+        assert f"- {name}, R+D{ddim} against the 25-step teacher" in pairs
     ratios = [pair for pair, line in zip(pairs, comparisons) if "gap ratio" in line and ddim in pair]
     assert ratios == [f"- ARD (N=1){ddim} against step distillation (N=0){ddim}",
                       f"- ARD (N=1), R+D{ddim} against step distillation (N=0), R+D{ddim}"]
@@ -107,7 +108,7 @@ def report_rows(report):
 
 def solver_read_students_only(monkeypatch):
     """The demo's grid cut to its two solver-read students (the direct-head pair runs the same scripts)."""
-    monkeypatch.setattr(demo, "demo_grid", lambda depth, heads: [demo.Student(4, n, heads) for n in (0, 1)])
+    monkeypatch.setattr(demo, "demo_grid", lambda depth, heads, adversarial: [demo.Student(4, n, heads) for n in (0, 1)])
 
 
 def test_reduced_demo_on_a_flow_teacher_solves_with_heun_and_reads_heads_through_euler(tmp_path, monkeypatch):
@@ -150,8 +151,6 @@ def test_demo_never_evaluates_on_noise_a_student_trained_on(tmp_path, monkeypatc
         monkeypatch.setattr(module, "index_noise_and_labels", record)
     spy(demo.sample_ddp)
     spy(demo.extract_trajectories)
-    # no R+D students: they train on the same trajectories and draw their evaluation through the same scripts
-    monkeypatch.setitem(demo.FAMILIES["ddpm"], "adversarial", False)
     out = tmp_path / "demo"
     demo.main(["--out", str(out), "--teacher", tiny_teacher(tmp_path), "--iterations", "2", "--batch-size", "16",
                "--num-trajectories", "32", "--num-held-out", "16", "--num-images", "40", "--seeds", "0", "1"])
@@ -175,13 +174,19 @@ def test_mean_spread_and_verdicts():
 
 def test_comparisons_are_fixed_by_the_grid():
     grid = demo.study_grid("digits", depth=4)
-    assert len(grid) == len(set(grid)) == 12 and len(demo.study_grid("shapes", depth=4)) == 5
+    assert len(grid) == len(set(grid)) == 21 and len(demo.study_grid("shapes", depth=4)) == 9
     zeros = demo.Student(4, 1, "ddim", history="zeros")
     assert zeros.comparisons(grid) == [demo.Student(4, 0, "ddim"), demo.Student(4, 1, "ddim")]
     assert demo.Student(4, 1, "direct").comparisons(grid) == [demo.Student(4, 0, "direct")]
     assert demo.Student(2, 1, "ddim").comparisons(grid) == [demo.Student(2, 0, "ddim")]
     assert demo.Student(4, 1, "ddim", recipe="ema-fed").comparisons(grid) == [
         demo.Student(4, 0, "ddim", recipe="ema-fed"), demo.Student(4, 1, "ddim")]
+    fine_tuned = {a: demo.Student(4, 1, "ddim", stage="R+D", adversary=a) for a in demo.ADVERSARIES}
+    assert fine_tuned["paper"].comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D"), demo.Student(4, 1, "ddim")]
+    assert fine_tuned["no adversary"].comparisons(grid) == [
+        demo.Student(4, 0, "ddim", stage="R+D", adversary="no adversary"), fine_tuned["paper"], demo.Student(4, 1, "ddim")]
+    assert all(fine_tuned[a].comparisons(grid) == [fine_tuned["paper"]] for a in demo.ADVERSARIES
+               if a not in demo.TRACED_ADVERSARIES)
 
 
 def test_diagnostics_are_ratios_to_the_teacher_forced_error():
