@@ -136,7 +136,7 @@ GAN_STEP_COST = 2.3
 # (gan_iterations: an R+D student's adversarial steps after its R twin's; a placeholder until the recipe is tuned).
 # The PixArt toy's students cost 1.3x the shapes' per step, and its demo has no study: fewer steps and trajectories.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000, gan_iterations=500),
-           "demo": dict(iterations=500, num_trajectories=2048, num_images=1000, gan_iterations=300),
+           "demo": dict(iterations=500, num_trajectories=2048, num_images=1000, gan_iterations=250),
            "shapes-text": dict(iterations=300, num_trajectories=1024, num_images=1000)}
 
 
@@ -948,7 +948,7 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="train nothing: tables and plots of the finished runs")
     p.add_argument("--iterations", type=int, help="training steps of each student (demo 500, study 1000)")
     p.add_argument("--gan-iterations", type=int, help="adversarial steps of each R+D student after its R twin's "
-                                                      "(demo 300)")
+                                                      "(demo 250, study 500)")
     p.add_argument("--batch-size", type=int, default=64, help="students' batch size")
     p.add_argument("--num-trajectories", type=int, help="training trajectories per seed (demo 2048, study 4096)")
     p.add_argument("--num-held-out", type=int, default=512, help="held-out trajectories for the per-step errors")
