@@ -114,6 +114,29 @@ def solver_read_students_only(monkeypatch):
     monkeypatch.setattr(demo, "demo_grid", lambda depth, heads, adversarial: [demo.Student(4, n, heads) for n in (0, 1)])
 
 
+def test_reduced_gan_study_traces_its_stage(tmp_path, monkeypatch):
+    """The study's traced R+D run keeps a checkpoint at every quarter of its stage; each is measured, the whole
+    stage is compared with its first half, and the stage's plots are drawn from the metrics and the run's log."""
+    grid = [demo.Student(4, 0, "ddim"), demo.Student(4, 0, "ddim", stage="R+D")]
+    monkeypatch.setattr(demo, "study_grid", lambda dataset, depth, heads: grid)
+    out = tmp_path / "study"
+    demo.main(["--study", "--dataset", "digits", "--seeds", "0", "--out", str(out), "--teacher", tiny_teacher(tmp_path),
+               "--iterations", "2", "--gan-iterations", "4", "--batch-size", "16", "--num-trajectories", "32",
+               "--num-held-out", "16", "--num-images", "40"])
+    digits = out / "digits"
+    [run] = (digits / "runs").glob("*-gan-*")
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"{s:07d}.pt" for s in (1, 2, 3, 4)]
+    traced = sorted(p.name.split("-s0-")[0] for p in (digits / "metrics").glob("K4-N0-ddim-teacher-forced-R+D*.json"))
+    assert traced == ["K4-N0-ddim-teacher-forced-R+D", *(f"K4-N0-ddim-teacher-forced-R+D-{s:07d}" for s in (1, 2, 3))]
+    report = (out / "results.md").read_text()
+    assert "step distillation (N=0), R+D, ddim heads, teacher-forced, K=4, the whole stage against its first 2 steps" \
+        in report
+    logged = demo.training_log(str(run / "checkpoints" / "0000004.pt"))
+    assert logged["d_acc"][0] == [1, 2, 3, 4] and all(0 <= a <= 1 for a in logged["d_acc"][1])
+    for plot in ("gan_stage.png", "gan_training.png"):
+        assert Image.open(digits / plot).size[0] > 0
+
+
 def test_reduced_demo_on_a_flow_teacher_solves_with_heun_and_reads_heads_through_euler(tmp_path, monkeypatch):
     solver_read_students_only(monkeypatch)
     teacher = str(tmp_path / "flow_teacher.pt")
