@@ -396,10 +396,9 @@ def read_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def export_ema(checkpoint_path, out_path, half=False):
-    """The EMA weights of a training checkpoint as .safetensors, with its args as metadata, for
-    sharing; `half` stores floating-point tensors in float16."""
-    checkpoint = read_checkpoint(checkpoint_path)
+def export_ema(checkpoint, out_path, half=False):
+    """The EMA weights of a training checkpoint (read_checkpoint's dict) as .safetensors, with its args as
+    metadata, for sharing; `half` stores floating-point tensors in float16."""
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
                for k, v in checkpoint["ema"].items()}
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata={"args": json.dumps(checkpoint["args"])}))

@@ -85,6 +85,13 @@ def pipeline_vae(source):
 def check_pixart(source):
     """Raises unless `source` (a hub name or a pipeline folder) holds a PixArt transformer and its VAE, or
     states pixel space; reads configs only."""
+    config = checked_transformer_config(source)
+    pipeline_vae(source)
+    return config
+
+
+def checked_transformer_config(source):
+    """The config of `source`'s transformer/, which must be a learned-sigma PixArt transformer."""
     from diffusers import PixArtTransformer2DModel
     config = _from_pretrained(PixArtTransformer2DModel.load_config, source, "transformer")
     if config.get("_class_name") != TRANSFORMER_CLASS:
@@ -93,7 +100,6 @@ def check_pixart(source):
     if config.get("out_channels") != 2 * config.get("in_channels", 4):
         raise ValueError(f"{source}: expected a learned-sigma transformer (out_channels = 2 x in_channels), got "
                          f"{config.get('out_channels')} and {config.get('in_channels')}")
-    pipeline_vae(source)
     return config
 
 
@@ -105,12 +111,13 @@ def public_config(config):
 def load_pixart(source):
     """(PixArt transformer in eval mode, its description) from a hub name or a local pipeline folder."""
     from diffusers import PixArtTransformer2DModel
-    check_pixart(source)
+    checked_transformer_config(source)
+    vae = pipeline_vae(source)  # before any weights are read, as check_pixart
     transformer = _from_pretrained(PixArtTransformer2DModel.from_pretrained, source, "transformer").eval()
     config = public_config(transformer.config)
     size = config["sample_size"]
     info = dict(family="pixart", teacher=str(source), pixart=config, shape=[config["in_channels"], size, size],
-                vae=pipeline_vae(source), weights_sha256=weights_sha256(transformer))
+                vae=vae, weights_sha256=weights_sha256(transformer))
     return transformer, info
 
 
@@ -307,17 +314,17 @@ def teacher_solver(transformer, sampler, steps, cfg_scale, clip_denoised, progre
     return run, guided
 
 
-def export_pipeline(checkpoint_path, out, half=False):
-    """A PixArt teacher checkpoint's EMA weights as a pipeline folder in the hub's layout (transformer/,
-    text_encoder/ and tokenizer/ from its text encoder, scheduler/, and a model_index.json stating pixel
-    space: "vae": [null, null]), which extraction, training and sampling take like a hub name. With `half`
-    the transformer is stored in float16 (it loads back as float32, as every pipeline here)."""
+def export_pipeline(checkpoint, checkpoint_path, out, half=False):
+    """A PixArt teacher checkpoint's EMA weights (`checkpoint`: read_checkpoint of `checkpoint_path`) as a
+    pipeline folder in the hub's layout (transformer/, text_encoder/ and tokenizer/ from its text encoder,
+    scheduler/, and a model_index.json stating pixel space: "vae": [null, null]), which extraction, training
+    and sampling take like a hub name. With `half` the transformer is stored in float16 (it loads back as
+    float32, as every pipeline here)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
     out = os.path.normpath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: export a pipeline into a new folder")
-    checkpoint = read_checkpoint(checkpoint_path)
     args = checkpoint["args"]
     transformer = PixArtTransformer2DModel(**args["pixart"])
     load_state_dict_strict(transformer, checkpoint["ema"], checkpoint_path)

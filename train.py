@@ -738,17 +738,23 @@ def check_student_fed(parser, args):
 
 # ---------------------------------------------------------------------------- main loop
 
+def export(checkpoint_path, out, half=False):
+    """A checkpoint's EMA weights: a PixArt teacher's as a pipeline folder, any other's as .safetensors."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    exported = checkpoint.get("args", {})
+    if (exported.get("family"), exported.get("stage")) == ("pixart", "teacher"):
+        pixart.export_pipeline(checkpoint, checkpoint_path, out, half=half)
+        print(f"exported the EMA weights of {checkpoint_path} as the pipeline folder {out}")
+    else:
+        export_ema(checkpoint, out, half=half)
+        print(f"exported the EMA weights of {checkpoint_path} to {out}")
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
-    exported = read_checkpoint(args.export[0]).get("args", {}) if args.export else {}
-    if (exported.get("family"), exported.get("stage")) == ("pixart", "teacher"):
-        pixart.export_pipeline(*args.export, half=args.export_half)
-        print(f"exported the EMA weights of {args.export[0]} as the pipeline folder {args.export[1]}")
-        return args.export[1]
     if args.export:
-        export_ema(*args.export, half=args.export_half)
-        print(f"exported the EMA weights of {args.export[0]} to {args.export[1]}")
-        return args.export[1]
+        return export(*args.export, half=args.export_half)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
