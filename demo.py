@@ -90,8 +90,10 @@ ADVERSARIES = {"paper": ([], GAN_WARMUP), "no adversary": ([], 1.0), "uniform no
                GAN_WARMUP), "weight scale 1": (["--gan-weight-scale", 1], GAN_WARMUP), "no warm-up": ([], 0.0),
                "lower blocks": (["--disc-blocks", "lower"], GAN_WARMUP),
                "upper blocks": (["--disc-blocks", "upper"], GAN_WARMUP)}
+# The adversary of the demo's R+D students: the paper's weight of 10 runs away on the digits (the GAN study).
+DEMO_ADVERSARY = "weight scale 1"
 # The R+D runs measured along their stage too (FID, KID, fidelity against GAN steps), at every GAN_CHECKPOINTS-th.
-TRACED_ADVERSARIES = ("paper", "no adversary")
+TRACED_ADVERSARIES = ("paper", DEMO_ADVERSARY, "no adversary")
 GAN_CHECKPOINTS = 4
 STUDY_DATASETS = ("digits", "shapes")
 BOOTSTRAP_RESAMPLES = 200
@@ -277,12 +279,15 @@ class Student:
 
     def comparisons(self, grid):
         """The students of `grid` this one is compared with, fixed before any run: its step-distillation
-        baseline (a gap ratio), and the same student without each thing it varies (an R+D student: its R twin)."""
+        baseline (a gap ratio), and the same student without each thing it varies (an R+D student: the paper's
+        adversary, and for a traced one its no-adversary control and its R twin)."""
         others = [replace(self, N=0, mask="M4", history="trajectory")] if self.N else []
         changes = [(self.parametrization != "direct", dict(parametrization="direct")),
                    (self.mask != "M4", dict(mask="M4")), (self.history == "zeros", dict(history="trajectory")),
                    (self.recipe != "teacher-forced", dict(recipe="teacher-forced")),
-                   (self.adversary != "paper", dict(adversary="paper")),
+                   (self.adversary not in ("paper", "no adversary"), dict(adversary="paper")),
+                   (self.adversary != "no adversary" and self.adversary in TRACED_ADVERSARIES,
+                    dict(adversary="no adversary")),
                    (self.stage != "R" and self.adversary in TRACED_ADVERSARIES, dict(stage="R", adversary="paper"))]
         return [s for s in others + [replace(self, **change) for applies, change in changes if applies] if s in grid]
 
@@ -307,7 +312,7 @@ def demo_grid(depth, heads="ddim", adversarial=True):
     return [Student(4, n, heads) for n in (0, paper_history_layers(depth))] + adversarial_grid(depth, heads)
 
 
-def adversarial_grid(depth, heads, adversaries=("paper",), axes=()):
+def adversarial_grid(depth, heads, adversaries=(DEMO_ADVERSARY,), axes=()):
     """R+D students with `heads`: N=0 and ARD under each of `adversaries`, ARD alone under each of `axes`."""
     ard_n = paper_history_layers(depth)
     return ([Student(4, n, heads, stage="R+D", adversary=a) for a in adversaries for n in (0, ard_n)]

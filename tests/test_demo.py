@@ -16,7 +16,7 @@ from test_ard import inputs, perturbed_dit
 from test_flow_teachers import make_flow_teacher
 
 STUDENTS = [(name, "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
-FINE_TUNED = [(f"{name}, R+D", heads) for name, heads in STUDENTS]
+FINE_TUNED = [(f"{name}, R+D ({demo.DEMO_ADVERSARY})", heads) for name, heads in STUDENTS]
 
 
 def tiny_teacher(tmp_path):
@@ -84,12 +84,13 @@ def assert_fine_tuned_students_compared(comparisons):
     """Each R+D student against the 25-step teacher and its R twin, and two gap ratios: R's and R+D's."""
     pairs = [line.split(": FID")[0] for line in comparisons]
     ddim = ", ddim heads, teacher-forced, K=4"
+    fine_tuned = f"R+D ({demo.DEMO_ADVERSARY}){ddim}"
     for name in ("step distillation (N=0)", "ARD (N=1)"):
-        assert f"- {name}, R+D{ddim} against {name}{ddim}" in pairs
-        assert f"- {name}, R+D{ddim} against the 25-step teacher" in pairs
+        assert f"- {name}, {fine_tuned} against {name}{ddim}" in pairs
+        assert f"- {name}, {fine_tuned} against the 25-step teacher" in pairs
     ratios = [pair for pair, line in zip(pairs, comparisons) if "gap ratio" in line and ddim in pair]
     assert ratios == [f"- ARD (N=1){ddim} against step distillation (N=0){ddim}",
-                      f"- ARD (N=1), R+D{ddim} against step distillation (N=0), R+D{ddim}"]
+                      f"- ARD (N=1), {fine_tuned} against step distillation (N=0), {fine_tuned}"]
 
 
 def assert_fine_tuned_from_their_regression_runs(digits):
@@ -200,7 +201,7 @@ def test_mean_spread_and_verdicts():
 
 def test_comparisons_are_fixed_by_the_grid():
     grid = demo.study_grid("digits", depth=4)
-    assert len(grid) == len(set(grid)) == 21 and len(demo.study_grid("shapes", depth=4)) == 9
+    assert len(grid) == len(set(grid)) == 22 and len(demo.study_grid("shapes", depth=4)) == 11
     zeros = demo.Student(4, 1, "ddim", history="zeros")
     assert zeros.comparisons(grid) == [demo.Student(4, 0, "ddim"), demo.Student(4, 1, "ddim")]
     assert demo.Student(4, 1, "direct").comparisons(grid) == [demo.Student(4, 0, "direct")]
@@ -208,9 +209,11 @@ def test_comparisons_are_fixed_by_the_grid():
     assert demo.Student(4, 1, "ddim", recipe="ema-fed").comparisons(grid) == [
         demo.Student(4, 0, "ddim", recipe="ema-fed"), demo.Student(4, 1, "ddim")]
     fine_tuned = {a: demo.Student(4, 1, "ddim", stage="R+D", adversary=a) for a in demo.ADVERSARIES}
-    assert fine_tuned["paper"].comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D"), demo.Student(4, 1, "ddim")]
-    assert fine_tuned["no adversary"].comparisons(grid) == [
-        demo.Student(4, 0, "ddim", stage="R+D", adversary="no adversary"), fine_tuned["paper"], demo.Student(4, 1, "ddim")]
+    control, regression = fine_tuned["no adversary"], demo.Student(4, 1, "ddim")
+    assert fine_tuned["paper"].comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D"), control, regression]
+    assert fine_tuned[demo.DEMO_ADVERSARY].comparisons(grid) == [
+        demo.Student(4, 0, "ddim", stage="R+D", adversary=demo.DEMO_ADVERSARY), fine_tuned["paper"], control, regression]
+    assert control.comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D", adversary="no adversary"), regression]
     assert all(fine_tuned[a].comparisons(grid) == [fine_tuned["paper"]] for a in demo.ADVERSARIES
                if a not in demo.TRACED_ADVERSARIES)
 
