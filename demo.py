@@ -775,7 +775,8 @@ def adversarial_budget(args, rows):
         return ""
     recipe = " ".join(map(str, GAN_FLAGS))
     return (f", R+D then {args.gan_iterations} adversarial steps of batch {GAN_BATCH}, the first "
-            f"{GAN_WARMUP:.0%} without the adversarial term (train.py --stage gan {recipe})")
+            f"{GAN_WARMUP:.0%} without the adversarial term (train.py --stage gan {recipe}, then the flags of "
+            f"the row's adversary in demo.ADVERSARIES)")
 
 
 def adherence_bounds(experiment, teachers):
