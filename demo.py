@@ -1,7 +1,7 @@
 """The embedded default: ARD end to end on small embedded datasets on a CPU, and the study of when
 the trajectory's history helps.
 
-    python demo.py                     # digits: N=0 against ARD (N=1), direct and ddim heads, then R+D (its time first)
+    python demo.py                     # digits: N=0 against ARD (N=1), ddim heads, R then R+D (~9 min, 2 CPU cores)
     python demo.py --dataset shapes    # the same on 16x16 procedural shapes (slower: a wider teacher)
     python demo.py --study             # the study: 3 seeds, both datasets, every axis (prints its time first)
     python demo.py --study --report    # its tables and plots so far, training nothing
@@ -14,8 +14,9 @@ as the teacher reads its own output, an ε-prediction mapped through the DDIM st
 stage time: at initialisation the teacher's one-jump solve). Recipes: "teacher-forced" is the
 paper's; "ema-fed" (study) feeds, from a ramp up to probability 0.5, the student's own rollouts
 with its EMA weights as the stage inputs after x_T (train.py --student-fed --student-fed-ema).
-Stages, as in the paper's Table 1: R, the regression; R+D (the demo, DDPM teachers), N=0 and ARD with
-ddim heads fine-tuned adversarially from their R checkpoint (train.py --stage gan, recipe GAN_FLAGS).
+Stages, as in the paper's Table 1: R, the regression; R+D (DDPM teachers), N=0 and ARD with ddim heads
+fine-tuned adversarially from their R checkpoint (train.py --stage gan: GAN_FLAGS and an adversary of
+ADVERSARIES; the demo's is DEMO_ADVERSARY, the study's GAN study all of them).
 
 Evaluation. A seed varies the trajectory noise (extract_trajectories.py --seed), the batch order
 (train.py --global-seed) and the evaluation noise (sample_ddp.py --global-seed), which is drawn
