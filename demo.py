@@ -835,7 +835,7 @@ def plot_adversarial_stage(experiment, students, rows, teachers, path):
         for ax, (key, name) in zip(axes, metrics):
             values = np.array([[stage[step][key] for step in steps] for stage in stages])
             ax.errorbar(steps, values.mean(0), yerr=values.std(0), fmt="o-", capsize=3, label=student.label())
-            ax.set(xlabel="GAN steps", ylabel=name)
+            ax.set(xlabel="GAN steps", ylabel=name, yscale="log")  # a run-away stage sits decades above
     for ax, key in zip(axes, ("fid", "kid")):
         ax.axhline(np.mean([t[key] for t in teachers.values()]), color="k", ls=":", label=f"teacher, {TEACHER_STEPS} steps")
     axes[0].legend(fontsize=6)
@@ -872,7 +872,9 @@ def plot_adversarial_training(experiment, students, rows, path):
         for ax, (key, name) in ((ax, panel) for ax, panel in zip(axes, panels) if all(panel[0] in log for log in logs)):
             steps = logs[0][key][0]
             ax.plot(steps, np.mean([log[key][1] for log in logs], axis=0), label=student.label())
-            ax.set(xlabel="GAN steps", ylabel=name, yscale="symlog" if key == "gan_weight" else "linear")
+            ax.set(xlabel="GAN steps", ylabel=name)
+            if key == "gan_weight":  # from 0 in the warm-up to 1e-6 (inert) and past 1 (run-away)
+                ax.set_yscale("symlog", linthresh=1e-7)
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{experiment.dataset}: the adversarial stage's training, mean over seeds")
     fig.tight_layout()
