@@ -136,7 +136,7 @@ MINUTES_PER_STUDENT = {"digits": 3.4, "shapes": 8.5, "shapes-text": 16.3}
 # with the adversarial term, 1.7x in its warm-up, where only the discriminator reads the frozen teacher).
 GAN_STEP_COST = 2.3
 # The budget of each student and its evaluation: the study's, and the demo's, cut to fit ten minutes on two cores
-# (gan_iterations: an R+D student's adversarial steps after its R twin's; a placeholder until the recipe is tuned).
+# (gan_iterations: an R+D student's adversarial steps after its R twin's).
 # The PixArt toy's students cost 1.3x the shapes' per step, and its demo has no study: fewer steps and trajectories.
 BUDGETS = {"study": dict(iterations=1000, num_trajectories=4096, num_images=2000, gan_iterations=500),
            "demo": dict(iterations=500, num_trajectories=2048, num_images=1000, gan_iterations=250),
@@ -462,9 +462,8 @@ class Experiment:
         """An R+D student: train.py --stage gan from its R twin's final checkpoint (trained first if need be) on
         the same trajectories, against the dataset's real images, for gan_iterations steps (a gan run counts
         its steps from 0, whatever the step of its --init) under its adversary's recipe, in batches of
-        GAN_BATCH (or the regression's, if smaller), logged 20 times (the
-        study's traced adversaries: a checkpoint at every GAN_CHECKPOINTS-th of the stage). The student's
-        settings come from the --init."""
+        gan_batch, logged 20 times (the study's traced adversaries: a checkpoint at every GAN_CHECKPOINTS-th of
+        the stage). The student's settings come from the --init."""
         init = self.train_student(replace(student, stage="R", adversary="paper"), seed, may_train)
         if init is None:
             return None
@@ -474,7 +473,8 @@ class Experiment:
             else iterations
         flags = ["--init", init, "--data-path", self.trajectories(student.K, seed, extract=may_train),
                  "--real-data", self.dataset, *GAN_FLAGS, "--gan-warmup", round(warmup * iterations), *adversary,
-                 *self.run_flags(seed, iterations, min(GAN_BATCH, self.args.batch_size), log_every=max(1, iterations // 20), ckpt_every=every)]
+                 *self.run_flags(seed, iterations, gan_batch(self.args), log_every=max(1, iterations // 20),
+                                 ckpt_every=every)]
         return train_once(os.path.join(self.out, "runs"), "gan", f"{student.key}-s{seed}", flags, may_train)
 
     def run_flags(self, seed, iterations, batch_size, recipe=(), log_every=250, ckpt_every=None):
@@ -487,8 +487,8 @@ class Experiment:
     def measure(self, name, ckpt, seed, flags, teacher=None, held_out=None, may_compute=True, grid=True):
         """A generator's metrics on seed `seed`'s evaluation noise: FID, KID, precision, recall, ms/img; with
         `teacher` (the 25-step teacher's row of the same seed) fidelity to it; with `held_out` trajectories the
-        per-stage errors; with `grid`, its sample grid. Cached under the hash of everything that produced them (None if not cached and
-        not `may_compute`); the samples' features are kept beside, for paired comparisons."""
+        per-stage errors; with `grid`, its sample grid. Cached under the hash of everything that produced them
+        (None if not cached and not `may_compute`); the samples' features are kept beside, for paired comparisons."""
         sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags,
                         *self.conditions.sample_flags]
         key = settings_hash([*sample_flags, self.classifier, teacher and teacher["key"], held_out])
@@ -636,20 +636,17 @@ def diagnostics(row):
                 history_reliance=float(np.mean([c / e for c, e in zip(row["history_reliance"], forced[1:])])))
 
 
-def paired_comparison(experiment, rows, teachers, student, other):
-    """{seed: (difference, ratio)} and the same for each bootstrap resample, averaged over seeds: FID(student)
-    - FID(other), and the gap ratio (FID(student) - FID(teacher)) / (FID(other) - FID(teacher)), the three
-    sharing their evaluation noise and their resampled indices within each seed."""
-    seeds = sorted(set(rows[student]) & set(rows[other]))
+def gap_ratio(experiment, rows, teachers, student, other):
+    """{seed: (FID(student) - FID(teacher)) / (FID(other) - FID(teacher))} and its 95% interval over resamples
+    of the mean over seeds, the three sharing their evaluation noise and resampled indices within each seed."""
     per_seed, resampled = {}, []
-    for seed in seeds:
+    for seed in sorted(set(rows[student]) & set(rows[other])):
         trio = (rows[student][seed], rows[other][seed], teachers[seed])
         s, o, t = (row["fid"] for row in trio)
-        per_seed[seed] = (s - o, (s - t) / (o - t))
+        per_seed[seed] = (s - t) / (o - t)
         s, o, t = (experiment.resampled_fids(row["features"], seed) for row in trio)
-        resampled.append((s - o, (s - t) / (o - t)))
-    means = [np.mean([r[i] for r in resampled], axis=0) for i in range(2)]
-    return per_seed, [np.percentile(m, [2.5, 97.5]) for m in means]
+        resampled.append((s - t) / (o - t))
+    return per_seed, np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
 
 
 def paired_adherence(rows, other_rows):
@@ -712,11 +709,11 @@ def comparison_lines(experiment, students, rows, teachers):
         for other in student.comparisons(students):
             if not rows.get(student) or not rows.get(other):
                 continue
-            per_seed, (diff_ci, ratio_ci) = paired_comparison(experiment, rows, teachers, student, other)
-            diffs, ratios = zip(*per_seed.values())
             line = f"- {describe(student)} against {describe(other)}: " + difference_clause(
-                dict(zip(per_seed, diffs)), diff_ci)
+                *fid_difference(experiment, rows[student], rows[other]))
             if other.N == 0 and student.N:
+                per_seed, ratio_ci = gap_ratio(experiment, rows, teachers, student, other)
+                ratios = list(per_seed.values())
                 paper = f" (the paper: {PAPER_GAP_RATIOS[student.stage]:.2f} at K=4)" * (student.adversary == "paper")
                 line += (f"; gap ratio {np.mean(ratios):.2f} [{ratio_ci[0]:.2f}, {ratio_ci[1]:.2f}] (seeds "
                          f"{', '.join(f'{r:.2f}' for r in ratios)}): {verdict(ratios, ratio_ci, 1)}{paper}")
@@ -775,9 +772,9 @@ def adversarial_budget(args, rows):
     if not any(s.stage == "R+D" for s in rows):
         return ""
     recipe = " ".join(map(str, GAN_FLAGS))
-    return (f", R+D then {args.gan_iterations} adversarial steps of batch {GAN_BATCH}, the first "
-            f"{GAN_WARMUP:.0%} without the adversarial term (train.py --stage gan {recipe}, then the flags of "
-            f"the row's adversary in demo.ADVERSARIES)")
+    return (f", R+D then {args.gan_iterations} adversarial steps of batch {gan_batch(args)}, the first "
+            f"{GAN_WARMUP:.0%} without the adversarial term (train.py --stage gan {recipe}; each row's adversary "
+            f"changes it as demo.ADVERSARIES says)")
 
 
 def adherence_bounds(experiment, teachers):
@@ -837,7 +834,8 @@ def plot_adversarial_stage(experiment, students, rows, teachers, path):
             ax.errorbar(steps, values.mean(0), yerr=values.std(0), fmt="o-", capsize=3, label=student.label())
             ax.set(xlabel="GAN steps", ylabel=name, yscale="log")  # a run-away stage sits decades above
     for ax, key in zip(axes, ("fid", "kid")):
-        ax.axhline(np.mean([t[key] for t in teachers.values()]), color="k", ls=":", label=f"teacher, {TEACHER_STEPS} steps")
+        ax.axhline(np.mean([t[key] for t in teachers.values()]), color="k", ls=":",
+                   label=f"teacher, {TEACHER_STEPS} steps")
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{experiment.dataset}: the adversarial stage, {len(seeds)} seeds")
     fig.tight_layout()
@@ -936,11 +934,16 @@ def run_dataset(dataset, seeds, args):
     return text
 
 
+def gan_batch(args):
+    """The R+D students' batch: GAN_BATCH, or the regression's if smaller."""
+    return min(GAN_BATCH, args.batch_size)
+
+
 def training_steps(student, args):
     """A student's training in regression steps of the same cost (an R+D student's beyond its R twin's)."""
     if student.stage == "R":
         return args.iterations
-    return args.gan_iterations * GAN_STEP_COST * min(GAN_BATCH / args.batch_size, 1)
+    return args.gan_iterations * GAN_STEP_COST * gan_batch(args) / args.batch_size
 
 
 def main(argv=None):

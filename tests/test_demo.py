@@ -112,7 +112,8 @@ def report_rows(report):
 
 def solver_read_students_only(monkeypatch):
     """The demo's grid cut to its two solver-read students (the direct-head pair runs the same scripts)."""
-    monkeypatch.setattr(demo, "demo_grid", lambda depth, heads, adversarial: [demo.Student(4, n, heads) for n in (0, 1)])
+    monkeypatch.setattr(demo, "demo_grid",
+                        lambda depth, heads, adversarial: [demo.Student(4, n, heads) for n in (0, 1)])
 
 
 def test_reduced_gan_study_traces_its_stage(tmp_path, monkeypatch):
@@ -212,7 +213,8 @@ def test_comparisons_are_fixed_by_the_grid():
     control, regression = fine_tuned["no adversary"], demo.Student(4, 1, "ddim")
     assert fine_tuned["paper"].comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D"), control, regression]
     assert fine_tuned[demo.DEMO_ADVERSARY].comparisons(grid) == [
-        demo.Student(4, 0, "ddim", stage="R+D", adversary=demo.DEMO_ADVERSARY), fine_tuned["paper"], control, regression]
+        demo.Student(4, 0, "ddim", stage="R+D", adversary=demo.DEMO_ADVERSARY), fine_tuned["paper"], control,
+        regression]
     assert control.comparisons(grid) == [demo.Student(4, 0, "ddim", stage="R+D", adversary="no adversary"), regression]
     assert all(fine_tuned[a].comparisons(grid) == [fine_tuned["paper"]] for a in demo.ADVERSARIES
                if a not in demo.TRACED_ADVERSARIES)
