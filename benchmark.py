@@ -12,6 +12,11 @@ memory, K-step sampling latency for 1 and 32 images, and the teacher's trajector
 rate against its bare forward rate.
 Weights are random: speed does not depend on them.
 
+    python benchmark.py --gan       # the adversarial stage: GFLOPs of one R+D step, part by part (no weights)
+
+counts, on a weightless (meta-device) DiT-XL/2, ARD student and SD-VAE, what one R+D step spends on the
+generator, on the discriminator and on encoding the real images (what pre-encoding them would save).
+
     python benchmark.py --pixart    # text-to-image: PixArt-Sigma at 512 and 1024, GFLOPs only (no weights)
 
 prints the GFLOPs of a 4-step student (N=0 and N=6) against the teacher's 20-step CFG solve,
@@ -21,11 +26,13 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import pixart
 from ard import ARD, distillation_loss, gflops
 from diffusion import create_diffusion, student_timesteps
 from extract_trajectories import solve_trajectories
+from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import create_dit, with_guidance
 from utils import autocast
 
@@ -131,6 +138,66 @@ def pixart_table(num_steps, history_layers, teacher_steps):
                    *(f"{s:,.0f}" for s in students), f"{teacher / students[1]:.1f}x"])
 
 
+# stabilityai/sd-vae-ft-ema's config.json (the DiT VAE), for counting without its weights
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def create_teacher(args):
+    """The --model DiT, with any of --depth, --hidden-size and --num-heads in place of its own."""
+    overrides = dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
+    return create_dit(args.model, args.image_size, **{k: v for k, v in overrides.items() if v})
+
+
+def counted_gflops(fn):
+    """GFLOPs (multiply-accumulates) of running fn(), counted by torch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2e9
+
+
+def gan_table(args):
+    """GFLOPs per image of one R+D step (train.py --stage gan after its warm-up), part by part, counted on
+    weightless models (the step's own loss functions): the generator's regression and adversarial terms
+    with the adaptive weight's two extra gradients, the discriminator step, and encoding the real image."""
+    from diffusers.models import AutoencoderKL
+    with torch.device("meta"):
+        teacher = create_teacher(args)
+    student = ARD(teacher, args.num_steps, args.history_layers).to("meta")  # its masks are built from data
+    with torch.device("meta"):
+        discriminator = Discriminator(teacher)
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        C, H = teacher.config["in_channels"], teacher.config["input_size"]
+        stages, y, t = torch.randn(1, args.num_steps, C, H, H), torch.zeros(1, dtype=torch.long), torch.zeros(1)
+        images = torch.randn(1, 3, args.image_size, args.image_size)
+        fake = torch.randn(1, C, H, H)
+
+    def generator_step():
+        prediction = student(stages, y)
+        regression = distillation_loss(prediction, stages)[0]
+        adversarial = generator_hinge_loss(discriminator(prediction[:, -1], t, y))
+        weight = adaptive_weight(regression, adversarial, student.heads[-1].linear.weight)[0]
+        (regression + weight * adversarial).backward()
+
+    def discriminator_step():
+        with torch.no_grad():
+            real = vae.encode(images).latent_dist.sample()
+        discriminator_hinge_loss(discriminator(real, t, y), discriminator(fake, t, y)).backward()
+
+    parts = {"generator (student fwd + bwd, teacher features, adaptive weight)": counted_gflops(generator_step),
+             "discriminator (features of real and fake, heads' bwd)": counted_gflops(discriminator_step)}
+    encode = counted_gflops(lambda: vae.encode(images))
+    total = sum(parts.values())
+    print(f"{args.model} {args.image_size}², K={args.num_steps}, N={args.history_layers}: one R+D step, "
+          "GFLOPs per image (multiply-accumulates)", flush=True)
+    print_row(["part", "GFLOPs/img", "share"])
+    print_row(["---"] * 3)
+    for name, cost in parts.items():
+        print_row([name, f"{cost:.4g}", f"{100 * cost / total:.1f}%"])
+    print_row(["of which: encoding the real image (SD-VAE encoder)", f"{encode:.4g}", f"{100 * encode / total:.1f}%"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")
@@ -155,18 +222,19 @@ def main(argv=None):
     p.add_argument("--pixart", action="store_true",
                    help="print the GFLOPs of PixArt-Sigma's teacher and students at 512 and 1024 (20 teacher steps "
                         "unless --teacher-steps says otherwise) and exit")
+    p.add_argument("--gan", action="store_true", help="print the GFLOPs of one R+D step, part by part, and exit")
     args = p.parse_args(argv)
     if args.attention == "flex" and not args.compile:
         p.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     if args.pixart:
         return pixart_table(args.num_steps, args.history_layers, args.teacher_steps or 20)
+    if args.gan:
+        return gan_table(args)
     args.teacher_steps = args.teacher_steps or 25
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16 = autocast(device, args.precision)
-    overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads).items()
-                 if v}
-    teacher = create_dit(args.model, args.image_size, **overrides).to(device)
+    teacher = create_teacher(args).to(device)
     config = teacher.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.model} {args.image_size}², K={args.num_steps}, {args.precision}, compile={args.compile}, "

@@ -210,10 +210,11 @@ class Prompts(Labels):
         return path
 
     def architecture(self, teacher, teacher_flags):
+        """The teacher's config, with the token count of the longest prompt its cost reads, and its depth."""
         config = pixart.check_pixart(teacher)
         encoder = pixart.PromptEncoder(teacher, torch.device("cpu"))
-        self.text_tokens = max(len(e) for e in encoder.encode(sorted(set(self.prompts))))  # the longest prompt
-        return config, config["num_layers"]
+        text_tokens = max(len(e) for e in encoder.encode(sorted(set(self.prompts))))
+        return dict(config, text_tokens=text_tokens), config["num_layers"]
 
     def trajectory_flags(self, count, seed, held_out):
         """Held-out trajectories take the evaluation's prompts; training ones a seed's own draw."""
@@ -232,8 +233,8 @@ class Prompts(Labels):
 
     def mflops(self, config, steps, history_layers=0, teacher_calls=None):
         if teacher_calls is not None:
-            return 1e3 * pixart.teacher_gflops(config, teacher_calls, self.cfg_scale, self.text_tokens)
-        return 1e3 * pixart.gflops(config, steps, history_layers, self.text_tokens)
+            return 1e3 * pixart.teacher_gflops(config, teacher_calls, self.cfg_scale, config["text_tokens"])
+        return 1e3 * pixart.gflops(config, steps, history_layers, config["text_tokens"])
 
     def score(self, npz, path, classifier):
         """Adherence of the samples to their prompts, and each sample's correctness (saved beside, for pairs)."""

@@ -54,3 +54,20 @@ def test_flex_attention_without_compile_stops(capsys):
         benchmark.main(TINY + ["--attention", "flex"])
     assert e.value.code == 2
     assert "--attention flex needs --compile (eager FlexAttention materialises every score)" in capsys.readouterr().err
+
+
+def test_gan_table_counts_every_part_of_the_step(capsys):
+    """One R+D step's parts, counted on weightless models: the generator spends at least the student's forward
+    and backward (three forwards) and one pass of the teacher's features; the discriminator at least two
+    feature passes (real, fake) and the encoding of the real image, which is its own row."""
+    from ard import gflops
+    from models import create_dit
+    benchmark.main(TINY + ["--gan"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["part", "GFLOPs/img", "share"] and len(rows) == 5
+    generator, discriminator, encode = (float(r[1].replace(",", "")) for r in rows[2:])
+    config = create_dit("DiT-S/2", 32, depth=2, hidden_size=64, num_heads=2).config
+    assert generator >= 3 * gflops(config, 4, 1) + gflops(config)
+    assert discriminator >= 2 * gflops(config) + encode > 0
+    assert sum(float(r[2].rstrip("%")) for r in rows[2:4]) == pytest.approx(100, abs=0.2)
