@@ -33,7 +33,7 @@ from ard import ARD, distillation_loss, gflops
 from diffusion import create_diffusion, student_timesteps
 from extract_trajectories import solve_trajectories
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import create_dit, with_guidance
+from models import Autoencoder, create_dit, with_guidance
 from utils import autocast
 
 
@@ -167,7 +167,7 @@ def gan_table(args):
     student = ARD(teacher, args.num_steps, args.history_layers).to("meta")  # its masks are built from data
     with torch.device("meta"):
         discriminator = Discriminator(teacher)
-        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        autoencoder = Autoencoder(AutoencoderKL(**SD_VAE_CONFIG))
         C, H = teacher.config["in_channels"], teacher.config["input_size"]
         stages, y, t = torch.randn(1, args.num_steps, C, H, H), torch.zeros(1, dtype=torch.long), torch.zeros(1)
         images = torch.randn(1, 3, args.image_size, args.image_size)
@@ -181,13 +181,12 @@ def gan_table(args):
         (regression + weight * adversarial).backward()
 
     def discriminator_step():
-        with torch.no_grad():
-            real = vae.encode(images).latent_dist.sample()
+        real = autoencoder.encode(images)
         discriminator_hinge_loss(discriminator(real, t, y), discriminator(fake, t, y)).backward()
 
     parts = {"generator (student fwd + bwd, teacher features, adaptive weight)": counted_gflops(generator_step),
              "discriminator (features of real and fake, heads' bwd)": counted_gflops(discriminator_step)}
-    encode = counted_gflops(lambda: vae.encode(images))
+    encode = counted_gflops(lambda: autoencoder.encode(images))
     total = sum(parts.values())
     print(f"{args.model} {args.image_size}², K={args.num_steps}, N={args.history_layers}: one R+D step, "
           "GFLOPs per image (multiply-accumulates)", flush=True)
