@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
 from diffusion import create_diffusion
-from models import Autoencoder, KVCache, StageKeys, guided_output, load_state_dict_strict, read_checkpoint, \
+from models import Autoencoder, KVCache, StageKeys, describe_checkpoint, guided_output, load_state_dict_strict, \
     unpatchify, weights_sha256
 from utils import atomic_write, save_json
 
@@ -522,12 +522,12 @@ def build_student(pixart_config, args):
 
 def load_student(path):
     """A PixArt student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
-    checkpoint = read_checkpoint(path)
-    args = checkpoint.get("args", {})
-    if args.get("family") != "pixart" or args.get("stage") != "ard":
-        raise ValueError(f"{path} is not a text-to-image ARD checkpoint")
+    found = describe_checkpoint(path)
+    args = found.settings
+    if found.kind != "student" or args.get("family") != "pixart":
+        raise ValueError(f"{path} is not a text-to-image ARD checkpoint (a {found.kind} checkpoint)")
     model = build_student(args["pixart"], args)
-    return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args
+    return load_state_dict_strict(model, found.state_dict, source=str(path)).eval(), args
 
 
 # ---------------------------------------------------------------------------- cost

@@ -23,7 +23,7 @@ import pixart
 from ard import load_student
 from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args
-from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from models import clips_x0, describe_checkpoint, load_autoencoder, load_teacher, with_guidance
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 from utils import autocast, save_grid
 
@@ -57,10 +57,6 @@ def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1
     return generate
 
 
-def is_student_checkpoint(ckpt):
-    return ckpt not in OFFICIAL_CHECKPOINTS and read_checkpoint(ckpt).get("args", {}).get("stage") in ("ard", "gan")
-
-
 def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="ddim", steps=25, cfg_scale=1.5,
                    guidance_channels=3, progress=False, flow=None):
     """(generate(noise, labels) -> model-space samples, the network, its description).
@@ -70,7 +66,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
     time_convention, solver, time_shift, guidance_interval; extract_trajectories.add_flow_args);
     a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
-    if is_student_checkpoint(ckpt):
+    if describe_checkpoint(ckpt).kind == "student":
         student, args = load_student(ckpt)
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"], kind="student",
                     num_steps=student.num_steps)

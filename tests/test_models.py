@@ -458,6 +458,28 @@ def test_bare_state_dict_loads_strictly_through_find_model(tmp_path):
         assert torch.equal(model.eval()(x, t, y), source(x, t, y))
 
 
+@pytest.mark.parametrize("wrapper", [None, "ema", "model"])
+def test_a_state_dict_loads_bare_or_wrapped(tmp_path, wrapper):
+    source = tiny_dit(seed=3)
+    path = tmp_path / "weights.pt"
+    torch.save({wrapper: source.state_dict(), "epoch": 3} if wrapper else source.state_dict(), path)
+    found = models.describe_checkpoint(str(path))
+    assert (found.kind, found.settings, found.family) == ("state dict", {}, None)
+    assert_same_weights(models.load_state_dict_strict(DiT(**TINY), found.state_dict), source.state_dict())
+
+
+def test_an_unknown_file_stops_every_loader_with_one_line_naming_its_keys(tmp_path):
+    import sample
+    from ard import load_student
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": tiny_dit().state_dict(), "epoch": 3}, path)
+    for load in (find_model, load_teacher, load_student, sample.load_generator):
+        with pytest.raises(ValueError) as err:
+            load(str(path))
+        assert str(err.value) == (f"{path}: not a checkpoint we know (top-level keys state_dict, epoch); expected one "
+                                  f"of ours, an export, or a DiT/SiT/REPA state dict bare or under 'ema' or 'model'")
+
+
 def test_safetensors_loads_strictly(tmp_path):
     from safetensors.torch import save_file
 
