@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp, PatchEmbed
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from utils import atomic_write
+from utils import atomic_write, in_download_turns
 
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
 # The official checkpoints by file name: resolution, where they download from, and what kind of teacher they are
@@ -373,15 +373,20 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
 
 
 def download_official(name):
-    """Path of an official DiT or SiT checkpoint, downloaded into pretrained_models/ if needed."""
+    """Path of an official DiT or SiT checkpoint, downloaded into pretrained_models/ if needed, under torchrun by
+    one rank per folder (utils.in_download_turns: every rank calls this, the others wait)."""
     path = os.path.join(PRETRAINED_DIR, name)
-    if not os.path.isfile(path):
+
+    def fetch():
+        if os.path.isfile(path):
+            return
         os.makedirs(PRETRAINED_DIR, exist_ok=True)
         url = OFFICIAL_CHECKPOINTS[name]["url"]
         try:
             torch.hub.download_url_to_file(url, path, progress=True)
         except OSError as e:
             raise FileNotFoundError(f"could not download {url} ({e}); place the file at {path}") from None
+    in_download_turns(fetch)
     return path
 
 

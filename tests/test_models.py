@@ -5,6 +5,10 @@ Everything runs on the CPU with tiny configs and random weights; the full-size m
 only built on the meta device (layout checks, no memory, no forward pass).
 """
 import math
+import os
+import socket
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -14,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from conftest import ROOT
 from models import DiT, DiT_models, create_dit, find_model, load_teacher
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -604,6 +609,43 @@ def test_official_name_downloads_once(tmp_path, monkeypatch):
     for _ in range(2):
         assert torch.equal(find_model("DiT-XL-2-512x512.pt")["w"], small["w"])
     assert calls == ["https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"]
+
+
+def launch_download_ranks(folder, log, *launch):
+    """tests/download_ranks.py under torchrun (`launch`: its flags) in `folder`, its downloads logged to `log`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, DOWNLOAD_LOG=str(log), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, os.path.join(ROOT, "tests", "download_ranks.py")]
+    return subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process):
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+
+
+def test_two_ranks_download_an_official_checkpoint_once(tmp_path):
+    log = tmp_path / "downloads.log"
+    finished(launch_download_ranks(tmp_path, log, "--standalone", "--nproc_per_node=2"))
+    assert log.read_text() == "0 https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt\n"
+
+
+def test_each_node_downloads_into_its_node_local_folder_once(tmp_path):
+    """Two nodes of two ranks (two torchrun launches), a folder per node: rank 2, node 1's first, downloads after
+    rank 0 into its own, and rank 3 waits for it (with one folder, rank 2 finds rank 0's file as rank 1 does)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log, nodes = tmp_path / "downloads.log", []
+    for node in range(2):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir()
+        nodes.append(launch_download_ranks(folder, log, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2",
+                                           "--master_addr=127.0.0.1", f"--master_port={port}"))
+    for process in nodes:
+        finished(process)
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["0", "2"]
 
 
 # ----------------------------------------------------------------------------- autoencoder
