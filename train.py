@@ -290,7 +290,7 @@ class TextToImageTask(DistillationTask):
     def build(self, args, device, student):
         if args.attention != "sdpa":
             raise ValueError("--attention flex is for the DiT student; the PixArt student uses sdpa")
-        config = pixart.check_pixart(args.teacher)
+        config = pixart.checked_transformer_config(args.teacher)
         check_student_settings(args.num_steps, args.history_layers, config["num_layers"],
                                parametrization=args.parametrization, target=args.target,
                                history_input=args.history_input)
@@ -299,14 +299,15 @@ class TextToImageTask(DistillationTask):
         if student is not None:
             expected["boundary_times"] = student["stage_times"]
         self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
-        teacher, info = pixart.load_pixart(args.teacher)
+        teacher, info = pixart.load_pixart(args.teacher, self.data.meta["text_encoder"], self.data.meta["vae"])
         check_meta(self.data.meta, dict(pixart=info["pixart"], teacher_weights_sha256=info["weights_sha256"]),
                    os.path.join(args.data_path, "meta.json"))
         self.model = pixart.PixArtARD(teacher, args.num_steps, args.history_layers, args.mask,
                                       **stage_readout(args, self.data.meta))
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = pixart.load_vae(info["vae"]).to(device)
-        self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], **self.model.settings)
+        self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], text_encoder=info["text_encoder"],
+                           **self.model.settings)
         self.feed_settings(args)
         return teacher
 
