@@ -505,9 +505,9 @@ def describe_checkpoint(ckpt):
     or "model". Any other file stops here with one line naming its top-level keys."""
     checkpoint = open_checkpoint(ckpt)
     settings = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(settings, dict) and settings.get("stage") and is_state_dict(checkpoint.get("ema")):
+    if isinstance(settings, dict) and settings.get("stage"):
         kind = "teacher" if settings["stage"] == "teacher" else "student"
-        return CheckpointFile(kind, checkpoint["ema"], settings, settings.get("teacher_family", "ddpm"),
+        return CheckpointFile(kind, checkpoint.get("ema", {}), settings, settings.get("teacher_family", "ddpm"),
                               settings.get("time_convention"))
     state_dict = held_weights(checkpoint)
     if state_dict is None:
