@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import ddim_jump, stage_alphas, student_timesteps
-from models import DiT, KVCache, StageKeys, load_state_dict_strict, read_checkpoint, unpatchify
+from models import DiT, KVCache, StageKeys, describe_checkpoint, load_state_dict_strict, unpatchify
 from transport import CONVENTIONS, euler_jump
 
 MASKS = ("M1", "M2", "M3", "M4")
@@ -354,12 +354,12 @@ def student_kwargs(args):
 
 def load_student(path, attention="sdpa"):
     """An ARD student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
-    checkpoint = read_checkpoint(path)
-    args = checkpoint.get("args", {})
-    if args.get("stage") not in ("ard", "gan"):
-        raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
+    found = describe_checkpoint(path)
+    args = found.settings
+    if found.kind != "student":
+        raise ValueError(f"{path} is not an ARD student checkpoint (a {found.kind} checkpoint)")
     if args.get("family") == "pixart":
         raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
     model = ARD(DiT(**args["dit"]), attention=attention, time_convention=args.get("time_convention"),
                 **student_kwargs(args))
-    return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args
+    return load_state_dict_strict(model, found.state_dict, source=str(path)).eval(), args

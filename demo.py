@@ -211,7 +211,7 @@ class Prompts(Labels):
 
     def architecture(self, teacher, teacher_flags):
         """The teacher's config, with the token count of the longest prompt its cost reads, and its depth."""
-        config = pixart.check_pixart(teacher)
+        config, _ = pixart.check_pixart(teacher)
         encoder = pixart.PromptEncoder(teacher, torch.device("cpu"))
         text_tokens = max(len(e) for e in encoder.encode(sorted(set(self.prompts))))
         return dict(config, text_tokens=text_tokens), config["num_layers"]

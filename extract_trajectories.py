@@ -157,7 +157,7 @@ def build_prompt_meta(args, teacher_info, prompts):
                     settings=ddim_settings(args)),
         condition="prompts", family="pixart", teacher_ckpt=teacher_info["teacher"],
         teacher_weights_sha256=teacher_info["weights_sha256"], pixart=teacher_info["pixart"], vae=teacher_info["vae"],
-        shape=teacher_info["shape"], text_encoder=teacher_info["teacher"], text_tokens=pixart.TEXT_TOKENS,
+        shape=teacher_info["shape"], text_encoder=teacher_info["text_encoder"], text_tokens=pixart.TEXT_TOKENS,
         negative_prompt="", prompt_order=args.labels, num_prompts=len(prompts), text_chunk=args.text_chunk,
         prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
 
@@ -216,7 +216,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
     p.add_argument("--model", default="DiT-XL/2", help="architecture of an official/bare checkpoint")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", default="ema", help="the VAE an official checkpoint works with (ema, mse, none)")
+    p.add_argument("--vae", help="the VAE an official checkpoint works with (ema (default), mse, none); with --prompts "
+                                 "a folder or hub name with vae/ (default: the pipeline's own, else "
+                                 f"{pixart.COMPONENTS}), or none")
+    p.add_argument("--text-encoder", help="with --prompts: a folder or hub name with text_encoder/ and tokenizer/ "
+                                          f"(default: the pipeline's own, else {pixart.COMPONENTS})")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=1_200_000)
     p.add_argument("--shard-size", type=int, default=1000)
@@ -251,8 +255,18 @@ def parse_args(argv=None):
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
     if args.prompts and args.teacher_family != "ddpm":
         p.error("--prompts (PixArt) teachers are DDPM teachers; drop --teacher-family")
+    check_pixart_sources(p, args, text_to_image=bool(args.prompts))
     check_flow_args(p, args)
     return args
+
+
+def check_pixart_sources(p, args, text_to_image):
+    """--text-encoder is for PixArt teachers; --vae defaults to DiT's "ema" for the others (a PixArt teacher's
+    default is its own, pixart.pipeline_vae)."""
+    if args.text_encoder and not text_to_image:
+        p.error("--text-encoder is for PixArt teachers (text-to-image)")
+    if not text_to_image:
+        args.vae = args.vae or "ema"
 
 
 def add_flow_args(p):
@@ -379,8 +393,8 @@ class PromptTeacher(DDIMTeacher):
 
     def __init__(self, args):
         self.prompts = pixart.read_prompts(args.prompts)
-        pixart.check_pixart(args.ckpt)  # before any weights are read
-        self.network, info = pixart.load_pixart(args.ckpt)
+        pixart.check_pixart(args.ckpt, args.text_encoder, args.vae)  # before any weights are read
+        self.network, info = pixart.load_pixart(args.ckpt, args.text_encoder, args.vae)
         self.meta = build_prompt_meta(args, info, self.prompts)
         self.args, self.table = args, None
 
@@ -398,7 +412,7 @@ class PromptTeacher(DDIMTeacher):
         mine = [c for c in missing if c % world_size == rank]  # each rank decides only about its own chunks
         if not mine:
             return
-        encoder, batch = pixart.PromptEncoder(self.args.ckpt, device), self.args.batch_size
+        encoder, batch = pixart.PromptEncoder(self.meta["text_encoder"], device), self.args.batch_size
         bar = progress(len(missing) * size, "T5", "prompt", enabled=rank == 0)
 
         def write(chunk):  # its embeddings are freed on return: a rank holds one chunk at a time

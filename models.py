@@ -5,6 +5,7 @@ made of S equal groups of tokens, each with its own conditioning: the ARD studen
 this to compute adaLN once per stage instead of once per token.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,14 +20,15 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp, PatchEmbed
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from utils import atomic_write
+from utils import atomic_write, in_download_turns
 
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
-# The official checkpoints by file name: resolution, where they download from, and what kind of teacher they are.
+# The official checkpoints by file name: resolution, where they download from, and what kind of teacher they are
+# (their describe_checkpoint kind, teacher family and time convention).
 OFFICIAL_CHECKPOINTS = {
     **{f"DiT-XL-2-{size}x{size}.pt": dict(image_size=size, url=DIT_URL.format(f"DiT-XL-2-{size}x{size}.pt"),
-                                          family="ddpm") for size in (256, 512)},
-    "SiT-XL-2-256x256.pt": dict(image_size=256, family="flow", time_convention="sit",
+                                          kind="DiT", family="ddpm") for size in (256, 512)},
+    "SiT-XL-2-256x256.pt": dict(image_size=256, kind="SiT", family="flow", time_convention="sit",
                                 url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
                                     "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),
 }
@@ -371,15 +373,20 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
 
 
 def download_official(name):
-    """Path of an official DiT or SiT checkpoint, downloaded into pretrained_models/ if needed."""
+    """Path of an official DiT or SiT checkpoint, downloaded into pretrained_models/ if needed, under torchrun by
+    one rank per folder (utils.in_download_turns: every rank calls this, the others wait)."""
     path = os.path.join(PRETRAINED_DIR, name)
-    if not os.path.isfile(path):
+
+    def fetch():
+        if os.path.isfile(path):
+            return
         os.makedirs(PRETRAINED_DIR, exist_ok=True)
         url = OFFICIAL_CHECKPOINTS[name]["url"]
         try:
             torch.hub.download_url_to_file(url, path, progress=True)
         except OSError as e:
             raise FileNotFoundError(f"could not download {url} ({e}); place the file at {path}") from None
+    in_download_turns(fetch)
     return path
 
 
@@ -411,8 +418,7 @@ def open_checkpoint(name):
 
 def find_model(name):
     """State dict for an official checkpoint name or a local file (our checkpoints give their EMA)."""
-    checkpoint = open_checkpoint(name)
-    return checkpoint["ema"] if "ema" in checkpoint else checkpoint
+    return describe_checkpoint(name).state_dict
 
 
 def weights_sha256(module):
@@ -438,37 +444,84 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     """
     if family not in TEACHER_FAMILIES:
         raise ValueError(f"teacher family must be one of {', '.join(TEACHER_FAMILIES)}, got {family!r}")
-    checkpoint = open_checkpoint(ckpt)
-    if isinstance(checkpoint.get("args"), dict):
-        args = checkpoint["args"]
-        if args.get("stage") != "teacher":
-            raise ValueError(f"{ckpt} is a {args.get('stage')!r} checkpoint, not a teacher")
+    found = describe_checkpoint(ckpt)
+    if found.kind == "student":
+        raise ValueError(f"{ckpt} is a {found.settings['stage']!r} checkpoint, not a teacher")
+    if found.kind == "teacher":
+        args = found.settings
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"])
-        state_dict = checkpoint["ema"]
-        found = dict(family=args.get("teacher_family", "ddpm"), time_convention=args.get("time_convention"))
     else:
-        state_dict, found = foreign_state_dict(ckpt, checkpoint)
         image_size = OFFICIAL_CHECKPOINTS.get(ckpt, {}).get("image_size", image_size)
         dit = create_dit(model, image_size, latent=vae != "none", num_classes=num_classes,
-                         in_channels=4 if vae != "none" else 3, learn_sigma=learns_sigma(state_dict, model)).config
+                         in_channels=4 if vae != "none" else 3,
+                         learn_sigma=learns_sigma(found.state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
     info.update(teacher_kind(ckpt, found, family, time_convention))
-    net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
+    net = load_state_dict_strict(DiT(**info["dit"]), found.state_dict, source=str(ckpt))
     return net.eval(), dict(info, ckpt=str(ckpt), weights_sha256=weights_sha256(net))
 
 
-def foreign_state_dict(ckpt, checkpoint):
-    """(the state dict, what it says of its teacher kind) of an official or REPA checkpoint or a bare state dict.
-    REPA's (its EMA, with projector MLPs) is a flow teacher in REPA's convention; its projectors are dropped."""
-    state_dict = checkpoint.get("ema", checkpoint)
+@dataclasses.dataclass(frozen=True)
+class CheckpointFile:
+    """What a checkpoint file is (describe_checkpoint): `kind` ("student" or "teacher": one of our checkpoints or
+    exports; a FOREIGN_KINDS name; "state dict": weights that say nothing of themselves), the weights sampling
+    uses, our settings ({} for the others), and what it says of its teacher family and time convention (None
+    where it cannot say)."""
+    kind: str
+    state_dict: dict
+    settings: dict
+    family: str = None
+    time_convention: str = None
+
+
+def without_repa_projectors(ckpt, state_dict):
     projectors = sorted(k for k in state_dict if k.startswith(REPA_PROJECTORS))
-    if projectors:
-        logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
-                                            f"tensors, unused in sampling: {', '.join(projectors)}")
-        return ({k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)},
-                dict(family="flow", time_convention="repa"))
-    official = OFFICIAL_CHECKPOINTS.get(ckpt, {})
-    return state_dict, dict(family=official.get("family"), time_convention=official.get("time_convention"))
+    logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
+                                        f"tensors, unused in sampling: {', '.join(projectors)}")
+    return {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
+
+
+# Other projects' teachers, recognised by their weights' names, first match: (kind, recognises(state_dict),
+# family, time convention, weights(ckpt, state_dict): those sampling uses).
+FOREIGN_KINDS = (
+    ("REPA", lambda sd: any(k.startswith(REPA_PROJECTORS) for k in sd), "flow", "repa", without_repa_projectors),
+)
+
+
+def is_state_dict(value):
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def held_weights(checkpoint):
+    """The state dict a file holds bare or under "ema" or "model" (in that order); None for anything else."""
+    if not isinstance(checkpoint, dict):
+        return None
+    return next((c for c in (checkpoint, checkpoint.get("ema"), checkpoint.get("model")) if is_state_dict(c)), None)
+
+
+def describe_checkpoint(ckpt):
+    """The CheckpointFile of an official name (downloaded if needed) or a file: our checkpoints and exports by
+    their args; others bare or wrapped in "ema" (REPA's training dict: beside an argparse.Namespace of args)
+    or "model". Any other file stops here with one line naming its top-level keys."""
+    checkpoint = open_checkpoint(ckpt)
+    settings = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(settings, dict) and settings.get("stage"):
+        kind = "teacher" if settings["stage"] == "teacher" else "student"
+        return CheckpointFile(kind, checkpoint.get("ema", {}), settings, settings.get("teacher_family", "ddpm"),
+                              settings.get("time_convention"))
+    state_dict = held_weights(checkpoint)
+    if state_dict is None:
+        found = (f"top-level keys {', '.join(map(str, checkpoint))}" if isinstance(checkpoint, dict)
+                 else f"a {type(checkpoint).__name__}")
+        raise ValueError(f"{ckpt}: not a checkpoint we know ({found}); expected one of ours, an export, or a DiT/SiT/"
+                         f"REPA state dict bare or under 'ema' or 'model'")
+    for kind, recognises, family, time_convention, weights in FOREIGN_KINDS:
+        if recognises(state_dict):
+            return CheckpointFile(kind, weights(ckpt, state_dict), {}, family, time_convention)
+    official = OFFICIAL_CHECKPOINTS.get(ckpt)
+    if official:
+        return CheckpointFile(official["kind"], state_dict, {}, official["family"], official.get("time_convention"))
+    return CheckpointFile("state dict", state_dict, {})
 
 
 def learns_sigma(state_dict, model):
@@ -482,15 +535,15 @@ def learns_sigma(state_dict, model):
 
 def teacher_kind(ckpt, found, family, time_convention):
     """{"teacher_family", "time_convention"} of a teacher given as `family`, checked against what the checkpoint
-    says of itself (`found`; None where a bare state dict cannot say) before any solve."""
-    if found["family"] not in (None, family):
-        raise ValueError(f"{ckpt} is a {TEACHER_FAMILIES[found['family']]} teacher, given as a "
-                         f"{TEACHER_FAMILIES[family]} one: pass --teacher-family {found['family']}")
+    says of itself (`found`: its CheckpointFile) before any solve."""
+    if found.family not in (None, family):
+        raise ValueError(f"{ckpt} is a {TEACHER_FAMILIES[found.family]} teacher, given as a "
+                         f"{TEACHER_FAMILIES[family]} one: pass --teacher-family {found.family}")
     if family == "ddpm":
         if time_convention is not None:
             raise ValueError(f"a time convention ({time_convention}) is for flow teachers; {ckpt} is a DDPM teacher")
         return dict(teacher_family=family, time_convention=None)
-    own = found["time_convention"]
+    own = found.time_convention
     if own is not None and time_convention not in (None, own):
         raise ValueError(f"{ckpt} uses the {own!r} time convention, given as {time_convention!r}")
     if (time_convention or own) is None:

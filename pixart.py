@@ -15,6 +15,7 @@ fixed length.
 """
 import bisect
 import copy
+import inspect
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
 from diffusion import create_diffusion
-from models import Autoencoder, KVCache, StageKeys, guided_output, load_state_dict_strict, read_checkpoint, \
+from models import Autoencoder, KVCache, StageKeys, describe_checkpoint, guided_output, load_state_dict_strict, \
     unpatchify, weights_sha256
 from utils import atomic_write, save_json
 
@@ -37,6 +38,9 @@ PIXART_SIGMA = {512: "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", 1024: "PixArt-alph
 TEXT_TOKENS = 300  # PixArt-Sigma's max_sequence_length
 CFG_SCALE = 4.5  # PixArt-Sigma's default guidance
 TRANSFORMER_CLASS = "PixArtTransformer2DModel"
+# PixArt-Sigma's T5, tokenizer and SDXL VAE, which its own README loads beside a transformer-only repository (the
+# hub's PixArt-Sigma-XL-2-512-MS holds only transformer/): where a teacher without them takes them by default.
+COMPONENTS = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
 
 def sigma_config(resolution):
@@ -53,48 +57,101 @@ def _from_pretrained(load, source, subfolder, **kwargs):
     try:
         return load(source, subfolder=subfolder, **kwargs)
     except OSError as e:
-        raise FileNotFoundError(f"could not load {subfolder!r} of {source!r} ({e.__class__.__name__}); when offline, "
-                                f"pass a local folder saved with the pipeline's layout (transformer/, text_encoder/, "
-                                f"tokenizer/, vae/)") from None
+        raise unavailable(source, subfolder, e.__class__.__name__) from None
 
 
-def pipeline_vae(source):
-    """What the teacher's images live in: `source` itself, whose vae/ decodes its latents, or "none" (pixel
-    space) when its model_index.json states the VAE absent, as diffusers writes an absent component
-    ("vae": [null, null]). A pipeline with neither stops here; reads configs only."""
-    from diffusers import AutoencoderKL, DiffusionPipeline
-    index_path = os.path.join(str(source), "model_index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-    elif os.path.isdir(str(source)):
-        index = {}
-    else:  # a hub name
-        index = _from_pretrained(lambda name, subfolder: DiffusionPipeline.load_config(name), source, "model_index")
-    if index.get("vae") == [None, None]:
-        return "none"
+def unavailable(source, subfolder, cause):
+    return FileNotFoundError(f"could not load {subfolder!r} of {source!r} ({cause}); when offline, pass local folders: "
+                             f"the teacher's with transformer/, and for --text-encoder and --vae ones with "
+                             f"text_encoder/ and tokenizer/, and vae/")
+
+
+def holds_vae(source):
+    """Whether `source` (a folder or hub name) has a vae/."""
+    from diffusers import AutoencoderKL
     try:
         AutoencoderKL.load_config(source, subfolder="vae")
     except OSError:
-        raise FileNotFoundError(f"{source} has no vae/ and does not state pixel space (a model_index.json with "
-                                f'"vae": [null, null]): a latent teacher needs its VAE, a pixel-space one says '
-                                f"so") from None
-    return str(source)
+        return False
+    return True
 
 
-def check_pixart(source):
-    """Raises unless `source` (a hub name or a pipeline folder) holds a PixArt transformer and its VAE, or
-    states pixel space; reads configs only."""
+def pipeline_index(source):
+    """`source`'s model_index.json; {} where it has none (a transformer-only repository)."""
+    from diffusers import DiffusionPipeline
+    try:
+        return DiffusionPipeline.load_config(source)
+    except OSError:
+        return {}
+
+
+def pipeline_vae(source, vae=None):
+    """What the teacher's images live in: `vae` when given (a folder or hub name with vae/, or "none": pixel space);
+    else "none" when `source`'s model_index.json states the VAE absent, as diffusers writes an absent component
+    ("vae": [null, null]), `source` itself when it holds vae/, or COMPONENTS. Reads configs only."""
+    from diffusers import AutoencoderKL
+    if vae is None:
+        if pipeline_index(source).get("vae") == [None, None]:
+            return "none"
+        vae = source if holds_vae(source) else COMPONENTS
+    if vae != "none":
+        _from_pretrained(AutoencoderKL.load_config, vae, "vae")
+    return str(vae)
+
+
+def t5_config(source):
+    """The T5Config of `source`'s text_encoder/; None where it has none (transformers reads a missing one as {})."""
+    from transformers import T5Config
+    try:
+        config, _ = T5Config.get_config_dict(source, subfolder="text_encoder")
+    except OSError:
+        return None
+    return T5Config.from_dict(config) if config else None
+
+
+def pipeline_text_encoder(source, text_encoder=None):
+    """(where the teacher's T5 and tokenizer come from, the T5's config): `text_encoder` when given, else `source`
+    when it holds text_encoder/, else COMPONENTS. Reads configs only."""
+    if text_encoder is None:
+        text_encoder = source if t5_config(source) else COMPONENTS
+    config = t5_config(text_encoder)
+    if config is None:
+        raise unavailable(text_encoder, "text_encoder", "no T5 config")
+    return str(text_encoder), config
+
+
+def check_pixart(source, text_encoder=None, vae=None):
+    """(the transformer's config, {"text_encoder", "vae"}: where its T5 and tokenizer, and its VAE, come from;
+    pipeline_text_encoder, pipeline_vae) of a PixArt teacher, raising unless `source` (a hub name or a folder)
+    holds a PixArt transformer and they fit it. Reads configs only."""
+    from diffusers import AutoencoderKL
     config = checked_transformer_config(source)
-    pipeline_vae(source)
-    return config
+    text_encoder, t5 = pipeline_text_encoder(source, text_encoder)
+    if t5.d_model != config["caption_channels"]:
+        raise ValueError(f"the text encoder of {text_encoder} gives {t5.d_model}-channel embeddings; the transformer "
+                         f"of {source} takes {config['caption_channels']}")
+    vae = pipeline_vae(source, vae)
+    latent_channels = config["in_channels"] if vae == "none" else AutoencoderKL.load_config(vae, subfolder="vae").get(
+        "latent_channels")
+    if latent_channels != config["in_channels"]:
+        raise ValueError(f"the VAE of {vae} has {latent_channels} latent channels; the transformer of {source} "
+                         f"takes {config['in_channels']}")
+    return config, dict(text_encoder=text_encoder, vae=vae)
+
+
+def transformer_class(config):
+    """The class diffusers loads a transformer/ config as: a legacy Transformer2DModel (the hub's PixArt-Sigma uploads)
+    as the class its norm_type maps to in diffusers' own remapping ("ada_norm_single": PixArt's)."""
+    from diffusers.models.model_loading_utils import _CLASS_REMAPPING_DICT
+    name = config.get("_class_name")
+    return _CLASS_REMAPPING_DICT.get(name, {}).get(config.get("norm_type"), name)
 
 
 def checked_transformer_config(source):
     """The config of `source`'s transformer/, which must be a learned-sigma PixArt transformer."""
     from diffusers import PixArtTransformer2DModel
     config = _from_pretrained(PixArtTransformer2DModel.load_config, source, "transformer")
-    if config.get("_class_name") != TRANSFORMER_CLASS:
+    if transformer_class(config) != TRANSFORMER_CLASS:
         raise ValueError(f"{source}: the teacher must be a {TRANSFORMER_CLASS}, its transformer/ is a "
                          f"{config.get('_class_name')!r}")
     if config.get("out_channels") != 2 * config.get("in_channels", 4):
@@ -104,20 +161,23 @@ def checked_transformer_config(source):
 
 
 def public_config(config):
-    """A diffusers config as plain JSON-able fields, without its bookkeeping entries (_class_name, ...)."""
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def load_pixart(source):
-    """(PixArt transformer in eval mode, its description) from a hub name or a local pipeline folder."""
+    """A PixArt transformer's diffusers config as plain JSON-able fields: its constructor's arguments, without the
+    bookkeeping entries (_class_name, ...) or the other fields of a legacy Transformer2DModel config."""
     from diffusers import PixArtTransformer2DModel
-    checked_transformer_config(source)
-    vae = pipeline_vae(source)  # before any weights are read, as check_pixart
+    arguments = inspect.signature(PixArtTransformer2DModel.__init__).parameters
+    return {k: v for k, v in dict(config).items() if k in arguments}
+
+
+def load_pixart(source, text_encoder=None, vae=None):
+    """(PixArt transformer in eval mode, its description) from a hub name or a local pipeline folder, with its text
+    encoder and VAE from `source` or the sources given (check_pixart)."""
+    from diffusers import PixArtTransformer2DModel
+    _, sources = check_pixart(source, text_encoder, vae)  # before any weights are read
     transformer = _from_pretrained(PixArtTransformer2DModel.from_pretrained, source, "transformer").eval()
     config = public_config(transformer.config)
     size = config["sample_size"]
     info = dict(family="pixart", teacher=str(source), pixart=config, shape=[config["in_channels"], size, size],
-                vae=vae, weights_sha256=weights_sha256(transformer))
+                weights_sha256=weights_sha256(transformer), **sources)
     return transformer, info
 
 
@@ -315,7 +375,7 @@ def teacher_solver(transformer, sampler, steps, cfg_scale, clip_denoised, progre
 
 
 def export_pipeline(checkpoint, checkpoint_path, out, half=False):
-    """A PixArt teacher checkpoint's EMA weights (`checkpoint`: read_checkpoint of `checkpoint_path`) as a
+    """A PixArt teacher checkpoint's EMA weights (`checkpoint`: its {"ema", "args"}, of `checkpoint_path`) as a
     pipeline folder in the hub's layout (transformer/, text_encoder/ and tokenizer/ from its text encoder,
     scheduler/, and a model_index.json stating pixel space: "vae": [null, null]), which extraction, training
     and sampling take like a hub name. With `half` the transformer is stored in float16 (it loads back as
@@ -522,12 +582,12 @@ def build_student(pixart_config, args):
 
 def load_student(path):
     """A PixArt student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
-    checkpoint = read_checkpoint(path)
-    args = checkpoint.get("args", {})
-    if args.get("family") != "pixart" or args.get("stage") != "ard":
-        raise ValueError(f"{path} is not a text-to-image ARD checkpoint")
+    found = describe_checkpoint(path)
+    args = found.settings
+    if found.kind != "student" or args.get("family") != "pixart":
+        raise ValueError(f"{path} is not a text-to-image ARD checkpoint (a {found.kind} checkpoint)")
     model = build_student(args["pixart"], args)
-    return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args
+    return load_state_dict_strict(model, found.state_dict, source=str(path)).eval(), args
 
 
 # ---------------------------------------------------------------------------- cost

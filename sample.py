@@ -22,8 +22,8 @@ import torch
 import pixart
 from ard import load_student
 from diffusion import create_diffusion
-from extract_trajectories import add_flow_args, check_flow_args
-from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from extract_trajectories import add_flow_args, check_flow_args, check_pixart_sources
+from models import clips_x0, describe_checkpoint, load_autoencoder, load_teacher, with_guidance
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 from utils import autocast, save_grid
 
@@ -57,10 +57,6 @@ def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1
     return generate
 
 
-def is_student_checkpoint(ckpt):
-    return ckpt not in OFFICIAL_CHECKPOINTS and read_checkpoint(ckpt).get("args", {}).get("stage") in ("ard", "gan")
-
-
 def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="ddim", steps=25, cfg_scale=1.5,
                    guidance_channels=3, progress=False, flow=None):
     """(generate(noise, labels) -> model-space samples, the network, its description).
@@ -70,7 +66,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
     time_convention, solver, time_shift, guidance_interval; extract_trajectories.add_flow_args);
     a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
-    if is_student_checkpoint(ckpt):
+    if describe_checkpoint(ckpt).kind == "student":
         student, args = load_student(ckpt)
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"], kind="student",
                     num_steps=student.num_steps)
@@ -87,21 +83,27 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
     return generate, teacher, dict(info, kind="teacher", num_steps=steps)
 
 
-def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CFG_SCALE, progress=False):
+def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CFG_SCALE, progress=False,
+                     text_encoder=None, vae=None):
     """(generate(noise, prompts) -> model-space samples, the network, its description) of a PixArt
-    student checkpoint (its K steps) or a PixArt pipeline (the teacher; sampler, steps and CFG apply)."""
+    student checkpoint (its K steps, its text encoder and VAE) or a PixArt pipeline (the teacher; sampler, steps
+    and CFG apply; its text encoder and VAE from `text_encoder` and `vae` when given, pixart.check_pixart)."""
     if os.path.isfile(ckpt):
+        if text_encoder or vae:
+            raise ValueError(f"{ckpt} is a student: its text encoder and VAE are its own; drop --text-encoder and "
+                             f"--vae")
         student, args = pixart.load_student(ckpt)
         size = args["pixart"]["sample_size"]
         info = dict(family="pixart", kind="student", num_steps=student.num_steps, vae=args["vae"],
-                    text_encoder=args["teacher"], shape=[args["pixart"]["in_channels"], size, size])
+                    text_encoder=args.get("text_encoder", args["teacher"]),  # before it was recorded: the teacher's
+                    shape=[args["pixart"]["in_channels"], size, size])
         guided, network = False, student
 
         def run(noise, text, mask):
             return student.sample(noise, text, mask)[:, -1]
     else:
-        network, info = pixart.load_pixart(ckpt)
-        info = dict(info, kind="teacher", num_steps=steps, text_encoder=ckpt)
+        network, info = pixart.load_pixart(ckpt, text_encoder, vae)
+        info = dict(info, kind="teacher", num_steps=steps)
         run, guided = pixart.teacher_solver(network, sampler, steps, cfg_scale, clips_x0(info["vae"]), progress)
     encode = pixart.PromptEncoder(info["text_encoder"], device)
 
@@ -124,7 +126,11 @@ def add_generator_args(p):
                                                 "(default: the official DiT-XL/2 at --image-size)")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", default="ema", help="ema, mse, or a local diffusers folder (official checkpoints)")
+    p.add_argument("--vae", help="ema (default), mse, or a local diffusers folder (official checkpoints); a PixArt "
+                                 "teacher's: a folder or hub name with vae/ (default: its own, else "
+                                 f"{pixart.COMPONENTS})")
+    p.add_argument("--text-encoder", help="a PixArt teacher's T5 and tokenizer: a folder or hub name with "
+                                          f"text_encoder/ and tokenizer/ (default: its own, else {pixart.COMPONENTS})")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
@@ -142,7 +148,8 @@ def generator_from_args(args, device, text_to_image=False, progress=False):
     if text_to_image:
         if not args.ckpt:
             raise ValueError("text-to-image needs --ckpt: a PixArt student checkpoint or a PixArt pipeline")
-        return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress)
+        return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress,
+                                args.text_encoder, args.vae)
     flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "time_shift",
                                           "guidance_interval")}
     return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
@@ -165,6 +172,7 @@ def main(argv=None):
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
     check_flow_args(p, args)
+    check_pixart_sources(p, args, text_to_image=bool(args.prompt or args.prompts))
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

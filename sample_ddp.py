@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import pixart
-from extract_trajectories import check_flow_args
+from extract_trajectories import check_flow_args, check_pixart_sources
 from models import OFFICIAL_CHECKPOINTS
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
 from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     if args.cfg_scale < 1:
         p.error(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
     check_flow_args(p, args)
+    check_pixart_sources(p, args, text_to_image=bool(args.prompts))
     if not args.out.endswith(".npz"):
         p.error(f"--out must end in .npz, got {args.out}")
     if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.chunk_size < 1:

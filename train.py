@@ -44,7 +44,8 @@ from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, 
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import DISC_BLOCKS, Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
+from models import (clips_x0, create_dit, describe_checkpoint, export_ema, load_autoencoder, load_teacher,
+                    read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
 from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
@@ -289,7 +290,7 @@ class TextToImageTask(DistillationTask):
     def build(self, args, device, student):
         if args.attention != "sdpa":
             raise ValueError("--attention flex is for the DiT student; the PixArt student uses sdpa")
-        config = pixart.check_pixart(args.teacher)
+        config = pixart.checked_transformer_config(args.teacher)
         check_student_settings(args.num_steps, args.history_layers, config["num_layers"],
                                parametrization=args.parametrization, target=args.target,
                                history_input=args.history_input)
@@ -298,14 +299,15 @@ class TextToImageTask(DistillationTask):
         if student is not None:
             expected["boundary_times"] = student["stage_times"]
         self.data = TrajectoryDataset(args.data_path, args.target, expected=expected)
-        teacher, info = pixart.load_pixart(args.teacher)
+        teacher, info = pixart.load_pixart(args.teacher, self.data.meta["text_encoder"], self.data.meta["vae"])
         check_meta(self.data.meta, dict(pixart=info["pixart"], teacher_weights_sha256=info["weights_sha256"]),
                    os.path.join(args.data_path, "meta.json"))
         self.model = pixart.PixArtARD(teacher, args.num_steps, args.history_layers, args.mask,
                                       **stage_readout(args, self.data.meta))
         self.model.grad_checkpointing = args.grad_checkpointing
         self.autoencoder = pixart.load_vae(info["vae"]).to(device)
-        self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], **self.model.settings)
+        self.record = dict(family="pixart", pixart=info["pixart"], vae=info["vae"], text_encoder=info["text_encoder"],
+                           **self.model.settings)
         self.feed_settings(args)
         return teacher
 
@@ -694,7 +696,7 @@ def check_real_data(parser, args):
     """--real-data must fit the student of --init, as its record describes it (nothing loads): the image size,
     the channels the teacher takes (RGB through a VAE) and the classes, since a real image's label indexes the
     student's classes."""
-    student = read_checkpoint(args.init).get("args", {})
+    student = describe_checkpoint(args.init).settings
     if "dit" not in student:  # no DiT student: AdversarialTask says what --init is
         return
     size, channels, num_classes = image_format(args.real_data)
@@ -731,7 +733,7 @@ def check_student_fed(parser, args):
         parser.error("--student-fed applies to --stage ard and gan (a student's rollouts), not teacher")
     num_steps = args.num_steps
     if args.student_fed and args.stage == "gan" and not args.resume:  # a new GAN run's student is --init's
-        num_steps = read_checkpoint(args.init).get("args", {}).get("num_steps", num_steps)
+        num_steps = describe_checkpoint(args.init).settings.get("num_steps", num_steps)
     if args.student_fed and num_steps < 2:
         parser.error(f"--student-fed needs --num-steps >= 2 (one step has no input after x_T); got {num_steps}")
 
@@ -740,9 +742,11 @@ def check_student_fed(parser, args):
 
 def export(checkpoint_path, out, half=False):
     """A checkpoint's EMA weights: a PixArt teacher's as a pipeline folder, any other's as .safetensors."""
-    checkpoint = read_checkpoint(checkpoint_path)
-    exported = checkpoint.get("args", {})
-    if (exported.get("family"), exported.get("stage")) == ("pixart", "teacher"):
+    found = describe_checkpoint(checkpoint_path)
+    if found.kind not in ("student", "teacher"):
+        raise ValueError(f"--export takes one of our checkpoints; {checkpoint_path} is a {found.kind} file")
+    checkpoint = dict(ema=found.state_dict, args=found.settings)
+    if (found.settings.get("family"), found.kind) == ("pixart", "teacher"):
         pixart.export_pipeline(checkpoint, checkpoint_path, out, half=half)
         print(f"exported the EMA weights of {checkpoint_path} as the pipeline folder {out}")
     else:

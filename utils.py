@@ -140,6 +140,21 @@ def on_every_rank(work):
         raise error
 
 
+def in_download_turns(work):
+    """work() on every rank in three turns: the global rank 0, then each other node's first rank, then the rest,
+    each turn waiting for the one before. A work() that fetches a missing file then finds it fetched by rank 0 when
+    the file's folder is shared by all nodes, or by its node's first rank when it is node-local: one download per
+    folder. Every rank raises the first error of a turn (rank 0 offline: its one-line error, on every rank)."""
+    if not dist.is_initialized():
+        return work()
+    rank = dist.get_rank()
+    mine = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    result = []
+    for turn in range(3):
+        on_every_rank(lambda: result.append(work()) if turn == mine else None)
+    return result[0]
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

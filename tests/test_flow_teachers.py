@@ -8,12 +8,14 @@ import os
 import shutil
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import extract_trajectories as et
 import sample
+import sample_ddp
 import test_extract as te
 import test_train as tt
 
@@ -28,9 +30,10 @@ def random_state(model, seed):
     return {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
 
 
-def repa_layout(seed=0):
+def repa_layout(seed=0, num_classes=10):
     """REPA's SiT state dict for 8x8 pixels: DiT's keys without learned sigma, plus one projector MLP (6 tensors)."""
-    state = random_state(create_dit("DiT-S/8", 8, latent=False, in_channels=3, num_classes=10, learn_sigma=False), seed)
+    state = random_state(create_dit("DiT-S/8", 8, latent=False, in_channels=3, num_classes=num_classes,
+                                    learn_sigma=False), seed)
     g = torch.Generator().manual_seed(seed + 1)
     for i, (fan_in, fan_out) in zip((0, 2, 4), ((384, 64), (64, 64), (64, 32))):
         state[f"projectors.0.{i}.weight"] = torch.randn(fan_out, fan_in, generator=g)
@@ -94,8 +97,7 @@ def test_sit_download_names_its_url_when_offline(tmp_path, monkeypatch):
 def test_repa_checkpoint_loads_without_its_projectors_named_in_the_log(tmp_path, caplog, wrapped):
     state = repa_layout()
     path = tmp_path / "last.pt"
-    checkpoint = {"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2"),
-                  "steps": 4_000_000} if wrapped else state
+    checkpoint = repa_training_dict(state) if wrapped else state
     torch.save(checkpoint, path)
     with caplog.at_level(logging.WARNING, logger="models"):
         net, info = load_teacher(str(path), family="flow", **PIXELS)
@@ -106,6 +108,35 @@ def test_repa_checkpoint_loads_without_its_projectors_named_in_the_log(tmp_path,
     assert "dropping its 6 projector tensors" in caplog.text and "projectors.0.4.weight" in caplog.text
     with pytest.raises(ValueError, match="last.pt is a flow-matching"):
         load_teacher(str(path), **PIXELS)
+
+
+def repa_training_dict(state):
+    """What REPA's own train.py saves."""
+    return {"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 4_000_000}
+
+
+def test_repas_training_dict_samples_as_its_bare_weights_in_sample_and_sample_ddp(tmp_path, capsys):
+    """sample.py and sample_ddp.py identify REPA's training dict as load_teacher does (they read its args as ours and
+    crashed on its argparse.Namespace): its images equal those of the bare EMA weights without projectors."""
+    state = repa_layout(num_classes=1000)  # sample.py's official-file flags: ImageNet's classes
+    weights = {k: v for k, v in state.items() if not k.startswith("projectors.")}
+    torch.save(repa_training_dict(state), tmp_path / "last.pt")
+    torch.save(weights, tmp_path / "bare.pt")
+    flags = ["--model", "DiT-S/8", "--image-size", "8", "--vae", "none", "--teacher-family", "flow",
+             "--time-convention", "repa", "--num-sampling-steps", "2", "--cfg-scale", "1", "--device", "cpu"]
+    for name in ("last", "bare"):
+        sample.main(["--ckpt", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"{name}.png"), *flags])
+        sample_ddp.main(["--ckpt", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"{name}.npz"),
+                         "--num-fid-samples", "3", *flags])
+    assert (tmp_path / "last.png").read_bytes() == (tmp_path / "bare.png").read_bytes()
+    assert np.array_equal(np.load(tmp_path / "last.npz")["arr_0"], np.load(tmp_path / "bare.npz")["arr_0"])
+    assert "teacher (2 steps): 3 images" in capsys.readouterr().out
+
+
+def test_export_refuses_repas_training_dict_in_one_line(tmp_path):
+    torch.save(repa_training_dict(repa_layout()), tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"^--export takes one of our checkpoints; .*last.pt is a REPA file$"):
+        tt.train.export(str(tmp_path / "last.pt"), str(tmp_path / "out.safetensors"))
 
 
 def test_our_checkpoints_record_their_family(tmp_path):

@@ -5,6 +5,10 @@ Everything runs on the CPU with tiny configs and random weights; the full-size m
 only built on the meta device (layout checks, no memory, no forward pass).
 """
 import math
+import os
+import socket
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -14,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from conftest import ROOT
 from models import DiT, DiT_models, create_dit, find_model, load_teacher
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -458,6 +463,28 @@ def test_bare_state_dict_loads_strictly_through_find_model(tmp_path):
         assert torch.equal(model.eval()(x, t, y), source(x, t, y))
 
 
+@pytest.mark.parametrize("wrapper", [None, "ema", "model"])
+def test_a_state_dict_loads_bare_or_wrapped(tmp_path, wrapper):
+    source = tiny_dit(seed=3)
+    path = tmp_path / "weights.pt"
+    torch.save({wrapper: source.state_dict(), "epoch": 3} if wrapper else source.state_dict(), path)
+    found = models.describe_checkpoint(str(path))
+    assert (found.kind, found.settings, found.family) == ("state dict", {}, None)
+    assert_same_weights(models.load_state_dict_strict(DiT(**TINY), found.state_dict), source.state_dict())
+
+
+def test_an_unknown_file_stops_every_loader_with_one_line_naming_its_keys(tmp_path):
+    import sample
+    from ard import load_student
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": tiny_dit().state_dict(), "epoch": 3}, path)
+    for load in (find_model, load_teacher, load_student, sample.load_generator):
+        with pytest.raises(ValueError) as err:
+            load(str(path))
+        assert str(err.value) == (f"{path}: not a checkpoint we know (top-level keys state_dict, epoch); expected one "
+                                  f"of ours, an export, or a DiT/SiT/REPA state dict bare or under 'ema' or 'model'")
+
+
 def test_safetensors_loads_strictly(tmp_path):
     from safetensors.torch import save_file
 
@@ -582,6 +609,43 @@ def test_official_name_downloads_once(tmp_path, monkeypatch):
     for _ in range(2):
         assert torch.equal(find_model("DiT-XL-2-512x512.pt")["w"], small["w"])
     assert calls == ["https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"]
+
+
+def launch_download_ranks(folder, log, *launch):
+    """tests/download_ranks.py under torchrun (`launch`: its flags) in `folder`, its downloads logged to `log`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, DOWNLOAD_LOG=str(log), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, os.path.join(ROOT, "tests", "download_ranks.py")]
+    return subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process):
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+
+
+def test_two_ranks_download_an_official_checkpoint_once(tmp_path):
+    log = tmp_path / "downloads.log"
+    finished(launch_download_ranks(tmp_path, log, "--standalone", "--nproc_per_node=2"))
+    assert log.read_text() == "0 https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt\n"
+
+
+def test_each_node_downloads_into_its_node_local_folder_once(tmp_path):
+    """Two nodes of two ranks (two torchrun launches), a folder per node: rank 2, node 1's first, downloads after
+    rank 0 into its own, and rank 3 waits for it (with one folder, rank 2 finds rank 0's file as rank 1 does)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log, nodes = tmp_path / "downloads.log", []
+    for node in range(2):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir()
+        nodes.append(launch_download_ranks(folder, log, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2",
+                                           "--master_addr=127.0.0.1", f"--master_port={port}"))
+    for process in nodes:
+        finished(process)
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["0", "2"]
 
 
 # ----------------------------------------------------------------------------- autoencoder

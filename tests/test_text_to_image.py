@@ -21,7 +21,8 @@ import sample_ddp
 import train
 from diffusion import create_diffusion, student_timesteps
 from evaluations import clip_score
-from tiny_pixart import MAX_TOKENS, WORDS, save_tiny_pipeline, save_tiny_pixel_pipeline, tiny_tokenizer, tiny_transformer
+from tiny_pixart import (MAX_TOKENS, WORDS, save_tiny_components, save_tiny_pipeline, save_tiny_pixel_pipeline,
+                         save_tiny_transformer_only, tiny_tokenizer, tiny_transformer)
 from utils import index_noise_and_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,14 +195,87 @@ def test_pixel_space_is_stated_and_clips_like_every_pixel_teacher(pixel_pipeline
     assert grid.stat().st_size > 0
 
 
-def test_a_pipeline_neither_latent_nor_stated_pixel_space_stops_before_any_weights(pipeline, tmp_path, monkeypatch):
-    unstated = tmp_path / "pipeline"
-    shutil.copytree(pipeline, unstated)
-    shutil.rmtree(unstated / "vae")
+def test_a_pipeline_without_vae_or_t5_whose_default_source_is_unreachable_stops_before_any_weights(pipeline, tmp_path,
+                                                                                                  monkeypatch):
+    """Neither latent (vae/) nor stated pixel space, or without text_encoder/: the piece comes from pixart.COMPONENTS
+    (here a folder that is not there, as the hub offline), and its error names it."""
     from diffusers import PixArtTransformer2DModel
     monkeypatch.setattr(PixArtTransformer2DModel, "from_pretrained", must_not_run)
-    with pytest.raises(FileNotFoundError, match="has no vae/ and does not state pixel space"):
-        pixart.load_pixart(str(unstated))
+    monkeypatch.setattr(pixart, "COMPONENTS", str(tmp_path / "offline"))
+    for piece in ("vae", "text_encoder"):
+        partial = tmp_path / f"without-{piece}"
+        shutil.copytree(pipeline, partial)
+        shutil.rmtree(partial / piece)
+        with pytest.raises(FileNotFoundError,
+                           match=f"could not load '{piece}' of '.*offline'.*--text-encoder and --vae"):
+            pixart.load_pixart(str(partial))
+
+
+@pytest.fixture(scope="module")
+def hub_split(tmp_path_factory):
+    """save_tiny_pipeline's pieces laid out as the hub's two repositories: (transformer-only, components)."""
+    hub = tmp_path_factory.mktemp("hub")
+    return (save_tiny_transformer_only(hub / "PixArt-Sigma-XL-2-512-MS"),
+            save_tiny_components(hub / "pixart_sigma_sdxlvae_T5_diffusers"))
+
+
+def test_the_hubs_transformer_only_repository_extracts_the_whole_pipelines_trajectories(single, hub_split, prompt_file,
+                                                                                       tmp_path, monkeypatch):
+    """A transformer-only repository whose config is diffusers' legacy Transformer2DModel, with its T5, tokenizer and
+    VAE from --text-encoder and --vae, or by default from pixart.COMPONENTS (here the local components folder), gives
+    the whole pipeline's trajectories byte for byte; its meta differs only in where each piece came from."""
+    transformer, components = hub_split
+    monkeypatch.setattr(pixart, "COMPONENTS", components)
+    whole = json.load(open(os.path.join(single, "meta.json")))
+    for name, flags in (("flagged", ["--text-encoder", components, "--vae", components]), ("default", [])):
+        et.main(extract_argv(transformer, prompt_file, tmp_path / name, *flags))
+        meta = json.load(open(tmp_path / name / "meta.json"))
+        assert (meta["teacher_ckpt"], meta["text_encoder"], meta["vae"]) == (transformer, components, components)
+        assert {k for k in whole if meta[k] != whole[k]} == {"teacher_ckpt", "text_encoder", "vae"}
+        split, full = contents(tmp_path / name), contents(single)
+        del split["meta.json"], full["meta.json"]
+        assert split == full
+
+
+def test_the_hubs_split_pipeline_trains_and_samples_as_the_whole_one(pipeline, hub_split, prompt_file, tmp_path):
+    """sample.py's teacher from the two repositories draws the whole pipeline's grid; a student trained on their
+    trajectories records the components and sample.py takes its T5 and VAE from them."""
+    transformer, components = hub_split
+    grid = ["--sampler", "ddim", "--num-sampling-steps", "2", "--prompt", PROMPTS[0], "--device", "cpu"]
+    sample.main(["--ckpt", pipeline, "--out", str(tmp_path / "whole.png"), *grid])
+    sample.main(["--ckpt", transformer, "--text-encoder", components, "--vae", components,
+                 "--out", str(tmp_path / "split.png"), *grid])
+    assert (tmp_path / "whole.png").read_bytes() == (tmp_path / "split.png").read_bytes()
+    et.main(extract_argv(transformer, prompt_file, tmp_path / "traj", "--text-encoder", components, "--vae",
+                         components))
+    experiment = run(train_argv(transformer, str(tmp_path / "traj"), tmp_path / "r", "--iterations", 1,
+                                "--ckpt-every", 1))
+    recorded = checkpoint(experiment, 1)["args"]
+    assert (recorded["teacher"], recorded["text_encoder"], recorded["vae"]) == (transformer, components, components)
+    student = os.path.join(experiment, "checkpoints", "0000001.pt")
+    sample.main(["--ckpt", student, "--prompt", PROMPTS[0], "--out", str(tmp_path / "student.png"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="is a student: its text encoder and VAE are its own"):
+        sample.main(["--ckpt", student, "--prompt", PROMPTS[0], "--vae", components, "--out", str(tmp_path / "x.png"),
+                     "--device", "cpu"])
+
+
+@pytest.mark.parametrize("problem", ["dit_legacy", "text_channels"])
+def test_a_split_pipeline_that_does_not_fit_stops_before_any_weights(hub_split, toy_text_encoder, tmp_path,
+                                                                     monkeypatch, problem):
+    transformer, components = hub_split
+    from diffusers import PixArtTransformer2DModel
+    monkeypatch.setattr(PixArtTransformer2DModel, "from_pretrained", must_not_run)
+    if problem == "dit_legacy":  # the legacy class with DiT's norm_type is what diffusers loads as a DiT
+        legacy = tmp_path / "dit"
+        shutil.copytree(transformer, legacy)
+        config = json.loads((legacy / "transformer" / "config.json").read_text())
+        (legacy / "transformer" / "config.json").write_text(json.dumps(dict(config, norm_type="ada_norm_zero")))
+        with pytest.raises(ValueError, match="must be a PixArtTransformer2DModel, its transformer/ is a "
+                                             "'Transformer2DModel'"):
+            pixart.load_pixart(str(legacy), components, components)
+    else:
+        with pytest.raises(ValueError, match="gives 16-channel embeddings; the transformer of .* takes 24"):
+            pixart.load_pixart(transformer, toy_text_encoder, components)
 
 
 @pytest.fixture(scope="module")

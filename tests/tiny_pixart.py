@@ -1,6 +1,9 @@
 """Tiny random PixArt-Sigma pieces for CPU tests: a transformer, the project's toy T5 text encoder
 (pixart.build_toy_text_encoder), an SDXL-like VAE, saved in the pipeline's folder layout; and a
-word-level tokenizer for the tiny CLIP."""
+word-level tokenizer for the tiny CLIP. The hub's PixArt-Sigma-XL-2-512-MS and pixart_sigma_sdxlvae_T5_diffusers
+split a pipeline in two: save_tiny_transformer_only and save_tiny_components lay the same pieces out as they do."""
+import json
+
 import torch
 
 from pixart import build_toy_text_encoder
@@ -55,6 +58,33 @@ def save_tiny_pipeline(path, seed=0, transformer=None):
     (transformer or tiny_transformer(seed)).save_pretrained(path / "transformer")
     build_toy_text_encoder(str(path), WORDS, seed, d_model=TEXT_CHANNELS)
     tiny_vae(seed).save_pretrained(path / "vae")
+    return str(path)
+
+
+def save_tiny_transformer_only(path, seed=0):
+    """A repository as the hub's PixArt-Sigma-XL-2-512-MS (and the first 1024-MS upload): transformer/ alone, no
+    model_index.json, its config diffusers' legacy Transformer2DModel with norm_type "ada_norm_single" and that
+    class's other fields, as the upload's config.json says."""
+    tiny_transformer(seed).save_pretrained(path / "transformer")
+    config_path = path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["norm_type"] == "ada_norm_single"
+    config.update(_class_name="Transformer2DModel", _diffusers_version="0.22.0.dev0", attention_type="default",
+                  double_self_attention=False, norm_num_groups=32, num_vector_embeds=None, only_cross_attention=False,
+                  use_linear_projection=False)
+    config_path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def save_tiny_components(path, seed=0):
+    """A repository as the hub's pixart_sigma_sdxlvae_T5_diffusers: text_encoder/, tokenizer/ and vae/ (with
+    save_tiny_pipeline's pieces of the same seed) and a model_index.json naming a PixArtSigmaPipeline's parts."""
+    build_toy_text_encoder(str(path), WORDS, seed, d_model=TEXT_CHANNELS)
+    tiny_vae(seed).save_pretrained(path / "vae")
+    parts = dict(scheduler=["diffusers", "DPMSolverMultistepScheduler"],
+                 text_encoder=["transformers", "T5EncoderModel"], tokenizer=["transformers", "T5Tokenizer"], transformer=["diffusers", "Transformer2DModel"],
+                 vae=["diffusers", "AutoencoderKL"])
+    (path / "model_index.json").write_text(json.dumps(dict(_class_name="PixArtSigmaPipeline", **parts), indent=2))
     return str(path)
 
 
