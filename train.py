@@ -320,8 +320,8 @@ class AdversarialTask(DistillationTask):
     """Regression plus a hinge GAN on the frozen teacher's features (the paper's FID 1.84 row)."""
 
     def __init__(self, args, device, resumed=None):
-        """A new run starts from --init (student, EMA, optimiser); a resumed one from its own
-        checkpoint alone, which holds all of that."""
+        """A new run starts from --init (student, EMA, optimiser; from an export, its EMA weights for both and a
+        fresh optimiser); a resumed one from its own checkpoint alone, which holds all of that."""
         start = resumed or read_checkpoint(args.init)
         student = start.get("args", {})
         if student.get("stage") not in ("ard", "gan"):
@@ -333,6 +333,9 @@ class AdversarialTask(DistillationTask):
                              f"{args.teacher_family} teacher")
         teacher = self.build(args, device, student)
         self.init_checkpoint = None if resumed else start
+        if "model" not in start:
+            self.notes = [f"--init {args.init} is an export: the model and its EMA start from its EMA weights, "
+                          f"with a fresh optimiser"]
         self.real, _, _ = image_dataset(args.real_data, args.image_size)
         self.flip = flips_images(args, args.real_data)
         self.discriminator = Discriminator(teacher, blocks=args.disc_blocks).to(device)
@@ -614,7 +617,8 @@ def build_parser():
     ard.add_argument("--student-fed-ema", action="store_true",
                      help="roll out with the EMA weights (those that generate at inference), not the online ones")
     gan = p.add_argument_group("adversarial fine-tuning")
-    gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
+    gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser), or its export (the EMA "
+                                    "weights for both, a fresh optimiser)")
     gan.add_argument("--real-data", help="image folder, 'digits' or 'shapes'")
     gan.add_argument("--disc-lr", type=float, default=1e-3)
     gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with adversarial weight 0")
@@ -773,10 +777,11 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # an export (--init) holds the EMA weights alone: the model starts from them too
+        model.load_state_dict(checkpoint.get("model", checkpoint["ema"]))
         ema.load_state_dict(checkpoint["ema"])
-        opt.load_state_dict(checkpoint["opt"])
+        if "opt" in checkpoint:
+            opt.load_state_dict(checkpoint["opt"])
         if "disc_heads" in checkpoint:
             task.discriminator.heads.load_state_dict(checkpoint["disc_heads"])
             task.disc_opt.load_state_dict(checkpoint["disc_opt"])

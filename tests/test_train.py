@@ -446,6 +446,21 @@ def test_gan_resumes_without_its_init_checkpoint(gan_run, ard_run, traj, tmp_pat
     assert_same_training_state(load(ckpt(gan_run, 4)), load(ckpt(part, 4)))
 
 
+def test_gan_starts_from_an_export_as_from_its_ema_with_a_fresh_optimiser(ard_run, traj, tmp_path):
+    """--init EXPORT.safetensors: the run equals one from the checkpoint whose model is its EMA and whose AdamW
+    has no state yet, and its log says so."""
+    exported = str(tmp_path / "student.safetensors")
+    train.main(["--export", ckpt(ard_run, 6), exported])
+    state = load(ckpt(ard_run, 6))
+    state.update(model=state["ema"], opt=dict(state["opt"], state={}))
+    torch.save(state, tmp_path / "ema_init.pt")
+    runs = [run(gan_argv(init, traj, tmp_path / name, "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1))
+            for name, init in (("export", exported), ("checkpoint", tmp_path / "ema_init.pt"))]
+    assert_same_training_state(load(ckpt(runs[0], 2)), load(ckpt(runs[1], 2)))
+    with open(os.path.join(runs[0], "log.txt")) as f:
+        assert "is an export: the model and its EMA start from its EMA weights, with a fresh optimiser" in f.read()
+
+
 def test_resume_is_bit_identical_two_processes(ddp):
     resumed = ddp["ard3"]
     assert ckpt_steps(resumed) == [3, 6]
