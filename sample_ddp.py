@@ -31,7 +31,7 @@ from evaluations.npz import NpzImages
 from extract_trajectories import check_flow_args
 from models import OFFICIAL_CHECKPOINTS
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
-from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
@@ -184,7 +184,7 @@ def main(argv=None):
     if settings is None:
         cleanup_distributed()
         return
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(False)  # fp32 is IEEE fp32 (--precision, --decode-precision); bf16 runs under autocast either way
     prompts = pixart.read_prompts(args.prompts) if args.prompts else None
     generate, network, info = generator_from_args(args, device, text_to_image=bool(prompts))
     network.to(device)

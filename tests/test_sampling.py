@@ -365,6 +365,27 @@ def test_sample_ddp_decodes_under_the_decode_precision(checkpoints, tmp_path, mo
     assert precisions == ["fp32", "bf16"]
 
 
+def enable_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+
+def tf32_allowed():
+    """(for matmuls, for cuDNN's convolutions)"""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_fp32_sampling_is_ieee_fp32_not_tf32(checkpoints, tmp_path, monkeypatch):
+    """--precision fp32 and --decode-precision fp32 mean IEEE fp32: TF32 off, also for cuDNN, where torch allows it
+    by default."""
+    enable_tf32(monkeypatch)
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "a.npz", "--num-fid-samples", "3"))
+    assert tf32_allowed() == (False, False)
+    enable_tf32(monkeypatch)
+    sample.main(["--ckpt", checkpoints[1], "--class-labels", "1", "--out", str(tmp_path / "grid.png")])
+    assert tf32_allowed() == (False, False)
+
+
 def test_a_pipeline_folder_whose_weights_are_rewritten_in_place_is_another_checkpoint(tmp_path):
     weights = tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.parent.mkdir(parents=True)
