@@ -165,8 +165,8 @@ def write_samples(out, chunks, settings):
 
 
 def remove_parts(parts_dir):
-    """Removes the chunks' folder, if any. Failing to (an NFS server keeps a file another process holds open as
-    .nfsXXXX) is a warning: the samples are complete."""
+    """Removes the chunks' folder, if any. Failing to (on NFS, a file that some process still holds open stays
+    as .nfsXXXX) is only a warning: the samples are complete."""
     if not os.path.exists(parts_dir):
         return
     try:
