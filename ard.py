@@ -9,6 +9,7 @@ either as the prediction itself ("direct") or as the teacher reads its own outpu
 ε-prediction mapped through the DDIM step from the stage's input to the next stage's time; "euler", for
 flow-matching teachers: a velocity mapped through the Euler step).
 """
+import contextlib
 import copy
 
 import torch
@@ -119,6 +120,8 @@ def full_precision(device):
     """Autocast off on `device`, for the stage heads, their readout and the conditioning that feeds them (inputs
     cast to fp32): a ddim readout multiplies a head's error by up to sqrt(1/ᾱ - 1), 157 at t=999 for the x0
     target, so bf16's rounding there would rival the whole backbone's; these are a small share of the cost."""
+    if not torch.amp.is_autocast_available(device.type):  # "meta" (counting FLOPs) has no autocast to turn off
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
