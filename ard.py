@@ -9,6 +9,7 @@ either as the prediction itself ("direct") or as the teacher reads its own outpu
 ε-prediction mapped through the DDIM step from the stage's input to the next stage's time; "euler", for
 flow-matching teachers: a velocity mapped through the Euler step).
 """
+import contextlib
 import copy
 
 import torch
@@ -115,6 +116,15 @@ def stage_runs(stages):
     return runs
 
 
+def full_precision(device):
+    """Autocast off on `device`, for the stage heads, their readout and the conditioning that feeds them (inputs
+    cast to fp32): a ddim readout multiplies a head's error by up to sqrt(1/ᾱ - 1), 157 at t=999 for the x0
+    target, so bf16's rounding there would rival the whole backbone's; these are a small share of the cost."""
+    if not torch.amp.is_autocast_available(device.type):  # "meta" (counting FLOPs) has no autocast to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class StageReadout(nn.Module):
     """A stage's prediction from its head's raw output (DESIGN.md, stage heads), for both student families.
 
@@ -126,7 +136,7 @@ class StageReadout(nn.Module):
     teacher's velocity and the step is Euler's on the linear path (flow solvers never clip). At
     initialisation a stage then equals the teacher's one-jump solve from its input. Stage inputs
     after x_T are states only for the state target: with the x0 target the step reads them as
-    states all the same, and is the teacher's jump at stage 0 alone.
+    states all the same, and is the teacher's jump at stage 0 alone. The step is computed, and returned, in fp32.
     """
 
     def __init__(self, parametrization, target, stage_times, clip_x0, time_convention=None):
@@ -148,7 +158,7 @@ class StageReadout(nn.Module):
             state, x0 = euler_jump(stage_input.float(), raw.float(), level, level_next, self.convention)
         else:
             state, x0 = ddim_jump(stage_input.float(), raw.float(), level, level_next, self.clip_x0)
-        return (x0 if self.target == "x0" else state).to(raw.dtype)
+        return x0 if self.target == "x0" else state
 
 
 class ARD(nn.Module):
@@ -205,15 +215,17 @@ class ARD(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def conditioning(self, y):
-        """(B, K, D): stage k's time embedding plus the label embedding (never dropped)."""
-        return self.t_embedder(self.stage_times).unsqueeze(0) + self.y_embedder(y, train=False).unsqueeze(1)
+        """(B, K, D), fp32: stage k's time embedding plus the label embedding (never dropped)."""
+        with full_precision(self.stage_times.device):  # K + B rows: free, and it feeds the heads too
+            return self.t_embedder(self.stage_times).unsqueeze(0) + self.y_embedder(y, train=False).unsqueeze(1)
 
     def head(self, x, c, k, stage_input):
-        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D), conditioning (B, 1, D) and
+        """Stage k's prediction (B, C, H, W), in fp32, from its tokens (B, L, D), conditioning (B, 1, D) and
         input (B, C, H, W); of a learned-sigma head only the first C channels are used."""
         head = self.heads[0 if len(self.heads) == 1 else k]
-        raw = unpatchify(head(x, c), self.patch_size, self.out_channels)[:, : self.in_channels]
-        return self.readout(raw, stage_input, k)
+        with full_precision(x.device):
+            raw = unpatchify(head(x.float(), c), self.patch_size, self.out_channels)[:, : self.in_channels]
+            return self.readout(raw, stage_input, k)
 
     def history_mask(self):
         """The history blocks' attention: per-stage SDPA, or a FlexAttention block mask made from the

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from ard import StageReadout, check_stage_shape, check_student_settings, stage_mask, stage_runs, student_kwargs
+from ard import (StageReadout, check_stage_shape, check_student_settings, full_precision, stage_mask, stage_runs,
+                 student_kwargs)
 from diffusion import create_diffusion
 from models import Autoencoder, KVCache, StageKeys, describe_checkpoint, guided_output, load_state_dict_strict, \
     unpatchify, weights_sha256
@@ -497,21 +498,23 @@ class PixArtARD(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def stage_conditioning(self, repeats):
-        """adaLN-single of the K stage times, once per stage: (timestep (repeats·K, 6D), embedded (repeats·K, D)),
+        """adaLN-single of the K stage times in fp32, once per stage: (timestep (repeats·K, 6D), embedded (repeats·K, D)),
         row r·K + k for stage k."""
-        t, embedded = self.transformer.adaln_single(self.stage_times, None, batch_size=self.num_steps,
-                                                    hidden_dtype=self.transformer.pos_embed.proj.weight.dtype)
+        with full_precision(self.stage_times.device):
+            t, embedded = self.transformer.adaln_single(self.stage_times, None, batch_size=self.num_steps,
+                                                        hidden_dtype=self.transformer.pos_embed.proj.weight.dtype)
         return t.repeat(repeats, 1), embedded.repeat(repeats, 1)
 
     def head(self, x, embedded_t, k, stage_input):
-        """Stage k's prediction (B, C, H, W) from its tokens (B, L, D) and its input (B, C, H, W), through
-        the first C of the 2C channels and the readout."""
+        """Stage k's prediction (B, C, H, W), in fp32, from its tokens (B, L, D) and its input (B, C, H, W),
+        through the first C of the 2C channels and the readout."""
         head = self.transformer if k == 0 or not self.extra_heads else self.extra_heads[k - 1]
-        shift, scale = (head.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
-        x = self.transformer.norm_out(x) * (1 + scale) + shift
-        out_channels = self.transformer.out_channels
-        raw = unpatchify(head.proj_out(x), self.patch_size, out_channels)[:, : self.in_channels]
-        return self.readout(raw, stage_input, k)
+        with full_precision(x.device):
+            shift, scale = (head.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+            x = self.transformer.norm_out(x.float()) * (1 + scale) + shift
+            out_channels = self.transformer.out_channels
+            raw = unpatchify(head.proj_out(x), self.patch_size, out_channels)[:, : self.in_channels]
+            return self.readout(raw, stage_input, k)
 
     def run_block(self, block, x, t, text, bias):
         if self.grad_checkpointing and self.training:

@@ -25,7 +25,7 @@ from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args, check_pixart_sources
 from models import clips_x0, describe_checkpoint, load_autoencoder, load_teacher, with_guidance
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
-from utils import autocast, save_grid
+from utils import allow_tf32, autocast, save_grid
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
@@ -175,6 +175,7 @@ def main(argv=None):
     check_pixart_sources(p, args, text_to_image=bool(args.prompt or args.prompts))
 
     torch.manual_seed(args.seed)
+    allow_tf32(False)  # fp32 is IEEE fp32, as in sample_ddp.py
     device = torch.device(args.device)
     prompts = args.prompt or (pixart.read_prompts(args.prompts) if args.prompts else None)
     generate, network, info = generator_from_args(args, device, text_to_image=bool(prompts), progress=True)

@@ -8,6 +8,9 @@ training trajectory draws from (utils.NOISE_STREAMS), so the result does not dep
 number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in chunks of --chunk-size images, each saved
 as it completes in OUT.parts; a re-run with the same settings (recorded there in
 settings.json) keeps them and makes only the missing ones, and one with other settings stops.
+The chunks then stream into OUT (arr_0 images, arr_1 labels, and `settings`: the run's settings as JSON in a
+0-d string, what makes two sample sets pairable) and OUT.parts is removed; a re-run after OUT is complete does
+nothing, and stops when OUT holds the images of other settings.
 
 Text-to-image: --prompts FILE with a PixArt student checkpoint or pipeline; image i takes prompt
 i mod P (--labels balanced) or a random one, and arr_1 holds the prompt indices, for
@@ -17,19 +20,23 @@ import argparse
 import json
 import os
 import shutil
+import warnings
+import zipfile
 
 import numpy as np
 import torch
 
 import pixart
+from evaluations.npz import NpzImages
 from extract_trajectories import check_flow_args, check_pixart_sources
 from models import OFFICIAL_CHECKPOINTS
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
-from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
-                   init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
+from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+                   index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
 RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device")
+PIECE_BYTES = 2 ** 24  # the last step copies the chunks' images into the .npz this much at a time
 
 
 def parse_args(argv=None):
@@ -89,6 +96,30 @@ def parts_settings(args):
                 noise_stream="evaluation", **prompts)
 
 
+def prepare_run(args, parts_dir):
+    """Rank 0's first step: the settings of the images to make, with parts_dir ready for their chunks, or None
+    when args.out holds those images already (it says so, and removes what a failed clean-up left)."""
+    settings = parts_settings(args)
+    if not os.path.exists(args.out):
+        prepare_parts(parts_dir, settings)
+        return settings
+    recorded = recorded_settings(args.out)
+    if recorded is None:
+        raise ValueError(f"{args.out} exists and records no settings, so its images cannot be checked against this "
+                         f"run's: use another --out, or remove it")
+    check_meta(recorded, settings, f"{args.out} (its images were made with other settings: use another --out, "
+                                   f"or remove it)")
+    print(f"{args.out} holds the {settings['num_fid_samples']} images of these settings already: nothing to do")
+    remove_parts(parts_dir)
+    return None
+
+
+def recorded_settings(path):
+    """The settings an .npz of sample_ddp.py records (None for an .npz without them)."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(f["settings"].item()) if "settings" in f.files else None
+
+
 def prepare_parts(parts_dir, settings):
     """Creates parts_dir with settings.json, or checks that its chunks were made with `settings`."""
     path = os.path.join(parts_dir, "settings.json")
@@ -104,13 +135,57 @@ def prepare_parts(parts_dir, settings):
     save_json(settings, path)
 
 
+def write_samples(out, chunks, settings):
+    """Writes `out` atomically, as np.savez does, from chunks [(path, number of images)]: arr_0 their images in
+    order, arr_1 their labels, and `settings` as JSON in a 0-d string. The images stream through in pieces of
+    about PIECE_BYTES, never a whole chunk or set; every file is closed when this returns. The images' shape."""
+    images = [NpzImages(path) for path, _ in chunks]  # each checked as uint8 N x H x W x 3 from its header
+    shape = images[0].shape[1:]
+    for (path, count), found in zip(chunks, images):
+        if found.shape != (count, *shape):
+            raise ValueError(f"{path} holds images of shape {found.shape}, expected {(count, *shape)}: remove it "
+                             f"and run the same command again")
+    labels = []
+    for path, _ in chunks:
+        with np.load(path) as f:
+            labels.append(f["arr_1"])
+    total = (sum(count for _, count in chunks), *shape)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, dict(descr="|u1", fortran_order=False, shape=total))
+                for chunk in images:
+                    for piece in chunk.batches(max(1, PIECE_BYTES // int(np.prod(shape)))):
+                        f.write(piece.data)
+            for name, array in (("arr_1", np.concatenate(labels)), ("settings", np.array(json.dumps(settings)))):
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+    atomic_write(out, write)
+    return total
+
+
+def remove_parts(parts_dir):
+    """Removes the chunks' folder, if any. Failing to (on NFS, a file that some process still holds open stays
+    as .nfsXXXX) is only a warning: the samples are complete."""
+    if not os.path.exists(parts_dir):
+        return
+    try:
+        shutil.rmtree(parts_dir)
+    except OSError as e:
+        warnings.warn(f"could not remove {parts_dir} ({e}); the samples are complete: remove it by hand")
+
+
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     parts_dir = args.out[: -len(".npz")] + ".parts"
-    on_rank_zero(rank, lambda: prepare_parts(parts_dir, parts_settings(args)))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    settings = on_rank_zero(rank, lambda: prepare_run(args, parts_dir))
+    if settings is None:
+        cleanup_distributed()
+        return
+    allow_tf32(False)  # fp32 is IEEE fp32 (--precision, --decode-precision); bf16 runs under autocast either way
     prompts = pixart.read_prompts(args.prompts) if args.prompts else None
     generate, network, info = generator_from_args(args, device, text_to_image=bool(prompts))
     network.to(device)
@@ -148,12 +223,10 @@ def main(argv=None):
     bar.close()
     barrier()
     if rank == 0:
-        chunks = [np.load(chunk_path(parts_dir, c)) for c in range(num_chunks)]
-        arrays = {key: np.concatenate([c[key] for c in chunks]) for key in ("arr_0", "arr_1")}
-        save_npz(args.out, arrays)
-        shutil.rmtree(parts_dir)
-        print(f"{info['kind']} ({info['num_steps']} steps): {arrays['arr_0'].shape[0]} images of "
-              f"{arrays['arr_0'].shape[1:]} in {args.out}")
+        chunks = [(chunk_path(parts_dir, c), len(chunk_indices(c))) for c in range(num_chunks)]
+        written = write_samples(args.out, chunks, settings)
+        remove_parts(parts_dir)
+        print(f"{info['kind']} ({info['num_steps']} steps): {written[0]} images of {written[1:]} in {args.out}")
     cleanup_distributed()
 
 

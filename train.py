@@ -48,8 +48,8 @@ from models import (clips_x0, create_dit, describe_checkpoint, export_ema, load_
                     read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
-from utils import (add_distributed_args, atomic_write, autocast, check_meta, cleanup_distributed, init_distributed,
-                   on_rank_zero, progress, save_grid)
+from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, check_meta, cleanup_distributed,
+                   init_distributed, on_rank_zero, progress, save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
@@ -322,8 +322,8 @@ class AdversarialTask(DistillationTask):
     """Regression plus a hinge GAN on the frozen teacher's features (the paper's FID 1.84 row)."""
 
     def __init__(self, args, device, resumed=None):
-        """A new run starts from --init (student, EMA, optimiser); a resumed one from its own
-        checkpoint alone, which holds all of that."""
+        """A new run starts from --init (student, EMA, optimiser; from an export, its EMA weights for both and a
+        fresh optimiser); a resumed one from its own checkpoint alone, which holds all of that."""
         start = resumed or read_checkpoint(args.init)
         student = start.get("args", {})
         if student.get("stage") not in ("ard", "gan"):
@@ -335,6 +335,9 @@ class AdversarialTask(DistillationTask):
                              f"{args.teacher_family} teacher")
         teacher = self.build(args, device, student)
         self.init_checkpoint = None if resumed else start
+        if "model" not in start:
+            self.notes = [f"--init {args.init} is an export: the model and its EMA start from its EMA weights, "
+                          f"with a fresh optimiser"]
         self.real, _, _ = image_dataset(args.real_data, args.image_size)
         self.flip = flips_images(args, args.real_data)
         self.discriminator = Discriminator(teacher, blocks=args.disc_blocks).to(device)
@@ -616,7 +619,8 @@ def build_parser():
     ard.add_argument("--student-fed-ema", action="store_true",
                      help="roll out with the EMA weights (those that generate at inference), not the online ones")
     gan = p.add_argument_group("adversarial fine-tuning")
-    gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser)")
+    gan.add_argument("--init", help="ARD checkpoint to start from (model, EMA and optimiser), or its export (the EMA "
+                                    "weights for both, a fresh optimiser)")
     gan.add_argument("--real-data", help="image folder, 'digits' or 'shapes'")
     gan.add_argument("--disc-lr", type=float, default=1e-3)
     gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with adversarial weight 0")
@@ -760,7 +764,9 @@ def main(argv=None):
     if args.export:
         return export(*args.export, half=args.export_half)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # --precision fp32 is IEEE fp32; under bf16 what stays fp32 (stage heads and readouts, the GAN's VAE encode of
+    # real images) rounds 8x finer in TF32 than the bf16 backbone does, and runs on the tensor cores
+    allow_tf32(args.precision == "bf16")
     torch.manual_seed(args.global_seed)  # the initial weights of new modules
     resumed, resume_notes = resume_point(args.resume)
     task = task_class(args)(args, device, resumed)
@@ -777,10 +783,11 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # an export (--init) holds the EMA weights alone: the model starts from them too
+        model.load_state_dict(checkpoint.get("model", checkpoint["ema"]))
         ema.load_state_dict(checkpoint["ema"])
-        opt.load_state_dict(checkpoint["opt"])
+        if "opt" in checkpoint:
+            opt.load_state_dict(checkpoint["opt"])
         if "disc_heads" in checkpoint:
             task.discriminator.heads.load_state_dict(checkpoint["disc_heads"])
             task.disc_opt.load_state_dict(checkpoint["disc_opt"])

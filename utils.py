@@ -65,6 +65,12 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+def allow_tf32(allowed):
+    """Lets CUDA's fp32 matmuls and convolutions round their inputs to TF32 (10 mantissa bits), or keeps them IEEE
+    fp32 (torch lets cuDNN's convolutions use TF32 by default, so IEEE fp32 must be asked for)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+
+
 class LineProgress:
     """Progress for a log file: one plain line every `every` seconds and one at the end (tqdm's
     carriage-return redraws would fill the file)."""

@@ -5,6 +5,7 @@ import torch
 
 from ard import ARD, distillation_loss
 from test_ard import inputs, perturbed_dit
+from test_flow_teachers import flow_stage_times
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -72,6 +73,66 @@ def test_bf16_training_step_stays_close_to_fp32(device):
     assert relative_error(bf16_loss, fp32_loss) < 1e-2
     assert relative_error(torch.cat([g.flatten() for g in bf16_grads]),
                           torch.cat([g.flatten() for g in fp32_grads])) < 3e-2
+
+
+def recorded_heads(student, monkeypatch):
+    """A list that receives the arguments of every call of student.head, and the head itself."""
+    calls, head = [], student.head
+
+    def recording_head(*args):
+        calls.append(args)
+        return head(*args)
+    monkeypatch.setattr(student, "head", recording_head)
+    return calls, head
+
+
+def rms_per_stage(a, b):
+    return (a.float() - b.float()).pow(2).mean(dim=(0, 2, 3, 4)).sqrt()
+
+
+def bf16_stage_errors(student, monkeypatch, device, stages, *condition):
+    """Per stage, the RMS error of the teacher-forced prediction under real bf16 autocast against fp32, and the
+    error that bf16 rounding in the backbone explains: that of the fp32 heads and readouts applied to the tokens
+    (and conditioning) the bf16 backbone hands them. Heads and readouts that add no error of their own reach
+    the second exactly."""
+    with torch.no_grad():
+        fp32 = student(stages, *condition)
+        calls, head = recorded_heads(student, monkeypatch)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            bf16 = student(stages, *condition)
+        explained = torch.stack([head(*(a.float() if torch.is_tensor(a) else a for a in args)) for args in calls], 1)
+    error, bound = rms_per_stage(bf16, fp32), rms_per_stage(explained, fp32)
+    print("bf16 RMS error per stage:", " ".join(f"{e:.3g} (bound {b:.3g})" for e, b in zip(error, bound)))
+    assert (bound > 0).all()  # autocast did round the backbone
+    return error, bound, bf16.dtype
+
+
+def bf16_sampled_dtypes(student, monkeypatch, device, noise, *condition):
+    """(the dtypes of the stage inputs that `sample` passes its heads under real bf16 autocast, the samples')."""
+    calls, _ = recorded_heads(student, monkeypatch)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        sampled = student.sample(noise, *condition)
+    return [args[-1].dtype for args in calls], sampled.dtype
+
+
+BF16_STUDENTS = {"ddim-state": dict(parametrization="ddim"), "ddim-x0": dict(parametrization="ddim", target="x0"),
+                 "direct": dict(parametrization="direct"),
+                 "euler-x0": dict(parametrization="euler", target="x0", stage_times=flow_stage_times("sit", shift=3.0),
+                                  time_convention="sit")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("student", list(BF16_STUDENTS))
+def test_under_bf16_autocast_heads_and_readouts_add_no_error(device, student, monkeypatch):
+    """Under bf16 autocast only the backbone rounds: a stage's error is at most what the bf16 backbone's tokens
+    explain through the fp32 head and readout (a ddim readout multiplies a bf16 head's rounding by up to 157),
+    and `sample` passes fp32 states between its stages."""
+    student = ARD(perturbed_dit(), num_steps=4, history_layers=2, **BF16_STUDENTS[student]).to(device).eval()
+    stages, y = (t.to(device) for t in inputs())
+    error, bound, dtype = bf16_stage_errors(student, monkeypatch, device, stages, y)
+    assert (error <= bound * (1 + 1e-6)).all(), (error, bound)
+    assert dtype == torch.float32
+    assert bf16_sampled_dtypes(student, monkeypatch, device, stages[:, 0], y) == ([torch.float32] * 4, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pixart
 from ard import student_fed_stages
 from test_ard import teacher_jump
+from test_fast_paths import bf16_sampled_dtypes, bf16_stage_errors
 from tiny_pixart import TEXT_CHANNELS, tiny_text, tiny_transformer
 
 K, DEPTH = 4, 3
@@ -83,6 +84,18 @@ def test_cached_sample_equals_teacher_forcing_on_its_own_outputs(teacher, histor
         forced = student(torch.cat([noise[:, None], outputs[:, :-1]], dim=1), text, text_mask)
     torch.testing.assert_close(forced, outputs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outputs[:, 1], outputs[:, 2])
+
+
+@pytest.mark.parametrize("target", ["state", "x0"])
+def test_under_bf16_autocast_heads_and_readouts_add_no_error(teacher, target, monkeypatch):
+    """As the DiT student's (test_fast_paths): only the transformer's blocks round, on CPU autocast."""
+    student = pixart.PixArtARD(teacher, K, history_layers=2, parametrization="ddim", target=target).eval()
+    stages, text, mask = stages_and_text()
+    error, bound, dtype = bf16_stage_errors(student, monkeypatch, "cpu", stages, text, mask)
+    assert (error <= bound * (1 + 1e-6)).all(), (error, bound)
+    assert dtype == torch.float32
+    assert bf16_sampled_dtypes(student, monkeypatch, "cpu", stages[:, 0], text, mask) == ([torch.float32] * K,
+                                                                                          torch.float32)
 
 
 @pytest.mark.parametrize("mask", ["M1", "M2", "M3", "M4"])

@@ -1,9 +1,12 @@
 import contextlib
+import errno
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import sample
 import sample_ddp
 import utils
 from ard import ARD, load_student
+from evaluations.npz import NpzImages
 from models import DiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,13 +88,19 @@ def ddp_args(ckpt, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference_npz(checkpoints, tmp_path_factory):
+def reference_path(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "one.npz"
     sample_ddp.main(ddp_args(checkpoints[1], out))
-    return np.load(out)
+    return out
 
 
-def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
+@pytest.fixture(scope="module")
+def reference_npz(reference_path):
+    with np.load(reference_path, allow_pickle=False) as f:
+        return dict(f)
+
+
+def test_sample_ddp_writes_adm_npz(reference_npz, reference_path, checkpoints):
     images, labels = reference_npz["arr_0"], reference_npz["arr_1"]
     assert images.shape == (30, 8, 8, 3) and images.dtype == np.uint8
     assert labels.shape == (30,) and labels.max() < 10
@@ -99,6 +109,106 @@ def test_sample_ddp_writes_adm_npz(reference_npz, checkpoints):
     student = load_student(checkpoints[1])[0]
     expected = utils.to_uint8(student.sample(noise[:3], expected_labels[:3])[:, -1].clamp(-1, 1))
     np.testing.assert_array_equal(images[:3], expected)
+    np.testing.assert_array_equal(np.concatenate(list(NpzImages(str(reference_path)).batches(7))), images)
+
+
+def test_sample_ddp_records_its_settings_in_the_npz(reference_npz, checkpoints):
+    """What makes two sample sets pairable, read without pickle: a 0-d string holding the settings' JSON."""
+    recorded = reference_npz["settings"]
+    assert recorded.shape == () and recorded.dtype.kind == "U"
+    settings = json.loads(recorded.item())
+    assert settings == json.loads(json.dumps(sample_ddp.parts_settings(sample_ddp.parse_args(
+        ddp_args(checkpoints[1], "any.npz")))))
+    assert (settings["global_seed"], settings["labels"], settings["noise_stream"]) == (0, "uniform", "evaluation")
+    assert settings["num_fid_samples"] == 30 and settings["ckpt"]["path"] == os.path.abspath(checkpoints[1])
+
+
+def open_files_under(folder):
+    """The files under `folder` that this process holds open (Linux's /proc/self/fd)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_sample_ddp_closes_every_chunk_before_removing_them(checkpoints, tmp_path, monkeypatch):
+    """On NFS a file still open when it is removed stays as .nfsXXXX, and the folder cannot be removed."""
+    open_at_removal, real_rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (open_at_removal.append(open_files_under(path)),
+                                                              real_rmtree(path, **kw)))
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "samples.npz"))
+    assert open_at_removal == [[]] and not (tmp_path / "samples.parts").exists()
+
+
+def test_sample_ddp_streams_the_chunks_into_the_npz(checkpoints, tmp_path, monkeypatch):
+    """The last step holds a few pieces of the images at a time, less than one chunk, not all of them (twice, as
+    it did): 6 chunks of 10 images, each enlarged to 128 x 128 so that the images outweigh what else the step
+    allocates, copied an image at a time."""
+    image_bytes = 128 * 128 * 3
+    monkeypatch.setattr(sample_ddp, "to_uint8", lambda x: utils.to_uint8(x).repeat(16, axis=1).repeat(16, axis=2))
+    monkeypatch.setattr(sample_ddp, "PIECE_BYTES", image_bytes, raising=False)
+    real_save, baseline = sample_ddp.save_npz, []
+
+    def save_chunk(path, arrays):  # the last step starts after the last chunk is saved
+        real_save(path, arrays)
+        if os.path.basename(os.path.dirname(path)) == "samples.parts":
+            tracemalloc.reset_peak()
+            baseline.append(tracemalloc.get_traced_memory()[0])
+    monkeypatch.setattr(sample_ddp, "save_npz", save_chunk)
+    out = tmp_path / "samples.npz"
+    tracemalloc.start()
+    try:
+        sample_ddp.main(ddp_args(checkpoints[1], out, "--num-fid-samples", "60", "--chunk-size", "10"))
+        extra = tracemalloc.get_traced_memory()[1] - baseline[-1]
+    finally:
+        tracemalloc.stop()
+    chunk_bytes = 10 * image_bytes
+    print(f"the last step's peak: {extra} bytes over what it started with; a chunk: {chunk_bytes}, all: "
+          f"{6 * chunk_bytes}")
+    assert len(baseline) == 6 and extra < chunk_bytes
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (60, 128, 128, 3)
+
+
+def test_sample_ddp_rerun_after_a_complete_npz_does_nothing(reference_npz, checkpoints, tmp_path, monkeypatch,
+                                                            capsys):
+    """A clean-up that fails (NFS) is a warning, not a failed job; a re-run then does nothing but finish the
+    clean-up, and a re-run with other settings stops before loading a model."""
+    out, parts = tmp_path / "samples.npz", tmp_path / "samples.parts"
+
+    def nfs_rmtree(path, **kwargs):
+        raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", nfs_rmtree)
+        with pytest.warns(UserWarning, match="could not remove .*samples.parts.*the samples are complete"):
+            sample_ddp.main(ddp_args(checkpoints[1], out))
+    assert parts.exists()
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["arr_0"], reference_npz["arr_0"])
+    written = os.stat(out).st_mtime_ns
+    monkeypatch.setattr(sample_ddp, "generator_from_args", must_not_load)
+    capsys.readouterr()
+    sample_ddp.main(ddp_args(checkpoints[1], out))
+    assert "holds the 30 images of these settings already: nothing to do" in capsys.readouterr().out
+    assert not parts.exists() and os.stat(out).st_mtime_ns == written
+    with pytest.raises(ValueError, match=r"samples\.npz \(its images were made with other settings.*global_seed is 0, "
+                                         r"expected 1"):
+        sample_ddp.main(ddp_args(checkpoints[1], out, "--global-seed", "1"))
+    assert os.stat(out).st_mtime_ns == written
+
+
+def test_sample_ddp_refuses_an_npz_without_settings(reference_npz, checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "samples.npz"
+    np.savez(out, arr_0=reference_npz["arr_0"])  # as an older version, or another program, wrote it
+    monkeypatch.setattr(sample_ddp, "generator_from_args", must_not_load)
+    with pytest.raises(ValueError, match="exists and records no settings"):
+        sample_ddp.main(ddp_args(checkpoints[1], out))
 
 
 def test_sample_ddp_two_processes_equal_one(reference_npz, checkpoints, tmp_path):
@@ -148,7 +258,7 @@ def test_sample_ddp_resumes_an_interrupted_run(reference_npz, checkpoints, tmp_p
     monkeypatch.setattr(sample_ddp, "save_npz", lambda path, arrays: (made.append(path), real_save(path, arrays)))
     sample_ddp.main(ddp_args(checkpoints[1], out))
     assert not set(made) & set(kept), "completed chunks were made again"
-    assert len(made) == 3  # 4 chunks of 8 for 30 images, the final .npz excluded
+    assert len(made) == 2  # 4 chunks of 8 for 30 images
     resumed = np.load(out)
     np.testing.assert_array_equal(resumed["arr_0"], reference_npz["arr_0"])
     np.testing.assert_array_equal(resumed["arr_1"], reference_npz["arr_1"])
@@ -253,6 +363,27 @@ def test_sample_ddp_decodes_under_the_decode_precision(checkpoints, tmp_path, mo
     sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "b.npz", "--num-fid-samples", "3", "--decode-precision",
                              "bf16"))
     assert precisions == ["fp32", "bf16"]
+
+
+def enable_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+
+def tf32_allowed():
+    """(for matmuls, for cuDNN's convolutions)"""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_fp32_sampling_is_ieee_fp32_not_tf32(checkpoints, tmp_path, monkeypatch):
+    """--precision fp32 and --decode-precision fp32 mean IEEE fp32: TF32 off, also for cuDNN, where torch allows it
+    by default."""
+    enable_tf32(monkeypatch)
+    sample_ddp.main(ddp_args(checkpoints[1], tmp_path / "a.npz", "--num-fid-samples", "3"))
+    assert tf32_allowed() == (False, False)
+    enable_tf32(monkeypatch)
+    sample.main(["--ckpt", checkpoints[1], "--class-labels", "1", "--out", str(tmp_path / "grid.png")])
+    assert tf32_allowed() == (False, False)
 
 
 def test_a_pipeline_folder_whose_weights_are_rewritten_in_place_is_another_checkpoint(tmp_path):

@@ -26,6 +26,7 @@ import gan
 import models
 import train
 from data import load_digits
+from test_sampling import enable_tf32, tf32_allowed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -444,6 +445,30 @@ def test_gan_resumes_without_its_init_checkpoint(gan_run, ard_run, traj, tmp_pat
     os.remove(init)
     run(["--resume", part, "--iterations", 4])
     assert_same_training_state(load(ckpt(gan_run, 4)), load(ckpt(part, 4)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_allows_tf32_under_bf16_only(precision, tmp_path, monkeypatch):
+    """--precision fp32 is IEEE fp32 (as sampling: test_sampling.test_fp32_sampling_is_ieee_fp32_not_tf32); under
+    bf16, what stays fp32 may round to TF32."""
+    enable_tf32(monkeypatch)
+    run(teacher_argv(tmp_path, "--iterations", 1, "--precision", precision))
+    assert tf32_allowed() == (precision == "bf16",) * 2
+
+
+def test_gan_starts_from_an_export_as_from_its_ema_with_a_fresh_optimiser(ard_run, traj, tmp_path):
+    """--init EXPORT.safetensors: the run equals one from the checkpoint whose model is its EMA and whose AdamW
+    has no state yet, and its log says so."""
+    exported = str(tmp_path / "student.safetensors")
+    train.main(["--export", ckpt(ard_run, 6), exported])
+    state = load(ckpt(ard_run, 6))
+    state.update(model=state["ema"], opt=dict(state["opt"], state={}))
+    torch.save(state, tmp_path / "ema_init.pt")
+    runs = [run(gan_argv(init, traj, tmp_path / name, "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1))
+            for name, init in (("export", exported), ("checkpoint", tmp_path / "ema_init.pt"))]
+    assert_same_training_state(load(ckpt(runs[0], 2)), load(ckpt(runs[1], 2)))
+    with open(os.path.join(runs[0], "log.txt")) as f:
+        assert "is an export: the model and its EMA start from its EMA weights, with a fresh optimiser" in f.read()
 
 
 def test_resume_is_bit_identical_two_processes(ddp):
