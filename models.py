@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import Mlp, PatchEmbed
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as format_utils.dcp_to_torch_save
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -392,11 +393,22 @@ def is_sharded_checkpoint(path):
     return os.path.isfile(os.path.join(str(path), DCP_METADATA))
 
 
+def checkpoint_error(error, what):
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, past `except Exception`, with each
+    failed rank's error) as an OSError saying `what` and the error of the lowest failed rank."""
+    rank, (cause, _) = min(error.failures.items(), key=lambda failure: failure[0])
+    return OSError(f"{what}: rank {rank}: {type(cause).__name__}: {cause}")
+
+
 def read_sharded_checkpoint(path):
     """A torch.distributed.checkpoint folder as the dict it was saved from, read whole by this process (no
     process group; non-tensor values load with weights_only)."""
     state = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    try:
+        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    except CheckpointException as e:
+        raise checkpoint_error(e, f"{path} does not read") from None
     for value in state.values():  # the format keys an optimiser's per-parameter state by str(index)
         if isinstance(value, dict) and value.keys() >= {"state", "param_groups"}:
             value["state"] = {int(k): v for k, v in value["state"].items()}

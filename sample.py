@@ -23,7 +23,8 @@ import pixart
 from ard import load_student
 from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args
-from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
+from models import (OFFICIAL_CHECKPOINTS, clips_x0, is_sharded_checkpoint, load_autoencoder, load_teacher,
+                    read_checkpoint, with_guidance)
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 from utils import autocast, save_grid
 
@@ -90,7 +91,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
 def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CFG_SCALE, progress=False):
     """(generate(noise, prompts) -> model-space samples, the network, its description) of a PixArt
     student checkpoint (its K steps) or a PixArt pipeline (the teacher; sampler, steps and CFG apply)."""
-    if os.path.isfile(ckpt):
+    if os.path.isfile(ckpt) or is_sharded_checkpoint(ckpt):
         student, args = pixart.load_student(ckpt)
         size = args["pixart"]["sample_size"]
         info = dict(family="pixart", kind="student", num_steps=student.num_steps, vae=args["vae"],

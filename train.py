@@ -49,7 +49,8 @@ from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, 
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import DISC_BLOCKS, Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import clips_x0, create_dit, export_ema, load_autoencoder, load_teacher, read_checkpoint
+from models import (checkpoint_error, clips_x0, create_dit, export_ema, load_autoencoder, load_teacher,
+                    read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
 from utils import (add_distributed_args, autocast, check_meta, cleanup_distributed, fsync_path, init_distributed,
@@ -506,9 +507,10 @@ def checkpoint_group(timeout_minutes):
 def save_checkpoint(path, state, group=None, keep_last=0):
     """Starts writing `state` as the checkpoint folder `path`, every rank its share of the shards (torch's planner
     spreads the tensors that all ranks hold alike over them), and returns once the state is copied to CPU memory,
-    with a Future that is done once the checkpoint is complete. Called by every rank, with `group` from
-    checkpoint_group. The shards go to path.partial, which rank 0 renames to `path` once every rank's shards and
-    the metadata are on disk; it then deletes all but the newest `keep_last` checkpoints (0: keeps all)."""
+    with a Future that is done, on every rank, once the checkpoint is complete: its shards go to path.partial, which
+    rank 0 renames to `path` once every rank's shards and the metadata are on disk, then deleting all but the newest
+    `keep_last` checkpoints (0: keeps all). Called by every rank, with `group` from checkpoint_group (None: the
+    default group, only while no other collective runs before the Future is done)."""
     partial, rank = path + PARTIAL, dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:  # a write of this step cut short before; nothing of it may mix into this one
         shutil.rmtree(partial, ignore_errors=True)
@@ -517,17 +519,15 @@ def save_checkpoint(path, state, group=None, keep_last=0):
     def complete(written):
         try:
             written.result()
-            if rank == 0:
-                publish_checkpoint(partial, path, keep_last)
+            on_rank_zero(rank, lambda: publish_checkpoint(partial, path, keep_last), group)  # complete on every rank
             logging.getLogger("train").info(f"saved {path}")
             done.set_result(path)
         except CheckpointException as e:  # a rank's write failed; the group told every rank
-            failed, (error, _) = min(e.failures.items(), key=lambda failure: failure[0])
-            done.set_exception(OSError(f"checkpoint {path} was not written: rank {failed}: {type(error).__name__}: "
-                                       f"{error}"))
-        except BaseException as e:  # the rename, or a write outside the group (one process)
+            done.set_exception(checkpoint_error(e, f"checkpoint {path} was not written"))
+        except BaseException as e:  # the rename (on every rank), or a write outside a group (one process)
             done.set_exception(e)
-    dcp.async_save(state, checkpoint_id=partial, process_group=group, no_dist=group is None).add_done_callback(complete)
+    dcp.async_save(state, checkpoint_id=partial, process_group=group, no_dist=not dist.is_initialized()
+                   ).add_done_callback(complete)
     return done
 
 

@@ -442,11 +442,11 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
 
 def test_gan_resumes_without_its_init_checkpoint(gan_run, ard_run, traj, tmp_path):
     """The resumed checkpoint holds everything --init gave the run: the init file may be gone."""
-    init = tmp_path / "init.pt"
-    shutil.copy(ckpt(ard_run, 6), init)
+    init = tmp_path / "init"
+    shutil.copytree(ckpt(ard_run, 6), init)
     part = run(gan_argv(str(init), traj, tmp_path / "results", "--iterations", 2, "--ckpt-every", 2,
                         "--gan-warmup", 1))
-    os.remove(init)
+    shutil.rmtree(init)
     run(["--resume", part, "--iterations", 4])
     assert_same_training_state(load(ckpt(gan_run, 4)), load(ckpt(part, 4)))
 
@@ -1038,6 +1038,24 @@ def test_kill_of_a_rank_while_writing_a_checkpoint_under_torchrun(ddp, teacher_c
     assert f"skipped {ckpt(experiment, 4)}{train.PARTIAL}: its write did not finish" in log
     assert f"resuming from {ckpt(experiment, 2)} (step 2)" in log
     assert_same_training_state(load(ckpt(ddp["ard6"], 6)), load(ckpt(experiment, 6)))
+
+
+def test_keep_last_bounds_the_checkpoints_and_keeps_the_newest_complete_one(teacher_ckpt, traj, tmp_path,
+                                                                           monkeypatch, capsys):
+    """--keep-last K deletes older checkpoints once a newer one is complete, never for a write that failed; it may
+    change on a resume. A negative K is refused."""
+    experiment = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 3, "--ckpt-every", 1, "--keep-last", 2))
+    assert ckpt_steps(experiment) == [2, 3]
+    monkeypatch.setattr(FileSystemWriter, "finish", failing_finish(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="0000004 was not written"):
+        run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002", "0000003",
+                                                                          "0000004" + train.PARTIAL]
+    monkeypatch.undo()
+    run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000006"]
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--keep-last", -1), capsys,
+                       "--keep-last must be >= 0 (0 keeps every checkpoint), got -1")
 
 
 FULL_DISK_RUN = """
