@@ -486,6 +486,19 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_reads(ddp, ard_run):
     assert tensors_close(resumed["model"], uninterrupted["model"], rtol=1e-4, atol=1e-6)
 
 
+def test_resume_continues_a_run_of_single_file_checkpoints(ard_run, tmp_path):
+    """A run whose checkpoints are the single .pt files train.py wrote before its checkpoint folders continues from
+    them, to the same state as the uninterrupted run."""
+    experiment = str(tmp_path / os.path.basename(ard_run))
+    shutil.copytree(ard_run, experiment)
+    for step in (3, 6):
+        shutil.rmtree(ckpt(experiment, step))
+    torch.save(load(ckpt(ard_run, 3)), ckpt(experiment, 3) + ".pt")
+    run(["--resume", experiment])
+    assert ckpt_steps(experiment) == [3, 6]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
 def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
     first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2, "--lr", "5e-4",
                          "--max-grad-norm", "0.5", "--ema-decay", "0.9"))
