@@ -21,11 +21,24 @@ generator, on the discriminator and on encoding the real images (what pre-encodi
 
 prints the GFLOPs of a 4-step student (N=0 and N=6) against the teacher's 20-step CFG solve,
 counted from the architecture of a weightless (meta-device) PixArt-Sigma-XL/2.
+
+    python benchmark.py --checkpoint --depth 11      # one training checkpoint, 2 gloo processes on the CPU
+
+writes the training state of the --model DiT (model, EMA, AdamW; DiT-XL/2 at depth 11: 4.2 GB) from 2 gloo
+processes, as train.py did (rank 0 alone with torch.save, the other rank waiting) and as it does (every rank its
+share, in the background), and prints for each rank the seconds it is blocked and the bytes it writes.
 """
 import argparse
+import copy
+import glob
+import os
+import socket
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
 import pixart
@@ -34,7 +47,8 @@ from diffusion import create_diffusion, student_timesteps
 from extract_trajectories import solve_trajectories
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
 from models import Autoencoder, create_dit, with_guidance
-from utils import autocast
+from train import checkpoint_group, save_checkpoint
+from utils import atomic_write, autocast, on_rank_zero
 
 
 def timed(fn, repeats, device):
@@ -197,6 +211,81 @@ def gan_table(args):
     print_row(["of which: encoding the real image (SD-VAE encoder)", f"{encode:.4g}", f"{100 * encode / total:.1f}%"])
 
 
+CHECKPOINT_RANKS = 2
+
+
+def training_state(args):
+    """A training checkpoint's state, as train.py saves it: the --model DiT, its EMA and AdamW's moments."""
+    model = create_teacher(args)
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # AdamW's state, as after any training step
+    opt.zero_grad(set_to_none=True)
+    return {"model": model.state_dict(), "ema": copy.deepcopy(model).state_dict(), "opt": opt.state_dict(),
+            "step": 1, "args": dict(model=args.model, depth=args.depth)}
+
+
+def blocked_seconds(save):
+    """Seconds from a barrier until save() returns on this rank."""
+    dist.barrier()
+    start = time.perf_counter()
+    result = save()
+    return time.perf_counter() - start, result
+
+
+def checkpoint_worker(rank, port, state, folder, results):
+    """One of CHECKPOINT_RANKS gloo processes, each with `state` as a DDP replica: one checkpoint written as train.py
+    did (rank 0 with torch.save, the others waiting in a collective) and as it does (save_checkpoint); rank 0 puts
+    every rank's (blocked s, bytes written, s until written) of both into `results`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CHECKPOINT_RANKS)
+    group = checkpoint_group(timeout_minutes=60)
+    single = os.path.join(folder, "single.pt")
+    before, _ = blocked_seconds(lambda: on_rank_zero(rank, lambda: atomic_write(single, lambda tmp: torch.save(
+        state, tmp))))
+    before_bytes = os.path.getsize(single) if rank == 0 else 0
+    sharded = os.path.join(folder, "sharded")
+    start = time.perf_counter()
+    after, writing = blocked_seconds(lambda: save_checkpoint(sharded, state, group))
+    writing.result()
+    written = time.perf_counter() - start
+    after_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(sharded, f"__{rank}_*")))
+    rows = [None] * CHECKPOINT_RANKS
+    dist.all_gather_object(rows, ((before, before_bytes, before), (after, after_bytes, written)))
+    if rank == 0:
+        results.put(rows)
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkpoint_table(args):
+    """The seconds each of CHECKPOINT_RANKS gloo processes is blocked by one checkpoint and the bytes it writes:
+    rank 0's synchronous torch.save before, every rank's share in the background (train.save_checkpoint) after."""
+    # The replicas are alike: forked, the ranks share one copy in this machine's memory until they write to it
+    state = training_state(args)
+    results = mp.get_context("fork").SimpleQueue()
+    with tempfile.TemporaryDirectory(dir=args.checkpoint_dir) as folder:
+        mp.start_processes(checkpoint_worker, (free_port(), state, folder, results), nprocs=CHECKPOINT_RANKS,
+                           start_method="fork")
+        rows = results.get()
+    total = rows[0][0][1]
+    print(f"one checkpoint of {args.model}" + (f" at depth {args.depth}" if args.depth else "")
+          + f" (model, EMA, AdamW: {total / 1e9:.2f} GB), {CHECKPOINT_RANKS} gloo processes, torch {torch.__version__}",
+          flush=True)
+    print_row(["writer", "rank", "blocked s", "MB written", "s until on disk"])
+    print_row(["---"] * 5)
+    for column, writer in enumerate(["rank 0, torch.save (before)", "every rank, async sharded (after)"]):
+        for rank, measured in enumerate(rows):
+            blocked, written, done = measured[column]
+            print_row([writer, rank, f"{blocked:.2f}", f"{written / 1e6:.1f}", f"{done:.2f}"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")
@@ -222,6 +311,11 @@ def main(argv=None):
                    help="print the GFLOPs of PixArt-Sigma's teacher and students at 512 and 1024 (20 teacher steps "
                         "unless --teacher-steps says otherwise) and exit")
     p.add_argument("--gan", action="store_true", help="print the GFLOPs of one R+D step, part by part, and exit")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="print the seconds each of 2 gloo processes is blocked by one training checkpoint, before "
+                        "and after sharded asynchronous writes, and the bytes each writes, and exit")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="with --checkpoint: where to write (the filesystem measured; default: the temporary folder)")
     args = p.parse_args(argv)
     if args.attention == "flex" and not args.compile:
         p.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
@@ -229,6 +323,8 @@ def main(argv=None):
         return pixart_table(args.num_steps, args.history_layers, args.teacher_steps or 20)
     if args.gan:
         return gan_table(args)
+    if args.checkpoint:
+        return checkpoint_table(args)
     args.teacher_steps = args.teacher_steps or 25
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -356,7 +356,7 @@ def run(script, main, argv):
 def settings_hash(argv):
     """A short hash of a command line, each existing file or pipeline folder in it identified by path, size and
     time (sample_ddp.checkpoint_identity); other folders by their path."""
-    items = [sample_ddp.checkpoint_identity(a) if os.path.isfile(str(a)) or sample_ddp.pipeline_weights(a)
+    items = [sample_ddp.checkpoint_identity(a) if os.path.isfile(str(a)) or sample_ddp.folder_weights(a)
              else str(a) for a in argv]
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -368,12 +368,12 @@ def train_once(results_dir, stage, name, flags, may_train=True):
     for experiment in sorted(glob.glob(os.path.join(results_dir, f"*-{stage}-{name}"))):
         if os.path.exists(os.path.join(experiment, "done")):
             print(f"reusing {experiment}: a finished {stage} run with the same settings")
-            return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
+            return train.checkpoint_paths(experiment)[-1]
     if not may_train:
         return None
     experiment = run("train.py", train.main, ["--stage", stage, *flags, "--results-dir", results_dir, "--name", name])
     open(os.path.join(experiment, "done"), "w").close()
-    return sorted(glob.glob(os.path.join(experiment, "checkpoints", "*.pt")))[-1]
+    return train.checkpoint_paths(experiment)[-1]
 
 
 def teacher_name(dataset, family):
@@ -558,9 +558,9 @@ class Experiment:
                            may_compute=may_train)
         if row is None:
             return None
-        earlier = sorted(glob.glob(os.path.join(os.path.dirname(ckpt), "*.pt")))[:-1]
-        trace = {int(os.path.basename(c)[:-3]): self.measure(f"{student.key}-{os.path.basename(c)[:-3]}", c, seed,
-                                                              [], teacher=teacher, may_compute=may_train, grid=False)
+        earlier = train.checkpoint_paths(os.path.dirname(os.path.dirname(ckpt)))[:-1]
+        trace = {train.checkpoint_step(c): self.measure(f"{student.key}-{train.checkpoint_step(c):07d}", c, seed, [],
+                                                        teacher=teacher, may_compute=may_train, grid=False)
                  for c in earlier}
         return dict(row, ckpt=ckpt, **({"trace": trace} if trace and None not in trace.values() else {}))
 

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import Mlp, PatchEmbed
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as format_utils.dcp_to_torch_save
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from utils import atomic_write, in_download_turns
@@ -37,6 +41,7 @@ TEACHER_FAMILIES = {"ddpm": "DDPM (ε-prediction)", "flow": "flow-matching (velo
 # REPA's SiT keeps the MLPs that align its features with an encoder's during training; sampling never runs them.
 REPA_PROJECTORS = "projectors."
 PRETRAINED_DIR = "pretrained_models"
+DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes last, once every rank's shards are written
 torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's checkpoints store their args as one
 
 
@@ -390,9 +395,39 @@ def download_official(name):
     return path
 
 
+def is_sharded_checkpoint(path):
+    """Whether `path` is a folder of torch.distributed.checkpoint (train.py's checkpoints)."""
+    return os.path.isfile(os.path.join(str(path), DCP_METADATA))
+
+
+def checkpoint_error(error, what):
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, past `except Exception`, with each
+    failed rank's error) as an OSError saying `what` and the error of the lowest failed rank."""
+    rank, (cause, _) = min(error.failures.items(), key=lambda failure: failure[0])
+    return OSError(f"{what}: rank {rank}: {type(cause).__name__}: {cause}")
+
+
+def read_sharded_checkpoint(path):
+    """A torch.distributed.checkpoint folder as the dict it was saved from, read whole by this process (no
+    process group; non-tensor values load with weights_only)."""
+    state = {}
+    try:
+        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    except CheckpointException as e:
+        raise checkpoint_error(e, f"{path} does not read") from None
+    for value in state.values():  # the format keys an optimiser's per-parameter state by str(index)
+        if isinstance(value, dict) and value.keys() >= {"state", "param_groups"}:
+            value["state"] = {int(k): v for k, v in value["state"].items()}
+    return state
+
+
 def read_checkpoint(path):
-    """Everything stored at `path`: a training checkpoint dict or a bare state dict (.pt), or a
-    .safetensors state dict; one written by `export_ema` reads as {"ema", "args"}."""
+    """Everything stored at `path`: a training checkpoint (a torch.distributed.checkpoint folder, or the single .pt
+    file of older runs) or a bare state dict (.pt), or a .safetensors state dict; one written by `export_ema` reads
+    as {"ema", "args"}."""
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):

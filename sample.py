@@ -23,7 +23,7 @@ import pixart
 from ard import load_student
 from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args, check_pixart_sources
-from models import clips_x0, describe_checkpoint, load_autoencoder, load_teacher, with_guidance
+from models import clips_x0, describe_checkpoint, is_sharded_checkpoint, load_autoencoder, load_teacher, with_guidance
 from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 from utils import allow_tf32, autocast, save_grid
 
@@ -88,7 +88,7 @@ def prompt_generator(ckpt, device, sampler="ddim", steps=25, cfg_scale=pixart.CF
     """(generate(noise, prompts) -> model-space samples, the network, its description) of a PixArt
     student checkpoint (its K steps, its text encoder and VAE) or a PixArt pipeline (the teacher; sampler, steps
     and CFG apply; its text encoder and VAE from `text_encoder` and `vae` when given, pixart.check_pixart)."""
-    if os.path.isfile(ckpt):
+    if os.path.isfile(ckpt) or is_sharded_checkpoint(ckpt):
         if text_encoder or vae:
             raise ValueError(f"{ckpt} is a student: its text encoder and VAE are its own; drop --text-encoder and "
                              f"--vae")

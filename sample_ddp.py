@@ -29,7 +29,7 @@ import torch
 import pixart
 from evaluations.npz import NpzImages
 from extract_trajectories import check_flow_args, check_pixart_sources
-from models import OFFICIAL_CHECKPOINTS
+from models import OFFICIAL_CHECKPOINTS, is_sharded_checkpoint
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
 from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
@@ -72,20 +72,20 @@ def chunk_path(parts_dir, index):
 
 def checkpoint_identity(ckpt, hub_names=False):
     """An official name as it is; a file by absolute path, size and modification time, so that
-    a file rewritten at the same path counts as another checkpoint; a pipeline folder likewise by the
-    files of its transformer/ (the folder's own time misses weights rewritten in place). With `hub_names`
-    (PixArt pipelines), a name that is no local path is a hub name, also kept as it is."""
+    a file rewritten at the same path counts as another checkpoint; a pipeline folder or a sharded checkpoint
+    likewise by the files of its weights (the folder's own time misses weights rewritten in place). With
+    `hub_names` (PixArt pipelines), a name that is no local path is a hub name, also kept as it is."""
     if ckpt in OFFICIAL_CHECKPOINTS or hub_names and not os.path.exists(ckpt):
         return ckpt
-    stats = [os.stat(f) for f in pipeline_weights(ckpt)] or [os.stat(ckpt)]
+    stats = [os.stat(f) for f in folder_weights(ckpt)] or [os.stat(ckpt)]
     return dict(path=os.path.abspath(ckpt), bytes=sum(s.st_size for s in stats),
                 modified_ns=max(s.st_mtime_ns for s in stats))
 
 
-def pipeline_weights(path):
-    """The files of a pipeline folder's transformer/ (none for anything else)."""
-    transformer = os.path.join(str(path), "transformer")
-    return sorted(os.path.join(transformer, f) for f in os.listdir(transformer)) if os.path.isdir(transformer) else []
+def folder_weights(path):
+    """The files of a sharded checkpoint, or of a pipeline folder's transformer/ (none for anything else)."""
+    folder = str(path) if is_sharded_checkpoint(path) else os.path.join(str(path), "transformer")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)) if os.path.isdir(folder) else []
 
 
 def parts_settings(args):

@@ -22,18 +22,23 @@ rank and after a resume. P = 0 (the default) is the paper's pure teacher forcing
 costs one sample of K-1 stages more.
 """
 import argparse
+import concurrent.futures
 import copy
+import datetime
 import glob
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
@@ -44,21 +49,22 @@ from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, 
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import DISC_BLOCKS, Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import (clips_x0, create_dit, describe_checkpoint, export_ema, load_autoencoder, load_teacher,
-                    read_checkpoint)
+from models import (checkpoint_error, clips_x0, create_dit, describe_checkpoint, export_ema, load_autoencoder,
+                    load_teacher, read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
-from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, check_meta, cleanup_distributed,
-                   init_distributed, on_rank_zero, progress, save_grid)
+from utils import (add_distributed_args, allow_tf32, autocast, check_meta, cleanup_distributed,
+                   fsync_path, init_distributed, on_rank_zero, progress, save_grid)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half", "dist_timeout", "device")
+               "export", "export_half", "dist_timeout", "device", "keep_last")
 # Each stage's own defaults: the paper's 300K distillation steps at batch 64; its adversarial stage ran "a
 # few hours" on 8 A100s at batch 48 (20K steps); a teacher from scratch as long as DiT's ablations (400K).
 STAGE_DEFAULTS = {"ard": dict(iterations=300_000, global_batch_size=64),
                   "gan": dict(iterations=20_000, global_batch_size=48),
                   "teacher": dict(iterations=400_000, global_batch_size=64)}
+PARTIAL = ".partial"  # the suffix of a checkpoint folder being written
 # Settings that --stage gan takes from its --init checkpoint: the student's and its teacher's.
 INIT_FLAGS = ("num_steps", "history_layers", "mask", "target", "shared_head", "parametrization", "history_input",
               "teacher", "model", "image_size", "vae", "teacher_family", "time_convention")
@@ -465,15 +471,27 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint's name (NNNNNNN, or NNNNNNN.pt for the single files of older runs); None for any
+    other name (NNNNNNN.partial: a write in progress or cut short)."""
+    name = os.path.basename(path).removesuffix(".pt")
+    return int(name) if name.isdigit() else None
+
+
 def checkpoint_paths(experiment_dir):
-    return sorted(glob.glob(os.path.join(experiment_dir, "checkpoints", "[0-9]*.pt")))
+    """The run's complete checkpoints, oldest first."""
+    paths = glob.glob(os.path.join(experiment_dir, "checkpoints", "[0-9]*"))
+    return sorted((p for p in paths if checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def resume_point(experiment_dir):
-    """(the newest checkpoint of a run that reads, notes naming it and each newer one that does
-    not, cut short by a crash of the machine, say); (None, []) for no run."""
-    notes = []
-    for path in reversed(checkpoint_paths(experiment_dir) if experiment_dir else []):
+    """(the newest checkpoint of a run that reads, notes naming it, each newer one that does not (cut short by a
+    crash of the machine, say) and each write that did not finish); (None, []) for no run."""
+    if not experiment_dir:
+        return None, []
+    notes = [f"skipped {path}: its write did not finish" for path in
+             sorted(glob.glob(os.path.join(experiment_dir, "checkpoints", f"[0-9]*{PARTIAL}")))]
+    for path in reversed(checkpoint_paths(experiment_dir)):
         try:
             checkpoint = read_checkpoint(path)
         except Exception as e:  # a damaged file fails in the zip reader, the unpickler, ...
@@ -483,8 +501,57 @@ def resume_point(experiment_dir):
     return None, notes
 
 
-def save_checkpoint(path, state):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def checkpoint_group(timeout_minutes):
+    """The process group of checkpoint writes under torchrun (None otherwise): gloo, since a write's collectives run
+    on the CPU in a background thread, and apart from training's group, whose collectives they would interleave."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes)) \
+        if dist.is_initialized() else None
+
+
+def save_checkpoint(path, state, group=None, keep_last=0):
+    """Starts writing `state` as the checkpoint folder `path`, every rank its share of the shards (torch's planner
+    spreads the tensors that all ranks hold alike over them), and returns once the state is copied to CPU memory,
+    with a Future that is done, on every rank, once the checkpoint is complete: its shards go to path.partial, which
+    rank 0 renames to `path` once every rank's shards and the metadata are on disk, then deleting all but the newest
+    `keep_last` checkpoints (0: keeps all). Called by every rank, with `group` from checkpoint_group (None: the
+    default group, only while no other collective runs before the Future is done)."""
+    partial, rank = path + PARTIAL, dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:  # a write of this step cut short before; nothing of it may mix into this one
+        shutil.rmtree(partial, ignore_errors=True)
+    done = concurrent.futures.Future()
+
+    def complete(written):
+        try:
+            written.result()
+            on_rank_zero(rank, lambda: publish_checkpoint(partial, path, keep_last), group)  # complete on every rank
+            logging.getLogger("train").info(f"saved {path}")
+            done.set_result(path)
+        except CheckpointException as e:  # a rank's write failed; the group told every rank
+            done.set_exception(checkpoint_error(e, f"checkpoint {path} was not written"))
+        except BaseException as e:  # the rename (on every rank), or a write outside a group (one process)
+            done.set_exception(e)
+    dcp.async_save(state, checkpoint_id=partial, process_group=group, no_dist=not dist.is_initialized()
+                   ).add_done_callback(complete)
+    return done
+
+
+def wait_for(writing):
+    """Waits for a checkpoint write (save_checkpoint's Future, or None), raising its error."""
+    if writing is not None:
+        writing.result()
+
+
+def publish_checkpoint(partial, path, keep_last):
+    """Renames a written checkpoint folder to its name, durably, and deletes the checkpoints beyond the newest
+    `keep_last` (0: none)."""
+    fsync_path(partial)
+    if os.path.isdir(path):  # the same step again: its earlier folder did not read, or resume would have passed it
+        shutil.rmtree(path)
+    os.replace(partial, path)
+    fsync_path(os.path.dirname(path))
+    kept = checkpoint_paths(os.path.dirname(os.path.dirname(path)))
+    for old in kept[:-keep_last] if keep_last else ():
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
 def create_logger(experiment_dir, rank):
@@ -568,6 +635,9 @@ def build_parser():
     run.add_argument("--grad-checkpointing", action="store_true")
     run.add_argument("--log-every", type=int, default=100)
     run.add_argument("--ckpt-every", type=int, default=10_000)
+    run.add_argument("--keep-last", type=int, default=0, metavar="K",
+                     help="keep the newest K checkpoints, deleting older ones once a newer one is complete (default 0: "
+                          "keep all)")
     run.add_argument("--sample-every", type=int, default=10_000)
     run.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the teacher's sample grids")
     run.add_argument("--sample-cfg-scale", type=float, default=4.0,
@@ -684,13 +754,14 @@ def check_args(parser, args):
         for flag in ("init", "real_data"):
             if not getattr(args, flag):
                 parser.error(f"--stage gan needs --{flag.replace('_', '-')}")
-        if not args.resume and not os.path.isfile(args.init):  # a resumed run needs only its own checkpoint
+        if not args.resume and not os.path.exists(args.init):  # a resumed run needs only its own checkpoint
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
         if not args.resume:  # a resumed run keeps the --real-data it was checked with
             check_real_data(parser, args)
     check_ema(parser, args)
+    check_keep_last(parser, args)
     if args.attention == "flex" and not args.compile:
         parser.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     check_student_fed(parser, args)
@@ -716,6 +787,11 @@ def check_real_data(parser, args):
     if mismatches:
         parser.error(f"--real-data {args.real_data} does not fit the student of --init {args.init}: "
                      + "; ".join(mismatches))
+
+
+def check_keep_last(parser, args):
+    if args.keep_last < 0:
+        parser.error(f"--keep-last must be >= 0 (0 keeps every checkpoint), got {args.keep_last}")
 
 
 def check_ema(parser, args):
@@ -811,6 +887,7 @@ def main(argv=None):
         logger.info(note)
 
     model.train()
+    group, writing = checkpoint_group(args.dist_timeout), None
     running, steps_since_log, last_log = {}, 0, time.time()
     bar = progress(args.iterations, args.stage, "step", enabled=rank == 0, initial=start_step, lines=False)
     for step in range(start_step, args.iterations):
@@ -837,6 +914,7 @@ def main(argv=None):
         if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
             means = mean_over_ranks({k: total / count for k, (total, count) in running.items()})
             if not math.isfinite(means["loss"]):
+                wait_for(writing)
                 saved = checkpoint_paths(experiment_dir)
                 raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "
                                          f"checkpoint {saved[-1] if saved else '(none written yet)'}")
@@ -846,19 +924,18 @@ def main(argv=None):
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
         if done % args.ckpt_every == 0 or done == args.iterations:
-            def save():
-                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "step": done, "args": record}
-                if discriminator is not None:  # the frozen features are the teacher's: not saved again
-                    state.update(disc_heads=discriminator.heads.state_dict(), disc_opt=task.disc_opt.state_dict())
-                path = os.path.join(experiment_dir, "checkpoints", f"{done:07d}.pt")
-                save_checkpoint(path, state)
-                logger.info(f"saved {path}")
-            on_rank_zero(rank, save)
+            wait_for(writing)  # one write at a time
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "step": done, "args": record}
+            if discriminator is not None:  # the frozen features are the teacher's: not saved again
+                state.update(disc_heads=discriminator.heads.state_dict(), disc_opt=task.disc_opt.state_dict())
+            writing = save_checkpoint(os.path.join(experiment_dir, "checkpoints", f"{done:07d}"), state, group,
+                                      args.keep_last)
         if done % args.sample_every == 0 or done == args.iterations:
             path = os.path.join(experiment_dir, "samples", f"{done:07d}.png")
             on_rank_zero(rank, lambda: save_samples(task, ema, args, path, device))
     bar.close()
+    wait_for(writing)
     logger.info("done")
     cleanup_distributed()
     return experiment_dir

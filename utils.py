@@ -20,8 +20,8 @@ os.umask(UMASK)
 def add_distributed_args(parser):
     """The flags of every torchrun script."""
     parser.add_argument("--dist-timeout", type=float, default=60,
-                        help="minutes a rank waits for the others (e.g. while rank 0 writes a checkpoint) before "
-                             "the job fails; NCCL's own default is 10")
+                        help="minutes a rank waits for the others (e.g. for the slowest rank's share of a checkpoint) "
+                             "before the job fails; NCCL's own default is 10")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda under torchrun (stopping when it is unavailable), else cuda if available; "
                              "cpu runs torchrun's processes on the CPU with gloo")
@@ -111,9 +111,9 @@ def barrier():
         dist.barrier()
 
 
-def on_rank_zero(rank, work):
-    """work() on rank 0 only; its result, or the error it raised, reaches every rank. The other
-    ranks then raise rank 0's error at once instead of waiting in a collective that rank 0 never
+def on_rank_zero(rank, work, group=None):
+    """work() on rank 0 only; its result, or the error it raised, reaches every rank (of `group`, default: all).
+    The other ranks then raise rank 0's error at once instead of waiting in a collective that rank 0 never
     reaches (a hang until the timeout under NCCL)."""
     result, error = None, None
     if rank == 0:
@@ -123,7 +123,7 @@ def on_rank_zero(rank, work):
             error = e
     if dist.is_initialized():
         shared = [result, error]
-        dist.broadcast_object_list(shared)
+        dist.broadcast_object_list(shared, group=group)
         result, error = shared
     if error is not None:
         raise error

@@ -71,3 +71,18 @@ def test_gan_table_counts_every_part_of_the_step(capsys):
     assert generator >= 3 * gflops(config, 4, 1) + gflops(config)
     assert discriminator >= 2 * gflops(config) + encode > 0
     assert sum(float(r[2].rstrip("%")) for r in rows[2:4]) == pytest.approx(100, abs=0.2)
+
+
+def test_checkpoint_table_spreads_the_bytes_over_the_ranks(capsys):
+    """2 gloo processes: before, rank 0 writes the whole state and both ranks wait for it; after, each rank writes
+    about half of it (the replicated tensors spread by torch's planner), together about as much as before."""
+    benchmark.main(TINY + ["--checkpoint"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["writer", "rank", "blocked s", "MB written", "s until on disk"] and len(rows) == 6
+    (before0, before1, after0, after1) = [[float(c) for c in r[1:]] for r in rows[2:]]
+    assert [before0[0], before1[0], after0[0], after1[0]] == [0, 1, 0, 1]
+    assert before0[2] > 0 and before1[2] == 0
+    assert after0[2] + after1[2] == pytest.approx(before0[2], rel=0.1)
+    assert after0[2] == pytest.approx(after1[2], rel=0.2)
+    assert all(r[1] > 0 and r[3] >= r[1] for r in (before0, before1, after0, after1))

@@ -11,7 +11,7 @@ from PIL import Image
 import demo
 from ard import ARD
 from extract_trajectories import TrajectoryDataset
-from models import DiT
+from models import DiT, read_checkpoint
 from test_ard import inputs, perturbed_dit
 from test_flow_teachers import make_flow_teacher
 
@@ -29,7 +29,7 @@ def tiny_teacher(tmp_path):
 
 
 def checkpoints(digits):
-    return {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/*.pt")}
+    return {p: os.stat(p).st_mtime_ns for p in (digits / "runs").glob("*/checkpoints/[0-9]*")}
 
 
 def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys):
@@ -96,12 +96,12 @@ def assert_fine_tuned_students_compared(comparisons):
 def assert_fine_tuned_from_their_regression_runs(digits):
     """The R+D runs are train.py --stage gan from the final checkpoint of their R twin's run (4 steps), counting
     their own adversarial steps (2)."""
-    runs = [torch.load(p, weights_only=True) for p in (digits / "runs").glob("*-gan-*/checkpoints/*.pt")]
+    runs = [read_checkpoint(p) for p in (digits / "runs").glob("*-gan-*/checkpoints/[0-9]*")]
     assert {(r["args"]["stage"], r["args"]["real_data"], r["step"]) for r in runs} == {("gan", "digits", 2)}
     inits = sorted(Path(r["args"]["init"]) for r in runs)
     assert [i.parents[1].name.split("-", 1)[1].rsplit("-", 1)[0] for i in inits] == [
         "ard-K4-N0-ddim-teacher-forced-s0", "ard-K4-N1-ddim-teacher-forced-s0"]
-    assert {(i.parents[2], i.name) for i in inits} == {(digits / "runs", "0000004.pt")}
+    assert {(i.parents[2], i.name) for i in inits} == {(digits / "runs", "0000004")}
 
 
 def report_rows(report):
@@ -127,13 +127,13 @@ def test_reduced_gan_study_traces_its_stage(tmp_path, monkeypatch):
                "--num-held-out", "16", "--num-images", "40"])
     digits = out / "digits"
     [run] = (digits / "runs").glob("*-gan-*")
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"{s:07d}.pt" for s in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (run / "checkpoints").glob("[0-9]*")) == [f"{s:07d}" for s in (1, 2, 3, 4)]
     traced = sorted(p.name.split("-s0-")[0] for p in (digits / "metrics").glob("K4-N0-ddim-teacher-forced-R+D*.json"))
     assert traced == ["K4-N0-ddim-teacher-forced-R+D", *(f"K4-N0-ddim-teacher-forced-R+D-{s:07d}" for s in (1, 2, 3))]
     report = (out / "results.md").read_text()
     assert "step distillation (N=0), R+D, ddim heads, teacher-forced, K=4, the whole stage against its first 2 steps" \
         in report
-    logged = demo.training_log(str(run / "checkpoints" / "0000004.pt"))
+    logged = demo.training_log(str(run / "checkpoints" / "0000004"))
     assert logged["d_acc"][0] == [1, 2, 3, 4] and all(0 <= a <= 1 for a in logged["d_acc"][1])
     for plot in ("gan_stage.png", "gan_training.png"):
         assert Image.open(digits / plot).size[0] > 0
@@ -152,7 +152,7 @@ def test_reduced_demo_on_a_flow_teacher_solves_with_heun_and_reads_heads_through
     assert "teacher 25-step Heun" in report and len([l for l in report.splitlines() if l.startswith("- ")]) == 1
     meta = json.loads(next((out / "digits-flow").glob("trajectories_*/meta.json")).read_text())
     assert (meta["teacher_family"], meta["solver"]) == ("flow", "heun")
-    runs = [torch.load(p, weights_only=True)["args"] for p in (out / "digits-flow" / "runs").glob("*/checkpoints/*.pt")]
+    runs = [read_checkpoint(p)["args"] for p in (out / "digits-flow" / "runs").glob("*/checkpoints/[0-9]*")]
     assert sorted(a["parametrization"] for a in runs) == ["euler", "euler"]
     assert {a["teacher_family"] for a in runs} == {"flow"}
 

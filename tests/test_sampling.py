@@ -15,10 +15,11 @@ from PIL import Image
 
 import sample
 import sample_ddp
+import train
 import utils
 from ard import ARD, load_student
 from evaluations.npz import NpzImages
-from models import DiT
+from models import DiT, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +99,22 @@ def reference_path(checkpoints, tmp_path_factory):
 def reference_npz(reference_path):
     with np.load(reference_path, allow_pickle=False) as f:
         return dict(f)
+
+
+def test_sample_and_sample_ddp_read_a_sharded_checkpoint(reference_npz, checkpoints, tmp_path):
+    """The student checkpoint rewritten as train.py writes checkpoints now (a torch.distributed.checkpoint folder)
+    gives the same images to sample.py and sample_ddp.py, and its identity changes with its shards."""
+    sharded = str(tmp_path / "0000001")
+    train.save_checkpoint(sharded, read_checkpoint(checkpoints[1])).result()
+    out = tmp_path / "sharded.npz"
+    sample_ddp.main(ddp_args(sharded, out))
+    np.testing.assert_array_equal(np.load(out)["arr_0"], reference_npz["arr_0"])
+    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    assert torch.equal(sample.load_generator(sharded)[0](noise, y), sample.load_generator(checkpoints[1])[0](noise, y))
+    before = sample_ddp.checkpoint_identity(sharded)
+    assert before["bytes"] == sum(os.path.getsize(os.path.join(sharded, f)) for f in os.listdir(sharded))
+    train.save_checkpoint(sharded, dict(read_checkpoint(sharded), step=2)).result()
+    assert sample_ddp.checkpoint_identity(sharded) != before
 
 
 def test_sample_ddp_writes_adm_npz(reference_npz, reference_path, checkpoints):

@@ -20,6 +20,7 @@ import sample
 import sample_ddp
 import train
 from diffusion import create_diffusion, student_timesteps
+from models import read_checkpoint
 from evaluations import clip_score
 from tiny_pixart import (MAX_TOKENS, WORDS, save_tiny_components, save_tiny_pipeline, save_tiny_pixel_pipeline,
                          save_tiny_transformer_only, tiny_tokenizer, tiny_transformer)
@@ -298,19 +299,19 @@ def test_pixel_pixart_teacher_trains_resumes_bit_identically_and_exports_a_pipel
     torch.manual_seed(0)
     half = train.main(teacher_argv(toy_text_encoder, tmp_path / "half", "--iterations", 2))
     train.main(["--resume", half, "--iterations", "4"])
-    a, b = (torch.load(os.path.join(e, "checkpoints", "0000004.pt"), weights_only=True) for e in (full, half))
+    a, b = (read_checkpoint(os.path.join(e, "checkpoints", "0000004")) for e in (full, half))
     assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
-    start = torch.load(os.path.join(full, "checkpoints", "0000002.pt"), weights_only=True)
+    start = read_checkpoint(os.path.join(full, "checkpoints", "0000002"))
     assert any(not torch.equal(start["model"][k], a["model"][k]) for k in a["model"])  # it trains
     assert (a["args"]["family"], a["args"]["vae"]) == ("pixart", "none")
     assert os.path.getsize(os.path.join(full, "samples", "0000004.png")) > 0
 
     pipeline = str(tmp_path / "pipeline")
-    train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), pipeline])
+    train.main(["--export", os.path.join(full, "checkpoints", "0000004"), pipeline])
     transformer, info = pixart.load_pixart(pipeline)
     assert info["vae"] == "none" and info["shape"] == [3, 16, 16]
     assert all(torch.equal(v, a["ema"][k]) for k, v in transformer.state_dict().items())
-    train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), f"{pipeline}-half", "--export-half"])
+    train.main(["--export", os.path.join(full, "checkpoints", "0000004"), f"{pipeline}-half", "--export-half"])
     half = pixart.load_pixart(f"{pipeline}-half")[0].state_dict()
     assert all(v.dtype == torch.float32 and torch.equal(v, a["ema"][k].half().float()) for k, v in half.items())
     prompts = tmp_path / "prompts.txt"
@@ -319,7 +320,7 @@ def test_pixel_pixart_teacher_trains_resumes_bit_identically_and_exports_a_pipel
              "--shard-size", "4", "--batch-size", "4", "--teacher-steps", "4", "--num-steps", "2"])
     assert json.load(open(tmp_path / "traj" / "meta.json"))["clip_denoised"] is True
     with pytest.raises(FileExistsError, match="exists"):
-        train.main(["--export", os.path.join(full, "checkpoints", "0000004.pt"), pipeline])
+        train.main(["--export", os.path.join(full, "checkpoints", "0000004"), pipeline])
 
 
 def test_pixart_teacher_without_a_text_encoder_stops(tmp_path):
@@ -440,8 +441,7 @@ def run(argv):
 
 
 def checkpoint(experiment, step):
-    return torch.load(os.path.join(experiment, "checkpoints", f"{step:07d}.pt"), map_location="cpu",
-                      weights_only=True)
+    return read_checkpoint(os.path.join(experiment, "checkpoints", f"{step:07d}"))
 
 
 @pytest.fixture(scope="module")
@@ -510,24 +510,24 @@ def test_shape_and_teacher_mismatches(single, tmp_path, monkeypatch):
 
 
 def test_a_pixart_student_exports_its_ema_weights_as_safetensors(run4, tmp_path):
-    path = os.path.join(run4, "checkpoints", "0000004.pt")
+    path = os.path.join(run4, "checkpoints", "0000004")
     out = str(tmp_path / "student.safetensors")
     train.main(["--export", path, out])
     student, args = pixart.load_student(out)
-    assert args["stage"] == "ard" and all(torch.equal(v, torch.load(path, weights_only=True)["ema"][k])
+    assert args["stage"] == "ard" and all(torch.equal(v, read_checkpoint(path)["ema"][k])
                                           for k, v in student.state_dict().items())
 
 
 def test_gan_stage_is_class_conditional_only(run4, single, tmp_path):
     with pytest.raises(ValueError, match="class-conditional only"):
-        run(["--stage", "gan", "--init", os.path.join(run4, "checkpoints", "0000004.pt"), "--data-path", single,
+        run(["--stage", "gan", "--init", os.path.join(run4, "checkpoints", "0000004"), "--data-path", single,
              "--real-data", "digits", "--results-dir", tmp_path, *QUIET])
 
 
 # ---------------------------------------------------------------------------- sampling and evaluation
 
 def test_student_checkpoint_samples_what_its_model_samples(run4, pipeline, tmp_path):
-    path = os.path.join(run4, "checkpoints", "0000004.pt")
+    path = os.path.join(run4, "checkpoints", "0000004")
     generate, student, info = sample.prompt_generator(path, torch.device("cpu"))
     noise = torch.randn(2, *info["shape"])
     got = generate(noise, PROMPTS[:2])
@@ -575,7 +575,7 @@ def test_sample_ddp_npz_and_its_clip_score(run4, prompt_file, tmp_path, monkeypa
     encoded = []
     encode = pixart.PromptEncoder.encode
     monkeypatch.setattr(pixart.PromptEncoder, "encode", lambda self, p: (encoded.append(list(p)), encode(self, p))[1])
-    sample_ddp.main(["--ckpt", os.path.join(run4, "checkpoints", "0000004.pt"), "--prompts", prompt_file,
+    sample_ddp.main(["--ckpt", os.path.join(run4, "checkpoints", "0000004"), "--prompts", prompt_file,
                      "--num-fid-samples", "6", "--per-proc-batch-size", "4", "--chunk-size", "3", "--labels", "balanced",
                      "--out", str(out)])
     with np.load(out) as f:

@@ -7,7 +7,6 @@ two-process (torchrun, gloo) runs. The other tests compare against them or start
 import copy
 import functools
 import glob
-import io
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemWriter
 
 import ard
 import extract_trajectories as et
@@ -56,16 +56,17 @@ def one_thread():
 
 
 def ckpt(experiment, step):
-    return os.path.join(experiment, "checkpoints", f"{step:07d}.pt")
+    return os.path.join(experiment, "checkpoints", f"{step:07d}")
 
 
 def ckpt_steps(experiment):
-    """Steps of the files named like checkpoints (digits + .pt) in an experiment."""
-    return sorted(int(os.path.basename(p)[:-3]) for p in train.checkpoint_paths(experiment))
+    """Steps of the complete checkpoints of an experiment."""
+    return [train.checkpoint_step(p) for p in train.checkpoint_paths(experiment)]
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint folder, or a file (weights_only=True: plain containers and tensors only)."""
+    return models.read_checkpoint(path)
 
 
 def log_steps(experiment):
@@ -129,7 +130,10 @@ def teacher_argv(results, *extra, data="digits"):
 
 
 def truncate(path):
-    """Cuts a file to half its length, as a crash of the machine can leave a file just written."""
+    """Cuts a file (a checkpoint folder: its largest shard) to half its length, as a crash of the machine can leave a
+    file just written."""
+    if os.path.isdir(path):
+        path = max(glob.glob(os.path.join(path, "*.distcp")), key=os.path.getsize)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
 
@@ -261,7 +265,7 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
 # ---------------------------------------------------------------------------- every stage runs
 
 def check_checkpoint(path, stage, step, extra_keys=()):
-    state = load(path)  # weights_only=True: plain containers and tensors only
+    state = load(path)
     assert set(state) == CKPT_KEYS | set(extra_keys)
     assert state["step"] == step
     assert type(state["args"]) is dict and state["args"]["stage"] == stage
@@ -438,11 +442,11 @@ def test_resume_is_bit_identical_one_process(stage, workers, teacher_ckpt, traj,
 
 def test_gan_resumes_without_its_init_checkpoint(gan_run, ard_run, traj, tmp_path):
     """The resumed checkpoint holds everything --init gave the run: the init file may be gone."""
-    init = tmp_path / "init.pt"
-    shutil.copy(ckpt(ard_run, 6), init)
+    init = tmp_path / "init"
+    shutil.copytree(ckpt(ard_run, 6), init)
     part = run(gan_argv(str(init), traj, tmp_path / "results", "--iterations", 2, "--ckpt-every", 2,
                         "--gan-warmup", 1))
-    os.remove(init)
+    shutil.rmtree(init)
     run(["--resume", part, "--iterations", 4])
     assert_same_training_state(load(ckpt(gan_run, 4)), load(ckpt(part, 4)))
 
@@ -504,6 +508,19 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_reads(ddp, ard_run):
     assert f"resuming from {ckpt(ddp['broken'], 3)} (step 3)" in log
     resumed, uninterrupted = load(ckpt(ddp["broken"], 6)), load(ckpt(ard_run, 6))
     assert tensors_close(resumed["model"], uninterrupted["model"], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_continues_a_run_of_single_file_checkpoints(ard_run, tmp_path):
+    """A run whose checkpoints are the single .pt files train.py wrote before its checkpoint folders continues from
+    them, to the same state as the uninterrupted run."""
+    experiment = str(tmp_path / os.path.basename(ard_run))
+    shutil.copytree(ard_run, experiment)
+    for step in (3, 6):
+        shutil.rmtree(ckpt(experiment, step))
+    torch.save(load(ckpt(ard_run, 3)), ckpt(experiment, 3) + ".pt")
+    run(["--resume", experiment])
+    assert ckpt_steps(experiment) == [3, 6]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
 
 
 def test_resume_keeps_the_run_settings(teacher_ckpt, traj, tmp_path, capsys):
@@ -961,62 +978,73 @@ def test_student_fed_teacher_stage_stops(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- crashes and NaNs
 
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher_ckpt, traj, tmp_path,
-                                                                 monkeypatch):
-    """torch.save writes part of checkpoint 4 and the run dies (an exception, so atomic_write's
-    clean-up runs); checkpoint 2 stays loadable and --resume continues from it."""
-    real_save = torch.save
+def failing_finish(exception):
+    """A FileSystemWriter.finish (the metadata write that ends a checkpoint's write, on rank 0) that raises
+    `exception` in the write of checkpoint 4 (after every rank's shards), and does its work otherwise."""
+    real_finish = FileSystemWriter.finish
 
-    def dying_save(obj, f, *args, **kwargs):
-        if str(f).endswith("0000004.pt.tmp"):
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            with open(f, "wb") as out:
-                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise KeyboardInterrupt("killed while writing")
-        return real_save(obj, f, *args, **kwargs)
+    def finish(self, *args, **kwargs):
+        if str(self.path).endswith("0000004" + train.PARTIAL):
+            raise exception
+        return real_finish(self, *args, **kwargs)
+    return finish
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+
+def check_unfinished_write_is_skipped(experiment, log_before):
+    """After a run whose checkpoint 4 never finished: only 0000004.partial is there, checkpoint 2 loads, and a
+    resume notes the unfinished one and continues from 2, ending like the uninterrupted run."""
+    partial = ckpt(experiment, 4) + train.PARTIAL
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002", "0000004" + train.PARTIAL]
+    assert ckpt_steps(experiment) == [2] and load(ckpt(experiment, 2))["step"] == 2
+    with pytest.raises(Exception):
+        load(partial)
+    assert run(["--resume", experiment]) == experiment
+    with open(os.path.join(experiment, "log.txt")) as f:
+        log = f.read()[log_before:]
+    assert f"skipped {partial}: its write did not finish" in log
+    assert f"resuming from {ckpt(experiment, 2)} (step 2)" in log
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002", "0000004", "0000006"]
+
+
+def test_failed_checkpoint_write_stops_the_run_and_resume_skips_it(ard_run, teacher_ckpt, traj, tmp_path,
+                                                                   monkeypatch):
+    """The background write of checkpoint 4 fails before it is complete: the run stops with its error at the next
+    checkpoint, the folder keeps its .partial name, and --resume continues from checkpoint 2, bit-identically."""
+    monkeypatch.setattr(FileSystemWriter, "finish", failing_finish(OSError(28, "No space left on device")))
+    with pytest.raises(Exception, match="No space left on device"):
         run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 2))
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     (experiment,) = experiments(tmp_path)
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
-    assert load(ckpt(experiment, 2))["step"] == 2
-    run(["--resume", experiment])
-    assert ckpt_steps(experiment) == [2, 4, 6]
+    check_unfinished_write_is_skipped(experiment, os.path.getsize(os.path.join(experiment, "log.txt")))
     assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
 
 
 KILLED_RUN = """
-import io, os, sys
+import os, sys
 import torch
 import torch.nn as nn
 torch.set_num_threads(1)
+from torch.distributed.checkpoint import FileSystemWriter
 import train
-real_save = torch.save
+real_finish = FileSystemWriter.finish
 
 
-def dying_save(obj, f, *args, **kwargs):
-    if str(f).endswith("0000004.pt.tmp"):  # half of checkpoint 4 on disk, then killed
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        with open(f, "wb") as out:
-            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+def killed_finish(self, *args, **kwargs):  # every rank's shards of checkpoint 4 on disk, then killed
+    if str(self.path).endswith("0000004" + train.PARTIAL):
         os._exit(9)
-    return real_save(obj, f, *args, **kwargs)
+    return real_finish(self, *args, **kwargs)
 
 
-torch.save = dying_save
+FileSystemWriter.finish = killed_finish
 torch.manual_seed(0)
 train.main(sys.argv[1:])
 """
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher_ckpt, traj, tmp_path):
-    """A run (its own process) is killed with os._exit (no clean-up) half-way through writing
-    checkpoint 4: the partial file keeps its temporary name, checkpoint 2 loads, and --resume
-    ignores the leftover and continues exactly like an uninterrupted run."""
+    """A run (its own process) is killed with os._exit (no clean-up) while it writes checkpoint 4, its shards on
+    disk but not its metadata: the folder keeps its .partial name, checkpoint 2 loads, and --resume notes the
+    leftover and continues exactly like an uninterrupted run."""
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
@@ -1025,45 +1053,80 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(ard_run, teacher
     proc = subprocess.run([sys.executable, str(script), *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 9, proc.stderr[-3000:]
-    tmp_path = tmp_path / "results"
-    (experiment,) = experiments(tmp_path)
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt.tmp"]
-    assert ckpt_steps(experiment) == [2]
-    assert load(ckpt(experiment, 2))["step"] == 2
-    with pytest.raises(Exception):
-        load(os.path.join(experiment, "checkpoints", "0000004.pt.tmp"))
-    assert run(["--resume", experiment]) == experiment
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt", "0000004.pt", "0000006.pt"]
+    (experiment,) = experiments(tmp_path / "results")
+    assert glob.glob(os.path.join(ckpt(experiment, 4) + train.PARTIAL, "*.distcp")), "no shard was written"
+    check_unfinished_write_is_skipped(experiment, os.path.getsize(os.path.join(experiment, "log.txt")))
     assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(experiment, 6)))
+
+
+def test_kill_of_a_rank_while_writing_a_checkpoint_under_torchrun(ddp, teacher_ckpt, traj, tmp_path):
+    """Two processes under torchrun, rank 0 killed while the ranks write checkpoint 4: a resume by two processes
+    skips it and ends bit-identical to the uninterrupted two-process run."""
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    argv = ard_argv(teacher_ckpt, traj, tmp_path / "results", "--iterations", 6, "--ckpt-every", 2)
+    assert torchrun_process(str(script), argv).returncode != 0
+    (experiment,) = experiments(tmp_path / "results")
+    assert len(glob.glob(os.path.join(ckpt(experiment, 4) + train.PARTIAL, "*.distcp"))) == 2, "a shard per rank"
+    log_before = os.path.getsize(os.path.join(experiment, "log.txt"))
+    torchrun(os.path.join(ROOT, "train.py"), ["--resume", experiment])
+    with open(os.path.join(experiment, "log.txt")) as f:
+        log = f.read()[log_before:]
+    assert f"skipped {ckpt(experiment, 4)}{train.PARTIAL}: its write did not finish" in log
+    assert f"resuming from {ckpt(experiment, 2)} (step 2)" in log
+    assert_same_training_state(load(ckpt(ddp["ard6"], 6)), load(ckpt(experiment, 6)))
+
+
+def test_keep_last_bounds_the_checkpoints_and_keeps_the_newest_complete_one(teacher_ckpt, traj, tmp_path,
+                                                                           monkeypatch, capsys):
+    """--keep-last K deletes older checkpoints once a newer one is complete, never for a write that failed; it may
+    change on a resume. A negative K is refused."""
+    experiment = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 3, "--ckpt-every", 1, "--keep-last", 2))
+    assert ckpt_steps(experiment) == [2, 3]
+    monkeypatch.setattr(FileSystemWriter, "finish", failing_finish(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="0000004 was not written"):
+        run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002", "0000003",
+                                                                          "0000004" + train.PARTIAL]
+    monkeypatch.undo()
+    run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000006"]
+    expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--keep-last", -1), capsys,
+                       "--keep-last must be >= 0 (0 keeps every checkpoint), got -1")
 
 
 FULL_DISK_RUN = """
 import sys
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 torch.set_num_threads(1)
+from torch.distributed.checkpoint import FileSystemWriter
 import train
 
 
-def full_disk(obj, f, *args, **kwargs):  # only rank 0 writes checkpoints
-    raise OSError(28, "No space left on device", str(f))
+def full_disk(self, *args, **kwargs):  # rank 0's shards do not fit
+    if dist.get_rank() == 0:
+        raise OSError(28, "No space left on device", str(self.path))
+    return real_write(self, *args, **kwargs)
 
 
-torch.save = full_disk
+real_write = FileSystemWriter.write_data
+FileSystemWriter.write_data = full_disk
 train.main(sys.argv[1:])
 """
 
 
-def test_rank0_failing_to_write_a_checkpoint_stops_every_rank(teacher_ckpt, traj, tmp_path):
-    """Rank 1 must not wait in a barrier for a rank 0 that died writing a checkpoint (under NCCL:
-    a hang until the timeout): both stop at once with rank 0's error."""
+def test_a_rank_failing_to_write_a_checkpoint_stops_every_rank(teacher_ckpt, traj, tmp_path):
+    """Rank 1 must not wait for a rank 0 whose share of a checkpoint failed (under NCCL: a hang until the
+    timeout): both stop with rank 0's error."""
     script = tmp_path / "full_disk_run.py"
     script.write_text(FULL_DISK_RUN)
     proc = torchrun_process(str(script), ard_argv(teacher_ckpt, traj, tmp_path / "results", "--iterations", 1,
                                                   "--ckpt-every", 1, "--dist-timeout", 1))
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert f"[rank{rank}]: OSError: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
+        assert re.search(rf"\[rank{rank}\]:.*No space left on device", proc.stderr), proc.stderr[-3000:]
 
 
 def poison_loss(monkeypatch, from_call, value=float("nan")):
@@ -1088,7 +1151,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(teacher_ckpt, traj, tmp_pa
     assert os.path.join(experiment, "checkpoints") in str(e.value)
     assert "step 3" in str(e.value)
     assert ckpt_steps(experiment) == [2]
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002"]
     assert [s for s, _ in log_steps(experiment)] == [1, 2]
     # the last good checkpoint is intact and finite
     state = load(ckpt(experiment, 2))
@@ -1101,7 +1164,7 @@ def test_nan_between_log_steps_is_caught_before_the_next_checkpoint(teacher_ckpt
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 2, "--log-every", 1000))
     (experiment,) = experiments(tmp_path)
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002.pt"]
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000002"]
 
 
 def test_diverging_learning_rate_stops_the_run(teacher, tmp_path):
