@@ -24,7 +24,7 @@ from ard import load_student
 from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args
 from models import OFFICIAL_CHECKPOINTS, clips_x0, load_autoencoder, load_teacher, read_checkpoint, with_guidance
-from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
+from transport import ADAPTIVE, CONVENTIONS, GuidedVelocity, solve_adaptive, solve_progressive, time_grid
 from utils import autocast, save_grid
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
@@ -45,14 +45,17 @@ def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_c
 
 
 def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1.0, guidance_channels=None,
-                   guidance_interval=(0.0, 1.0), time_shift=1.0):
+                   guidance_interval=(0.0, 1.0), time_shift=1.0, last_step=None):
     """generate(noise, labels) -> samples of a flow teacher by its own solve (transport: Euler or Heun in float64 on
-    the `steps`-step grid, CFG on its guided channels inside the guidance interval)."""
+    the `steps`-step grid, Heun's last step `last_step`, or SiT's adaptive dopri5; CFG on its guided channels inside
+    the guidance interval)."""
     grid = time_grid(steps, time_shift)
     velocity = GuidedVelocity(model, CONVENTIONS[time_convention], cfg_scale, guidance_channels, guidance_interval)
 
     def generate(noise, y):
-        *_, last = solve_progressive(velocity, noise, grid, y, solver)
+        if solver == ADAPTIVE:
+            return solve_adaptive(velocity, noise, y).to(noise.dtype)
+        *_, last = solve_progressive(velocity, noise, grid, y, solver, last_step)
         return last["sample"].to(noise.dtype)
     return generate
 
@@ -67,7 +70,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
 
     A student checkpoint samples in its K steps; teacher settings (sampler, steps, CFG) apply
     to teachers only. `flow`: the teacher family and a flow teacher's solve (teacher_family,
-    time_convention, solver, time_shift, guidance_interval; extract_trajectories.add_flow_args);
+    time_convention, solver, last_step, time_shift, guidance_interval; extract_trajectories.add_flow_args);
     a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
     if is_student_checkpoint(ckpt):
@@ -80,7 +83,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
                                  time_convention=flow["time_convention"])
     if info["teacher_family"] == "flow":
         generate = flow_generator(teacher, info["time_convention"], flow["solver"], steps, cfg_scale,
-                                  guidance_channels, flow["guidance_interval"], flow["time_shift"])
+                                  guidance_channels, flow["guidance_interval"], flow["time_shift"], flow["last_step"])
         return generate, teacher, dict(info, kind="teacher", num_steps=steps)
     generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress,
                                  clip_denoised=clips_x0(info["vae"]))
@@ -130,7 +133,7 @@ def add_generator_args(p):
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
-    add_flow_args(p)
+    add_flow_args(p, adaptive=True)
 
 
 def checkpoint_from_args(args):
@@ -143,7 +146,7 @@ def generator_from_args(args, device, text_to_image=False, progress=False):
         if not args.ckpt:
             raise ValueError("text-to-image needs --ckpt: a PixArt student checkpoint or a PixArt pipeline")
         return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress)
-    flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "time_shift",
+    flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "last_step", "time_shift",
                                           "guidance_interval")}
     return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
                           args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress, flow)
