@@ -219,7 +219,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
     p.add_argument("--model", default="DiT-XL/2", help="architecture of an official/bare checkpoint")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", default="ema", help="the VAE an official checkpoint works with (ema, mse, none)")
+    p.add_argument("--vae", default="ema", help="the VAE an official checkpoint works with: ema, mse, none, or a local "
+                                                "diffusers folder (a VA-VAE converted by vavae.py)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=1_200_000)
     p.add_argument("--shard-size", type=int, default=1000)

@@ -337,13 +337,13 @@ DiT_models = {
 }
 
 
-def create_dit(model, image_size, latent=True, **kwargs):
-    """A DiT from the table by name, for an image size in pixels (latent models see size/8)."""
+def create_dit(model, image_size, latent=True, downsampling=8, **kwargs):
+    """A DiT from the table by name, for an image size in pixels (latent models see size/downsampling: SD-VAE's 8)."""
     if model not in DiT_models:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(DiT_models)}")
-    if latent and image_size % 8:
-        raise ValueError(f"image size {image_size} is not divisible by 8 (the VAE's downsampling factor)")
-    input_size = image_size // 8 if latent else image_size
+    if latent and image_size % downsampling:
+        raise ValueError(f"image size {image_size} is not divisible by {downsampling} (the VAE's downsampling factor)")
+    input_size = image_size // downsampling if latent else image_size
     patch_size = kwargs.get("patch_size", int(model.split("/")[1]))
     if input_size % patch_size:
         raise ValueError(f"image size {image_size} gives a {input_size}x{input_size} model input, which is not "
@@ -449,8 +449,9 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     else:
         state_dict, found = foreign_state_dict(ckpt, checkpoint)
         image_size = OFFICIAL_CHECKPOINTS.get(ckpt, {}).get("image_size", image_size)
-        dit = create_dit(model, image_size, latent=vae != "none", num_classes=num_classes,
-                         in_channels=4 if vae != "none" else 3, learn_sigma=learns_sigma(state_dict, model)).config
+        channels, downsampling = latent_geometry(vae) if vae != "none" else (3, 1)
+        dit = create_dit(model, image_size, latent=vae != "none", downsampling=downsampling, num_classes=num_classes,
+                         in_channels=channels, learn_sigma=learns_sigma(state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
     info.update(teacher_kind(ckpt, found, family, time_convention))
     net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
@@ -503,27 +504,34 @@ def teacher_kind(ckpt, found, family, time_convention):
 class Autoencoder(nn.Module):
     """Maps images in [-1, 1] to the diffusion model's space and back.
 
-    With an SD-VAE it is the latent space scaled by 0.18215; without one (vae=None) the
-    model works on pixels and both maps are the identity.
+    With an SD-VAE it is the latent space scaled by 0.18215 (latent_norm "scalar"); with a VAE whose config holds
+    per-channel statistics (a VA-VAE converted by vavae.py) it is (z - mean) / std times the config's scaling factor
+    (latent_norm "per-channel", LightningDiT's and REPA-E's); without one (vae=None) the model works on pixels and
+    both maps are the identity.
     """
 
     def __init__(self, vae=None, scale_factor=0.18215):
         super().__init__()
         self.vae = vae
-        self.scale_factor = scale_factor
+        per_channel = vae is not None and vae.config.get("latents_mean") is not None
+        self.latent_norm = "per-channel" if per_channel else "scalar"
+        self.scale_factor = vae.config.scaling_factor if per_channel else scale_factor
+        mean, std = (vae.config.latents_mean, vae.config.latents_std) if per_channel else ([0.0], [1.0])
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     @torch.no_grad()
     def encode(self, images, sample=True):
         if self.vae is None:
             return images
         dist = self.vae.encode(images).latent_dist
-        return (dist.sample() if sample else dist.mode()) * self.scale_factor
+        return ((dist.sample() if sample else dist.mode()) - self.mean) / self.std * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents):
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.scale_factor).sample
+        return self.vae.decode(latents / self.scale_factor * self.std + self.mean).sample
 
 
 def clips_x0(vae):
@@ -532,8 +540,20 @@ def clips_x0(vae):
     return vae == "none"
 
 
+def latent_geometry(vae):
+    """(channels, downsampling) of an autoencoder's latents without loading its weights: SD-VAE's (4, 8), or those
+    of a local diffusers folder's config (a VA-VAE's: 32, 16)."""
+    config = os.path.join(vae, "config.json")
+    if vae in ("ema", "mse") or not os.path.isfile(config):
+        return 4, 8
+    with open(config) as f:
+        config = json.load(f)
+    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def load_autoencoder(vae):
-    """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder."""
+    """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder (a VA-VAE
+    converted by vavae.py included)."""
     if vae == "none":
         return Autoencoder()
     from diffusers.models import AutoencoderKL

@@ -127,7 +127,8 @@ def add_generator_args(p):
                                                 "(default: the official DiT-XL/2 at --image-size)")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", default="ema", help="ema, mse, or a local diffusers folder (official checkpoints)")
+    p.add_argument("--vae", default="ema", help="ema, mse, or a local diffusers folder, a VA-VAE converted by vavae.py "
+                                                "included (official checkpoints)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
