@@ -34,6 +34,7 @@ OFFICIAL_CHECKPOINTS = {
 TEACHER_FAMILIES = {"ddpm": "DDPM (ε-prediction)", "flow": "flow-matching (velocity)"}
 # REPA's SiT keeps the MLPs that align its features with an encoder's during training; sampling never runs them.
 REPA_PROJECTORS = "projectors."
+LIGHTNINGDIT_ROTARY = "feat_rope.freqs_cos"  # LightningDiT's rotary tables: only its files have them
 PRETRAINED_DIR = "pretrained_models"
 torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's checkpoints store their args as one
 
@@ -117,6 +118,7 @@ class Attention(nn.Module):
     def forward(self, x, mask=None, cache=None):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.position(q), self.position(k)
         if cache is not None:
             k, v = cache.append(k, v)
         if isinstance(mask, BlockMask):
@@ -126,6 +128,10 @@ class Attention(nn.Module):
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def position(self, x):
+        """Queries or keys (B, H, N, d) with their positions applied: none here (DiT adds them to the tokens)."""
+        return x
 
 
 class TimestepEmbedder(nn.Module):
@@ -249,9 +255,15 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = self.make_final_layer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def make_block(self, hidden_size, num_heads, mlp_ratio):
+        return DiTBlock(hidden_size, num_heads, mlp_ratio)
+
+    def make_final_layer(self, hidden_size, patch_size, out_channels):
+        return FinalLayer(hidden_size, patch_size, out_channels)
 
     def initialize_weights(self):
         def xavier(module):
@@ -450,18 +462,38 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
         state_dict, found = foreign_state_dict(ckpt, checkpoint)
         image_size = OFFICIAL_CHECKPOINTS.get(ckpt, {}).get("image_size", image_size)
         channels, downsampling = latent_geometry(vae) if vae != "none" else (3, 1)
-        dit = create_dit(model, image_size, latent=vae != "none", downsampling=downsampling, num_classes=num_classes,
-                         in_channels=channels, learn_sigma=learns_sigma(state_dict, model)).config
+        if found.get("arch") == "lightningdit":
+            from lightningdit import config_of
+            dit = config_of(state_dict)
+            image_size = dit["input_size"] * downsampling
+            if dit["in_channels"] != channels:
+                raise ValueError(f"{ckpt} is a LightningDiT on {dit['in_channels']}-channel latents; --vae {vae} "
+                                 f"has {channels}: pass the VA-VAE folder vavae.py writes")
+        else:
+            dit = create_dit(model, image_size, latent=vae != "none", downsampling=downsampling,
+                             num_classes=num_classes, in_channels=channels,
+                             learn_sigma=learns_sigma(state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
     info.update(teacher_kind(ckpt, found, family, time_convention))
-    net = load_state_dict_strict(DiT(**info["dit"]), state_dict, source=str(ckpt))
+    net = load_state_dict_strict(build_network(info["dit"]), state_dict, source=str(ckpt))
     return net.eval(), dict(info, ckpt=str(ckpt), weights_sha256=weights_sha256(net))
+
+
+def build_network(config):
+    """The network a config describes: DiT, or LightningDiT where config["arch"] says so."""
+    if config.get("arch") == "lightningdit":
+        from lightningdit import LightningDiT
+        return LightningDiT(**config)
+    return DiT(**config)
 
 
 def foreign_state_dict(ckpt, checkpoint):
     """(the state dict, what it says of its teacher kind) of an official or REPA checkpoint or a bare state dict.
-    REPA's (its EMA, with projector MLPs) is a flow teacher in REPA's convention; its projectors are dropped."""
+    REPA's (its EMA, with projector MLPs) is a flow teacher in REPA's convention; its projectors are dropped.
+    LightningDiT's (bare or under "ema", told by its rotary tables) is a flow teacher in SiT's convention."""
     state_dict = checkpoint.get("ema", checkpoint)
+    if LIGHTNINGDIT_ROTARY in state_dict:
+        return state_dict, dict(family="flow", time_convention="sit", arch="lightningdit")
     projectors = sorted(k for k in state_dict if k.startswith(REPA_PROJECTORS))
     if projectors:
         logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
