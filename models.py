@@ -32,8 +32,10 @@ OFFICIAL_CHECKPOINTS = {
 }
 # What a teacher's output is: "ddpm", an ε-prediction (DiT, DDIM solves); "flow", a velocity (SiT, REPA; transport/).
 TEACHER_FAMILIES = {"ddpm": "DDPM (ε-prediction)", "flow": "flow-matching (velocity)"}
-# REPA's SiT keeps the MLPs that align its features with an encoder's during training; sampling never runs them.
-REPA_PROJECTORS = "projectors."
+# What REPA's and REPA-E's training files hold that sampling never runs, by key prefix: dropped and named on loading.
+# REPA's projector MLPs align features during training; REPA-E's latent batch norm holds statistics that its
+# LDM-only checkpoints' sampler reads from the VAE's -latents-stats.pt instead (vavae.py).
+TRAINING_ONLY = {"projectors.": "projector", "bn.": "batch-norm"}
 LIGHTNINGDIT_ROTARY = "feat_rope.freqs_cos"  # LightningDiT's rotary tables: only its files have them
 PRETRAINED_DIR = "pretrained_models"
 torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's checkpoints store their args as one
@@ -471,7 +473,7 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
                                  f"has {channels}: pass the VA-VAE folder vavae.py writes")
         else:
             dit = create_dit(model, image_size, latent=vae != "none", downsampling=downsampling,
-                             num_classes=num_classes, in_channels=channels,
+                             num_classes=num_classes, in_channels=channels, patch_size=patch_size_of(state_dict, model),
                              learn_sigma=learns_sigma(state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
     info.update(teacher_kind(ckpt, found, family, time_convention))
@@ -489,19 +491,28 @@ def build_network(config):
 
 def foreign_state_dict(ckpt, checkpoint):
     """(the state dict, what it says of its teacher kind) of an official or REPA checkpoint or a bare state dict.
-    REPA's (its EMA, with projector MLPs) is a flow teacher in REPA's convention; its projectors are dropped.
+    REPA's (its EMA, with projector MLPs) and REPA-E's (with its latent batch norm too) are flow teachers in REPA's
+    convention; their TRAINING_ONLY tensors are dropped.
     LightningDiT's (bare or under "ema", told by its rotary tables) is a flow teacher in SiT's convention."""
     state_dict = checkpoint.get("ema", checkpoint)
     if LIGHTNINGDIT_ROTARY in state_dict:
         return state_dict, dict(family="flow", time_convention="sit", arch="lightningdit")
-    projectors = sorted(k for k in state_dict if k.startswith(REPA_PROJECTORS))
-    if projectors:
-        logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
-                                            f"tensors, unused in sampling: {', '.join(projectors)}")
-        return ({k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)},
+    dropped = {what: sorted(k for k in state_dict if k.startswith(prefix)) for prefix, what in TRAINING_ONLY.items()}
+    if any(dropped.values()):
+        kind = "REPA-E" if dropped["batch-norm"] else "REPA"
+        named = " and ".join(f"its {len(keys)} {what} tensors" for what, keys in dropped.items() if keys)
+        keys = ", ".join(k for keys in dropped.values() for k in keys)
+        logging.getLogger(__name__).warning(f"{ckpt}: {kind} checkpoint; dropping {named}, unused in sampling: {keys}")
+        return ({k: v for k, v in state_dict.items() if not k.startswith(tuple(TRAINING_ONLY))},
                 dict(family="flow", time_convention="repa"))
     official = OFFICIAL_CHECKPOINTS.get(ckpt, {})
     return state_dict, dict(family=official.get("family"), time_convention=official.get("time_convention"))
+
+
+def patch_size_of(state_dict, model):
+    """A state dict's patch size (REPA-E's SiT-XL/1 has 1 whatever --model says), else the model name's."""
+    weight = state_dict.get("x_embedder.proj.weight")
+    return int(model.split("/")[1]) if weight is None else weight.shape[-1]
 
 
 def learns_sigma(state_dict, model):
@@ -509,7 +520,7 @@ def learns_sigma(state_dict, model):
     weight = state_dict.get("final_layer.linear.weight")
     if weight is None:
         return True  # load_state_dict_strict names what is missing
-    patch, channels = int(model.split("/")[1]), state_dict["x_embedder.proj.weight"].shape[1]
+    patch, channels = patch_size_of(state_dict, model), state_dict["x_embedder.proj.weight"].shape[1]
     return weight.shape[0] == 2 * patch * patch * channels
 
 

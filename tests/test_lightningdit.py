@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import lightningdit
 import test_vavae as tv
-import vavae
 from models import load_teacher
+from test_vavae import va_vae  # noqa: F401 (a fixture)
 from sample import flow_generator
 
 SIZE, PATCH, CHANNELS, HIDDEN, DEPTH, HEADS, CLASSES = 4, 1, tv.Z, 48, 2, 2, 10  # head size 24: 6 pairs per axis
@@ -73,15 +73,6 @@ def reference_forward(state, x, t, y):
 
 
 # ---------------------------------------------------------------------------- loading
-
-@pytest.fixture
-def va_vae(tmp_path):
-    model = tv.random_ldm()
-    folder = str(tmp_path / "vavae")
-    vavae.main(["--ckpt", str(tv.save_official(tmp_path, model)),
-                "--stats", str(tv.save_stats(tmp_path, torch.zeros(tv.Z), torch.ones(tv.Z))), "--out", folder])
-    return folder
-
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_official_file_loads_strictly_bare_and_under_ema(tmp_path, va_vae, wrapped):

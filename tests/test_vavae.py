@@ -138,6 +138,15 @@ def save_stats(tmp_path, mean, std, repa_e=False):
 
 
 @pytest.fixture
+def va_vae(tmp_path):
+    """A converted VA-VAE folder (tiny, random; identity statistics) for --vae."""
+    folder = str(tmp_path / "vavae")
+    vavae.main(["--ckpt", str(save_official(tmp_path, random_ldm())),
+                "--stats", str(save_stats(tmp_path, torch.zeros(Z), torch.ones(Z))), "--out", folder])
+    return folder
+
+
+@pytest.fixture
 def ldm_files(tmp_path):
     model = random_ldm()
     mean, std = torch.randn(Z), torch.rand(Z) + 0.5
@@ -187,10 +196,8 @@ def test_per_channel_statistics_round_trip_through_a_converted_folder(ldm_files,
                                    atol=1e-4)
 
 
-def test_a_dit_teacher_on_va_vae_latents_takes_their_channels_and_downsampling(ldm_files, tmp_path):
-    _, ckpt, stats, _ = ldm_files
-    folder = str(tmp_path / "vavae-diffusers")
-    vavae.main(["--ckpt", str(ckpt), "--stats", str(stats), "--out", folder])
+def test_a_dit_teacher_on_va_vae_latents_takes_their_channels_and_downsampling(va_vae, tmp_path):
+    folder = va_vae
     dit = create_dit("DiT-S/8", 32, downsampling=2, in_channels=Z, learn_sigma=False)
     torch.save(dit.state_dict(), tmp_path / "teacher.pt")
     teacher, info = load_teacher(str(tmp_path / "teacher.pt"), "DiT-S/8", 32, folder, family="flow",
