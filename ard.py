@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import ddim_jump, stage_alphas, student_timesteps
-from models import DiT, KVCache, StageKeys, load_state_dict_strict, read_checkpoint, unpatchify
+from models import KVCache, StageKeys, build_network, load_state_dict_strict, read_checkpoint, unpatchify
 from transport import CONVENTIONS, euler_jump
 
 MASKS = ("M1", "M2", "M3", "M4")
@@ -360,6 +360,6 @@ def load_student(path, attention="sdpa"):
         raise ValueError(f"{path} is not an ARD student checkpoint (stage {args.get('stage')!r})")
     if args.get("family") == "pixart":
         raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
-    model = ARD(DiT(**args["dit"]), attention=attention, time_convention=args.get("time_convention"),
+    model = ARD(build_network(args["dit"]), attention=attention, time_convention=args.get("time_convention"),
                 **student_kwargs(args))
     return load_state_dict_strict(model, checkpoint["ema"], source=str(path)).eval(), args

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 import lightningdit
 import test_vavae as tv
+from ard import ARD
 from models import load_teacher
 from test_vavae import va_vae  # noqa: F401 (a fixture)
 from sample import flow_generator
+from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
 
 SIZE, PATCH, CHANNELS, HIDDEN, DEPTH, HEADS, CLASSES = 4, 1, tv.Z, 48, 2, 2, 10  # head size 24: 6 pairs per axis
 
@@ -143,3 +145,45 @@ def test_sampler_is_the_official_inference(tmp_path, va_vae):
         torch.testing.assert_close(ours(noise, y), reference, rtol=0, atol=1e-5)
         guided_everywhere = dict(official, cfg_interval_start=0.0)
         assert (official_solve(net, noise, y, **guided_everywhere) - reference).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- ARD students of LightningDiT
+
+def student_of(history_layers, times, **kwargs):
+    teacher = lightningdit.LightningDiT(input_size=SIZE, patch_size=PATCH, in_channels=CHANNELS, hidden_size=HIDDEN,
+                                        depth=DEPTH, num_heads=HEADS, num_classes=CLASSES)
+    teacher.load_state_dict(random_official_state(3))
+    student = ARD(teacher.eval(), num_steps=4, history_layers=history_layers, stage_times=times,
+                  parametrization="euler", time_convention="sit", **kwargs).eval()
+    return teacher.eval(), student
+
+
+STAGE_TIMES = [1 - s for s in time_grid(8, 1 / 0.3)[[0, 2, 4, 6]].tolist()]  # K=4 on the official shifted grid
+
+
+@pytest.mark.parametrize("history_layers", [0, 1])
+def test_euler_heads_start_as_the_teachers_one_jump_euler(history_layers):
+    """Every stage of an N=0 student, stage 0 of any: the teacher's Euler step from the stage's input (the heads
+    are the teacher's final layer, RMSNorm weight included)."""
+    teacher, student = student_of(history_layers, STAGE_TIMES)
+    g = torch.Generator().manual_seed(4)
+    stages, y = torch.randn(3, 4, CHANNELS, SIZE, SIZE, generator=g), torch.tensor([0, 5, 9])
+    sigmas = [1 - t for t in STAGE_TIMES] + [0.0]
+    velocity = GuidedVelocity(teacher, CONVENTIONS["sit"])
+    with torch.no_grad():
+        got = student(stages, y)
+    for k in range(4 if history_layers == 0 else 1):
+        step, = solve_progressive(velocity, stages[:, k], sigmas[k:k + 2], y)
+        torch.testing.assert_close(got[:, k], step["sample"].float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("history_layers, history_input", [(1, "trajectory"), (2, "trajectory"), (1, "zeros")])
+def test_cached_sampling_with_rotated_keys_equals_teacher_forcing(history_layers, history_input):
+    """Each cached step rotates one stage's queries and keys at the grid's positions, the teacher-forced pass every
+    stage at the same positions: equal only if every stage sits at the same 2-D positions."""
+    _, student = student_of(history_layers, STAGE_TIMES, history_input=history_input)
+    noise, y = torch.randn(2, CHANNELS, SIZE, SIZE), torch.tensor([3, 7])
+    with torch.no_grad():
+        sampled = student.sample(noise, y)
+        forced = student(torch.cat([noise[:, None], sampled[:, :-1]], dim=1), y)
+    torch.testing.assert_close(forced, sampled, rtol=1e-5, atol=1e-5)

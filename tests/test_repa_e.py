@@ -14,10 +14,10 @@ from test_vavae import va_vae  # noqa: F401 (a fixture)
 SIZE = 8  # pixels: 4x4 latents of the tiny VA-VAE (downsampling 2), 16 tokens at patch 1
 
 
-def repa_e_checkpoint(path, seed=0):
+def repa_e_checkpoint(path, seed=0, num_classes=10):
     """REPA's training dict {"model", "ema", "opt", "args"} holding SiT at patch 1 with one projector MLP and REPA-E's
     latent batch norm (affine-free: running mean, variance and count)."""
-    dit = create_dit("DiT-S/2", SIZE, downsampling=2, patch_size=1, in_channels=tv.Z, num_classes=10,
+    dit = create_dit("DiT-S/2", SIZE, downsampling=2, patch_size=1, in_channels=tv.Z, num_classes=num_classes,
                      learn_sigma=False)
     g = torch.Generator().manual_seed(seed)
     state = {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape, generator=g)
