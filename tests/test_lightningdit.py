@@ -138,8 +138,9 @@ def test_sampler_is_the_official_inference(tmp_path, va_vae):
     settings = lightningdit.flow_settings(official["cfg_interval_start"], official["timestep_shift"],
                                           official["num_steps"])
     assert (settings["steps"], settings["guidance_interval"]) == (8, (0.0, 0.7))
-    ours = flow_generator(net, settings["time_convention"], settings["solver"], settings["steps"], official["cfg_scale"],
-                          settings["guidance_channels"], settings["guidance_interval"], settings["time_shift"])
+    ours = flow_generator(net, settings["time_convention"], settings["solver"], settings["steps"],
+                          official["cfg_scale"], settings["guidance_channels"], settings["guidance_interval"],
+                          settings["time_shift"])
     with torch.no_grad():
         reference = official_solve(net, noise, y, **official)
         torch.testing.assert_close(ours(noise, y), reference, rtol=0, atol=1e-5)
