@@ -61,7 +61,10 @@ def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1
 
 
 def is_student_checkpoint(ckpt):
-    return ckpt not in OFFICIAL_CHECKPOINTS and read_checkpoint(ckpt).get("args", {}).get("stage") in ("ard", "gan")
+    if ckpt in OFFICIAL_CHECKPOINTS:
+        return False
+    args = read_checkpoint(ckpt).get("args")  # REPA's and REPA-E's training dicts hold an argparse.Namespace
+    return isinstance(args, dict) and args.get("stage") in ("ard", "gan")
 
 
 def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="ddim", steps=25, cfg_scale=1.5,
