@@ -446,8 +446,9 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     checkpoint or a bare state dict, given as a teacher of `family` (TEACHER_FAMILIES) and, for flow
     teachers, `time_convention` (transport.CONVENTIONS; default: the checkpoint's own).
 
-    Our checkpoints carry their architecture; for the others it comes from `model` and `image_size`, with
-    learn_sigma read from the output layer. The description is what downstream files record, the
+    Our checkpoints carry their architecture; for the others it comes from `model` and `image_size` on the
+    latents of `vae` (latent_geometry), with the patch size and learn_sigma read from the file; a LightningDiT
+    file (lightningdit.py) carries its whole architecture. The description is what downstream files record, the
     weights' SHA-256, the family and the time convention included.
     """
     if family not in TEACHER_FAMILIES:
