@@ -188,3 +188,15 @@ def test_cached_sampling_with_rotated_keys_equals_teacher_forcing(history_layers
         sampled = student.sample(noise, y)
         forced = student(torch.cat([noise[:, None], sampled[:, :-1]], dim=1), y)
     torch.testing.assert_close(forced, sampled, rtol=1e-5, atol=1e-5)
+
+
+def test_official_settings_in_the_projects_terms():
+    """800 epochs: 250 grid points shifted by 0.3, guidance from t = 0.125: 249 steps on time_grid's 1/0.3 shift,
+    guided at σ <= 0.875, 3 channels, whose grid is the official one in σ = 1 - t."""
+    official = lightningdit.OFFICIAL_SAMPLING["800ep"]
+    settings = lightningdit.flow_settings(official["cfg_interval_start"], official["timestep_shift"],
+                                          official["num_steps"])
+    assert settings == dict(time_convention="sit", solver="euler", time_shift=1 / 0.3, guidance_channels=3,
+                            guidance_interval=(0.0, 0.875), steps=249)
+    t = torch.linspace(0, 1, 250, dtype=torch.float64)
+    torch.testing.assert_close(1 - time_grid(249, settings["time_shift"]), 0.3 * t / (1 - 0.7 * t), rtol=0, atol=1e-15)
