@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import ddim_jump, stage_alphas, student_timesteps
-from models import DiT, KVCache, StageKeys, describe_checkpoint, load_state_dict_strict, unpatchify
+from models import KVCache, StageKeys, build_network, describe_checkpoint, load_state_dict_strict, unpatchify
 from transport import CONVENTIONS, euler_jump
 
 MASKS = ("M1", "M2", "M3", "M4")
@@ -343,12 +343,15 @@ def gflops(dit_config, num_steps=1, history_layers=0, mask="M4"):
     passes of L tokens plus the cross-stage attention of the lower N blocks. The teacher's
     forward is num_steps=1; the teacher-forced `forward` does the same work when masked
     attention skips hidden stages. DiT-XL/2 at 256²: 118.6 (teacher), K=4: 474.4 (N=0),
-    479.9 (N=6, M4), as in the paper's Table 1."""
+    479.9 (N=6, M4), as in the paper's Table 1. LightningDiT's SwiGLU counts its own width (rotary positions and
+    RMSNorm are elementwise, uncounted as DiT's LayerNorm is)."""
     p, C, D = dit_config["patch_size"], dit_config["in_channels"], dit_config["hidden_size"]
     depth, mlp_hidden = dit_config["depth"], int(dit_config["hidden_size"] * dit_config["mlp_ratio"])
     out_channels = 2 * C if dit_config["learn_sigma"] else C
     L = (dit_config["input_size"] // p) ** 2
-    per_token = 3 * D * D + D * D + 2 * D * mlp_hidden  # qkv, proj, mlp
+    swiglu = dit_config.get("arch") == "lightningdit"  # w12 and w3 at 2/3 of the hidden width
+    mlp = 3 * D * int(2 / 3 * mlp_hidden) if swiglu else 2 * D * mlp_hidden
+    per_token = 3 * D * D + D * D + mlp  # qkv, proj, mlp
     block = 6 * D * D + L * per_token + 2 * L * L * D  # adaLN, linear layers, attention over the stage
     stage = (L * p * p * C * D + 256 * D + D * D  # patch embedding, timestep MLP
              + depth * block
@@ -372,6 +375,6 @@ def load_student(path, attention="sdpa"):
         raise ValueError(f"{path} is not an ARD student checkpoint (a {found.kind} checkpoint)")
     if args.get("family") == "pixart":
         raise ValueError(f"{path} is a text-to-image student: sample it with prompts (sample.py --prompt)")
-    model = ARD(DiT(**args["dit"]), attention=attention, time_convention=args.get("time_convention"),
+    model = ARD(build_network(args["dit"]), attention=attention, time_convention=args.get("time_convention"),
                 **student_kwargs(args))
     return load_state_dict_strict(model, found.state_dict, source=str(path)).eval(), args

@@ -12,6 +12,11 @@ memory, K-step sampling latency for 1 and 32 images, and the teacher's trajector
 rate against its bare forward rate.
 Weights are random: speed does not depend on them.
 
+    python benchmark.py --model DiT-XL/2 --patch-size 1 --in-channels 32 --downsampling 16 --arch lightningdit
+    python benchmark.py --model DiT-XL/2 --patch-size 1 --in-channels 32 --downsampling 16 --no-learned-sigma
+
+the same for LightningDiT-XL/1 and REPA-E's SiT-XL/1 on VA-VAE latents (256 tokens at 256², as DiT-XL/2's).
+
     python benchmark.py --gan       # the adversarial stage: GFLOPs of one R+D step, part by part (no weights)
 
 counts, on a weightless (meta-device) DiT-XL/2, ARD student and SD-VAE, what one R+D step spends on the
@@ -46,7 +51,7 @@ from ard import ARD, distillation_loss, gflops
 from diffusion import create_diffusion, student_timesteps
 from extract_trajectories import solve_trajectories
 from gan import Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import Autoencoder, create_dit, with_guidance
+from models import Autoencoder, build_network, create_dit, with_guidance
 from train import checkpoint_group, save_checkpoint
 from utils import atomic_write, autocast, on_rank_zero
 
@@ -159,9 +164,17 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
 
 
 def create_teacher(args):
-    """The --model DiT, with any of --depth, --hidden-size and --num-heads in place of its own."""
-    overrides = dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
-    return create_dit(args.model, args.image_size, **{k: v for k, v in overrides.items() if v})
+    """The --model DiT, with any of --depth, --hidden-size, --num-heads, --patch-size and --in-channels in place of
+    its own, on latents --downsampling times smaller than the image; --arch lightningdit: LightningDiT's blocks."""
+    overrides = dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                     patch_size=args.patch_size, in_channels=args.in_channels)
+    overrides = {k: v for k, v in overrides.items() if v}
+    if args.arch == "dit":
+        return create_dit(args.model, args.image_size, downsampling=args.downsampling,
+                          learn_sigma=not args.no_learned_sigma, **overrides)
+    with torch.device("meta"):
+        config = create_dit(args.model, args.image_size, downsampling=args.downsampling, **overrides).config
+    return build_network(dict(config, learn_sigma=False, arch=args.arch))
 
 
 def counted_gflops(fn):
@@ -293,6 +306,12 @@ def main(argv=None):
     p.add_argument("--depth", type=int, help="override the model's depth (small CPU checks)")
     p.add_argument("--hidden-size", type=int)
     p.add_argument("--num-heads", type=int)
+    p.add_argument("--patch-size", type=int, help="override the model's patch size (XL/1: 1)")
+    p.add_argument("--in-channels", type=int, help="latent channels (VA-VAE: 32)")
+    p.add_argument("--downsampling", type=int, default=8, help="the VAE's (SD-VAE: 8, VA-VAE: 16)")
+    p.add_argument("--arch", choices=["dit", "lightningdit"], default="dit",
+                   help="lightningdit: RMSNorm, SwiGLU, rotary positions (LightningDiT-XL/1)")
+    p.add_argument("--no-learned-sigma", action="store_true", help="a velocity teacher's output (REPA-E's SiT-XL/1)")
     p.add_argument("--num-steps", type=int, default=4)
     p.add_argument("--history-layers", type=int, default=6)
     p.add_argument("--teacher-steps", type=int, default=None, help="default 25 (DiT), 20 (--pixart)")

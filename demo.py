@@ -108,9 +108,10 @@ TRAINING_PROMPT_SEED = 1000  # + the seed: each seed's trajectory prompts (capti
 FAMILIES = {
     "ddpm": dict(family=[], solve=["--sampler", "ddim"], extract=[], solver="DDIM", calls=lambda steps: steps,
                  adversarial=True),
-    "flow": dict(family=["--teacher-family", "flow"], solve=["--teacher-family", "flow", "--solver", "heun"],
-                 extract=["--teacher-family", "flow", "--solver", "heun"], solver="Heun",
-                 calls=lambda steps: 2 * steps - 1, adversarial=False),  # Heun's last step is Euler
+    "flow": dict(family=["--teacher-family", "flow"],
+                 solve=["--teacher-family", "flow", "--solver", "heun", "--last-step", "euler"],
+                 extract=["--teacher-family", "flow", "--solver", "heun", "--last-step", "euler"], solver="Heun",
+                 calls=lambda steps: 2 * steps - 1, adversarial=False),  # Heun's last step Euler, as the README's runs
 }
 
 

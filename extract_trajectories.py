@@ -44,15 +44,17 @@ import pixart
 from ard import TARGETS
 from diffusion import create_diffusion, student_timesteps
 from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
-from transport import CONVENTIONS, SOLVERS, GuidedVelocity, solve_progressive, student_steps, time_grid
+from transport import (ADAPTIVE, CONVENTIONS, LAST_STEPS, SOLVERS, GuidedVelocity, last_step_of, solve_progressive,
+                       student_steps, time_grid)
 from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_every_rank, on_rank_zero, progress,
                    save_json)
 
 # 2: meta.json records teacher_weights_sha256; 3: and clip_denoised (pixel space); 4: and noise_stream;
-# 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval).
+# 5: and teacher_family (with a flow teacher's solver, grid, shift, convention and guidance interval); 6: a flow
+# solve's last_step.
 # Prompt trajectories also record text_chunk: their text table is text/'s chunk files (before: one file).
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 TEXT_TABLE = "text"  # the directory of the text table's chunk files
 
 
@@ -98,11 +100,12 @@ def ddim_settings(args):
 
 
 def flow_settings(args, time_convention):
-    """A flow solve's meta fields: solver, grid, convention, guidance interval and the stage boundaries, as grid
-    indices, noise levels and the network's own times (the student's stage times)."""
+    """A flow solve's meta fields: solver and its last step, grid, convention, guidance interval and the stage
+    boundaries, as grid indices, noise levels and the network's own times (the student's stage times)."""
     steps = student_steps(args.num_steps, args.teacher_steps)
     sigmas = time_grid(args.teacher_steps, args.time_shift)[steps].tolist()
-    return dict(solver=args.solver, time_grid="uniform" if args.time_shift == 1 else "shifted",
+    last_step = last_step_of(args.solver, CONVENTIONS[time_convention], getattr(args, "last_step", None))
+    return dict(solver=args.solver, last_step=last_step, time_grid="uniform" if args.time_shift == 1 else "shifted",
                 time_shift=args.time_shift, time_convention=time_convention,
                 guidance_interval=list(args.guidance_interval), boundary_steps=steps, boundary_sigmas=sigmas,
                 boundary_times=[CONVENTIONS[time_convention].model_time(s) for s in sigmas])
@@ -216,7 +219,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
     p.add_argument("--model", default="DiT-XL/2", help="architecture of an official/bare checkpoint")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", help="the VAE an official checkpoint works with (ema (default), mse, none); with --prompts "
+    p.add_argument("--vae", help="the VAE an official checkpoint works with (ema (default), mse, none, or a local "
+                                 "diffusers folder: a VA-VAE converted by vavae.py); with --prompts "
                                  "a folder or hub name with vae/ (default: the pipeline's own, else "
                                  f"{pixart.COMPONENTS}), or none")
     p.add_argument("--text-encoder", help="with --prompts: a folder or hub name with text_encoder/ and tokenizer/ "
@@ -269,14 +273,21 @@ def check_pixart_sources(p, args, text_to_image):
         args.vae = args.vae or "ema"
 
 
-def add_flow_args(p):
-    """The teacher family and a flow teacher's solve (transport/), shared with sample.py."""
+def add_flow_args(p, adaptive=False):
+    """The teacher family and a flow teacher's solve (transport/), shared with sample.py; `adaptive` offers SiT's
+    dopri5 (a teacher's reference row; trajectories need a fixed grid)."""
     p.add_argument("--teacher-family", choices=list(TEACHER_FAMILIES), default="ddpm",
                    help="ddpm: an ε-prediction teacher (DiT), DDIM; flow: a velocity teacher (SiT, REPA), Euler/Heun")
     flow = p.add_argument_group("flow teachers (--teacher-family flow)")
     flow.add_argument("--time-convention", choices=list(CONVENTIONS), default=None,
                       help="sit: data at t=1; repa: data at t=0 (default: the checkpoint's own)")
-    flow.add_argument("--solver", choices=SOLVERS, default="euler", help="Heun: two evaluations a step, Euler last")
+    flow.add_argument("--solver", choices=SOLVERS + (ADAPTIVE,) * adaptive, default="euler",
+                      help="heun: two evaluations a step" + (f"; {ADAPTIVE}: SiT's adaptive solve (torchdiffeq, "
+                                                             "atol 1e-6, rtol 1e-3; the step count is unused)"
+                                                             if adaptive else ""))
+    flow.add_argument("--last-step", choices=LAST_STEPS, default=None,
+                      help="Heun's last step: heun as SiT's torchdiffeq heun2, euler as REPA's sampler "
+                           "(default: the teacher's own, by its time convention)")
     flow.add_argument("--time-shift", type=float, default=1.0,
                       help="grid σ -> sσ/(1+(s-1)σ) over the uniform one (1: uniform)")
     flow.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
@@ -285,8 +296,9 @@ def add_flow_args(p):
 
 def check_flow_args(p, args):
     if args.teacher_family == "ddpm":
-        changed = [f for f, default in (("time_convention", None), ("solver", "euler"), ("time_shift", 1.0),
-                                         ("guidance_interval", [0.0, 1.0])) if getattr(args, f) != default]
+        changed = [f for f, default in (("time_convention", None), ("solver", "euler"), ("last_step", None),
+                                         ("time_shift", 1.0), ("guidance_interval", [0.0, 1.0]))
+                   if getattr(args, f) != default]
         if changed:
             p.error(f"--{changed[0].replace('_', '-')} is for flow teachers (--teacher-family flow)")
     if args.time_shift <= 0:
@@ -294,6 +306,8 @@ def check_flow_args(p, args):
     low, high = args.guidance_interval
     if not 0 <= low <= high <= 1:
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
+    if args.last_step == "heun" and args.solver != "heun":
+        p.error(f"--last-step heun is for --solver heun, got --solver {args.solver}")
 
 
 def missing_shards(directory, meta):
@@ -380,7 +394,7 @@ class FlowTeacher(LabelTeacher):
         def solve(noise, labels):
             noise = noise.to(device)
             with bf16:
-                steps = solve_progressive(velocity, noise, grid, labels.to(device), meta["solver"])
+                steps = solve_progressive(velocity, noise, grid, labels.to(device), meta["solver"], meta["last_step"])
                 states, x0 = boundary_points(steps, noise.double(), meta["boundary_steps"][1:], len(noise))
             return states.float(), x0.float()
         return solve

@@ -38,8 +38,11 @@ OFFICIAL_CHECKPOINTS = {
 }
 # What a teacher's output is: "ddpm", an ε-prediction (DiT, DDIM solves); "flow", a velocity (SiT, REPA; transport/).
 TEACHER_FAMILIES = {"ddpm": "DDPM (ε-prediction)", "flow": "flow-matching (velocity)"}
-# REPA's SiT keeps the MLPs that align its features with an encoder's during training; sampling never runs them.
-REPA_PROJECTORS = "projectors."
+# What REPA's and REPA-E's training files hold that sampling never runs, by key prefix: dropped and named on loading.
+# REPA's projector MLPs align features during training; REPA-E's latent batch norm holds statistics that its
+# LDM-only checkpoints' sampler reads from the VAE's -latents-stats.pt instead (vavae.py).
+TRAINING_ONLY = {"projectors.": "projector", "bn.": "batch-norm"}
+LIGHTNINGDIT_ROTARY = "feat_rope.freqs_cos"  # LightningDiT's rotary tables: only its files have them
 PRETRAINED_DIR = "pretrained_models"
 DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes last, once every rank's shards are written
 torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's checkpoints store their args as one
@@ -124,6 +127,7 @@ class Attention(nn.Module):
     def forward(self, x, mask=None, cache=None):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.position(q), self.position(k)
         if cache is not None:
             k, v = cache.append(k, v)
         if isinstance(mask, BlockMask):
@@ -133,6 +137,10 @@ class Attention(nn.Module):
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def position(self, x):
+        """Queries or keys (B, H, N, d) with their positions applied: none here (DiT adds them to the tokens)."""
+        return x
 
 
 class TimestepEmbedder(nn.Module):
@@ -256,9 +264,15 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = self.make_final_layer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def make_block(self, hidden_size, num_heads, mlp_ratio):
+        return DiTBlock(hidden_size, num_heads, mlp_ratio)
+
+    def make_final_layer(self, hidden_size, patch_size, out_channels):
+        return FinalLayer(hidden_size, patch_size, out_channels)
 
     def initialize_weights(self):
         def xavier(module):
@@ -344,13 +358,13 @@ DiT_models = {
 }
 
 
-def create_dit(model, image_size, latent=True, **kwargs):
-    """A DiT from the table by name, for an image size in pixels (latent models see size/8)."""
+def create_dit(model, image_size, latent=True, downsampling=8, **kwargs):
+    """A DiT from the table by name, for an image size in pixels (latent models see size/downsampling: SD-VAE's 8)."""
     if model not in DiT_models:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(DiT_models)}")
-    if latent and image_size % 8:
-        raise ValueError(f"image size {image_size} is not divisible by 8 (the VAE's downsampling factor)")
-    input_size = image_size // 8 if latent else image_size
+    if latent and image_size % downsampling:
+        raise ValueError(f"image size {image_size} is not divisible by {downsampling} (the VAE's downsampling factor)")
+    input_size = image_size // downsampling if latent else image_size
     patch_size = kwargs.get("patch_size", int(model.split("/")[1]))
     if input_size % patch_size:
         raise ValueError(f"image size {image_size} gives a {input_size}x{input_size} model input, which is not "
@@ -473,8 +487,9 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     checkpoint or a bare state dict, given as a teacher of `family` (TEACHER_FAMILIES) and, for flow
     teachers, `time_convention` (transport.CONVENTIONS; default: the checkpoint's own).
 
-    Our checkpoints carry their architecture; for the others it comes from `model` and `image_size`, with
-    learn_sigma read from the output layer. The description is what downstream files record, the
+    Our checkpoints carry their architecture; for the others it comes from `model` and `image_size` on the
+    latents of `vae` (latent_geometry), with the patch size and learn_sigma read from the file; a LightningDiT
+    file (lightningdit.py) carries its whole architecture. The description is what downstream files record, the
     weights' SHA-256, the family and the time convention included.
     """
     if family not in TEACHER_FAMILIES:
@@ -487,13 +502,31 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"])
     else:
         image_size = OFFICIAL_CHECKPOINTS.get(ckpt, {}).get("image_size", image_size)
-        dit = create_dit(model, image_size, latent=vae != "none", num_classes=num_classes,
-                         in_channels=4 if vae != "none" else 3,
-                         learn_sigma=learns_sigma(found.state_dict, model)).config
+        channels, downsampling = latent_geometry(vae) if vae != "none" else (3, 1)
+        if found.kind == "LightningDiT":
+            from lightningdit import config_of
+            dit = config_of(found.state_dict)
+            image_size = dit["input_size"] * downsampling
+            if dit["in_channels"] != channels:
+                raise ValueError(f"{ckpt} is a LightningDiT on {dit['in_channels']}-channel latents; --vae {vae} "
+                                 f"has {channels}: pass the VA-VAE folder vavae.py writes")
+        else:
+            dit = create_dit(model, image_size, latent=vae != "none", downsampling=downsampling,
+                             num_classes=num_classes, in_channels=channels,
+                             patch_size=patch_size_of(found.state_dict, model),
+                             learn_sigma=learns_sigma(found.state_dict, model)).config
         info = dict(dit=dit, image_size=image_size, vae=vae)
     info.update(teacher_kind(ckpt, found, family, time_convention))
-    net = load_state_dict_strict(DiT(**info["dit"]), found.state_dict, source=str(ckpt))
+    net = load_state_dict_strict(build_network(info["dit"]), found.state_dict, source=str(ckpt))
     return net.eval(), dict(info, ckpt=str(ckpt), weights_sha256=weights_sha256(net))
+
+
+def build_network(config):
+    """The network a config describes: DiT, or LightningDiT where config["arch"] says so."""
+    if config.get("arch") == "lightningdit":
+        from lightningdit import LightningDiT
+        return LightningDiT(**config)
+    return DiT(**config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,17 +542,29 @@ class CheckpointFile:
     time_convention: str = None
 
 
-def without_repa_projectors(ckpt, state_dict):
-    projectors = sorted(k for k in state_dict if k.startswith(REPA_PROJECTORS))
-    logging.getLogger(__name__).warning(f"{ckpt}: REPA checkpoint; dropping its {len(projectors)} projector "
-                                        f"tensors, unused in sampling: {', '.join(projectors)}")
-    return {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
+def holds_training_only(prefix):
+    return lambda state_dict: any(k.startswith(prefix) for k in state_dict)
+
+
+def without_training_only(kind):
+    """weights(ckpt, state_dict) of a `kind` file: its TRAINING_ONLY tensors dropped and named in the log."""
+    def weights(ckpt, state_dict):
+        dropped = {what: sorted(k for k in state_dict if k.startswith(prefix))
+                   for prefix, what in TRAINING_ONLY.items()}
+        named = " and ".join(f"its {len(keys)} {what} tensors" for what, keys in dropped.items() if keys)
+        keys = ", ".join(k for keys in dropped.values() for k in keys)
+        logging.getLogger(__name__).warning(f"{ckpt}: {kind} checkpoint; dropping {named}, unused in sampling: {keys}")
+        return {k: v for k, v in state_dict.items() if not k.startswith(tuple(TRAINING_ONLY))}
+    return weights
 
 
 # Other projects' teachers, recognised by their weights' names, first match: (kind, recognises(state_dict),
-# family, time convention, weights(ckpt, state_dict): those sampling uses).
+# family, time convention, weights(ckpt, state_dict): those sampling uses). LightningDiT is told by its rotary
+# tables, REPA-E by its latent batch norm, REPA by its projectors.
 FOREIGN_KINDS = (
-    ("REPA", lambda sd: any(k.startswith(REPA_PROJECTORS) for k in sd), "flow", "repa", without_repa_projectors),
+    ("LightningDiT", lambda sd: LIGHTNINGDIT_ROTARY in sd, "flow", "sit", lambda ckpt, sd: sd),
+    ("REPA-E", holds_training_only("bn."), "flow", "repa", without_training_only("REPA-E")),
+    ("REPA", holds_training_only("projectors."), "flow", "repa", without_training_only("REPA")),
 )
 
 
@@ -536,8 +581,8 @@ def held_weights(checkpoint):
 
 def describe_checkpoint(ckpt):
     """The CheckpointFile of an official name (downloaded if needed) or a file: our checkpoints and exports by
-    their args; others bare or wrapped in "ema" (REPA's training dict: beside an argparse.Namespace of args)
-    or "model". Any other file stops here with one line naming its top-level keys."""
+    their args; others bare or wrapped in "ema" (REPA's and REPA-E's training dicts: beside an argparse.Namespace
+    of args) or "model". Any other file stops here with one line naming its top-level keys."""
     checkpoint = open_checkpoint(ckpt)
     settings = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(settings, dict) and settings.get("stage"):
@@ -549,7 +594,7 @@ def describe_checkpoint(ckpt):
         found = (f"top-level keys {', '.join(map(str, checkpoint))}" if isinstance(checkpoint, dict)
                  else f"a {type(checkpoint).__name__}")
         raise ValueError(f"{ckpt}: not a checkpoint we know ({found}); expected one of ours, an export, or a DiT/SiT/"
-                         f"REPA state dict bare or under 'ema' or 'model'")
+                         f"REPA/REPA-E/LightningDiT state dict bare or under 'ema' or 'model'")
     for kind, recognises, family, time_convention, weights in FOREIGN_KINDS:
         if recognises(state_dict):
             return CheckpointFile(kind, weights(ckpt, state_dict), {}, family, time_convention)
@@ -559,12 +604,18 @@ def describe_checkpoint(ckpt):
     return CheckpointFile("state dict", state_dict, {})
 
 
+def patch_size_of(state_dict, model):
+    """A state dict's patch size (REPA-E's SiT-XL/1 has 1 whatever --model says), else the model name's."""
+    weight = state_dict.get("x_embedder.proj.weight")
+    return int(model.split("/")[1]) if weight is None else weight.shape[-1]
+
+
 def learns_sigma(state_dict, model):
     """Whether a state dict's output layer has DiT's 2C learned-sigma channels (SiT's file has; REPA's has not)."""
     weight = state_dict.get("final_layer.linear.weight")
     if weight is None:
         return True  # load_state_dict_strict names what is missing
-    patch, channels = int(model.split("/")[1]), state_dict["x_embedder.proj.weight"].shape[1]
+    patch, channels = patch_size_of(state_dict, model), state_dict["x_embedder.proj.weight"].shape[1]
     return weight.shape[0] == 2 * patch * patch * channels
 
 
@@ -591,27 +642,34 @@ def teacher_kind(ckpt, found, family, time_convention):
 class Autoencoder(nn.Module):
     """Maps images in [-1, 1] to the diffusion model's space and back.
 
-    With an SD-VAE it is the latent space scaled by 0.18215; without one (vae=None) the
-    model works on pixels and both maps are the identity.
+    With an SD-VAE it is the latent space scaled by 0.18215 (latent_norm "scalar"); with a VAE whose config holds
+    per-channel statistics (a VA-VAE converted by vavae.py) it is (z - mean) / std times the config's scaling factor
+    (latent_norm "per-channel", LightningDiT's and REPA-E's); without one (vae=None) the model works on pixels and
+    both maps are the identity.
     """
 
     def __init__(self, vae=None, scale_factor=0.18215):
         super().__init__()
         self.vae = vae
-        self.scale_factor = scale_factor
+        per_channel = vae is not None and vae.config.get("latents_mean") is not None
+        self.latent_norm = "per-channel" if per_channel else "scalar"
+        self.scale_factor = vae.config.scaling_factor if per_channel else scale_factor
+        mean, std = (vae.config.latents_mean, vae.config.latents_std) if per_channel else ([0.0], [1.0])
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     @torch.no_grad()
     def encode(self, images, sample=True):
         if self.vae is None:
             return images
         dist = self.vae.encode(images).latent_dist
-        return (dist.sample() if sample else dist.mode()) * self.scale_factor
+        return ((dist.sample() if sample else dist.mode()) - self.mean) / self.std * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents):
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.scale_factor).sample
+        return self.vae.decode(latents / self.scale_factor * self.std + self.mean).sample
 
 
 def clips_x0(vae):
@@ -620,8 +678,20 @@ def clips_x0(vae):
     return vae == "none"
 
 
+def latent_geometry(vae):
+    """(channels, downsampling) of an autoencoder's latents without loading its weights: SD-VAE's (4, 8), or those
+    of a local diffusers folder's config (a VA-VAE's: 32, 16)."""
+    config = os.path.join(vae, "config.json")
+    if vae in ("ema", "mse") or not os.path.isfile(config):
+        return 4, 8
+    with open(config) as f:
+        config = json.load(f)
+    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def load_autoencoder(vae):
-    """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder."""
+    """"none" for pixel space, "ema"/"mse" for stabilityai/sd-vae-ft-*, or a local diffusers folder (a VA-VAE
+    converted by vavae.py included)."""
     if vae == "none":
         return Autoencoder()
     from diffusers.models import AutoencoderKL

@@ -24,7 +24,7 @@ from ard import load_student
 from diffusion import create_diffusion
 from extract_trajectories import add_flow_args, check_flow_args, check_pixart_sources
 from models import clips_x0, describe_checkpoint, is_sharded_checkpoint, load_autoencoder, load_teacher, with_guidance
-from transport import CONVENTIONS, GuidedVelocity, solve_progressive, time_grid
+from transport import ADAPTIVE, CONVENTIONS, GuidedVelocity, solve_adaptive, solve_progressive, time_grid
 from utils import allow_tf32, autocast, save_grid
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
@@ -45,14 +45,17 @@ def teacher_generator(model, sampler="ddim", steps=25, cfg_scale=1.5, guidance_c
 
 
 def flow_generator(model, time_convention, solver="euler", steps=25, cfg_scale=1.0, guidance_channels=None,
-                   guidance_interval=(0.0, 1.0), time_shift=1.0):
+                   guidance_interval=(0.0, 1.0), time_shift=1.0, last_step=None):
     """generate(noise, labels) -> samples of a flow teacher by its own solve (transport: Euler or Heun in float64 on
-    the `steps`-step grid, CFG on its guided channels inside the guidance interval)."""
+    the `steps`-step grid, Heun's last step `last_step`, or SiT's adaptive dopri5; CFG on its guided channels inside
+    the guidance interval)."""
     grid = time_grid(steps, time_shift)
     velocity = GuidedVelocity(model, CONVENTIONS[time_convention], cfg_scale, guidance_channels, guidance_interval)
 
     def generate(noise, y):
-        *_, last = solve_progressive(velocity, noise, grid, y, solver)
+        if solver == ADAPTIVE:
+            return solve_adaptive(velocity, noise, y).to(noise.dtype)
+        *_, last = solve_progressive(velocity, noise, grid, y, solver, last_step)
         return last["sample"].to(noise.dtype)
     return generate
 
@@ -63,7 +66,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
 
     A student checkpoint samples in its K steps; teacher settings (sampler, steps, CFG) apply
     to teachers only. `flow`: the teacher family and a flow teacher's solve (teacher_family,
-    time_convention, solver, time_shift, guidance_interval; extract_trajectories.add_flow_args);
+    time_convention, solver, last_step, time_shift, guidance_interval; extract_trajectories.add_flow_args);
     a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
     if describe_checkpoint(ckpt).kind == "student":
@@ -76,7 +79,7 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
                                  time_convention=flow["time_convention"])
     if info["teacher_family"] == "flow":
         generate = flow_generator(teacher, info["time_convention"], flow["solver"], steps, cfg_scale,
-                                  guidance_channels, flow["guidance_interval"], flow["time_shift"])
+                                  guidance_channels, flow["guidance_interval"], flow["time_shift"], flow["last_step"])
         return generate, teacher, dict(info, kind="teacher", num_steps=steps)
     generate = teacher_generator(teacher, sampler, steps, cfg_scale, guidance_channels, progress,
                                  clip_denoised=clips_x0(info["vae"]))
@@ -126,7 +129,8 @@ def add_generator_args(p):
                                                 "(default: the official DiT-XL/2 at --image-size)")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", help="ema (default), mse, or a local diffusers folder (official checkpoints); a PixArt "
+    p.add_argument("--vae", help="ema (default), mse, or a local diffusers folder (official checkpoints; a VA-VAE "
+                                 "converted by vavae.py included); a PixArt "
                                  "teacher's: a folder or hub name with vae/ (default: its own, else "
                                  f"{pixart.COMPONENTS})")
     p.add_argument("--text-encoder", help="a PixArt teacher's T5 and tokenizer: a folder or hub name with "
@@ -136,7 +140,7 @@ def add_generator_args(p):
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="autocast on GPU")
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
-    add_flow_args(p)
+    add_flow_args(p, adaptive=True)
 
 
 def checkpoint_from_args(args):
@@ -150,7 +154,7 @@ def generator_from_args(args, device, text_to_image=False, progress=False):
             raise ValueError("text-to-image needs --ckpt: a PixArt student checkpoint or a PixArt pipeline")
         return prompt_generator(args.ckpt, device, args.sampler, args.num_sampling_steps, args.cfg_scale, progress,
                                 args.text_encoder, args.vae)
-    flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "time_shift",
+    flow = {k: getattr(args, k) for k in ("teacher_family", "time_convention", "solver", "last_step", "time_shift",
                                           "guidance_interval")}
     return load_generator(checkpoint_from_args(args), args.model, args.image_size, args.vae, args.sampler,
                           args.num_sampling_steps, args.cfg_scale, args.guidance_channels, progress, flow)

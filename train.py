@@ -49,8 +49,8 @@ from data import CAPTIONED, DIGITS, EMBEDDED, captioned_dataset, image_dataset, 
 from diffusion import create_diffusion
 from extract_trajectories import TrajectoryDataset, condition_key
 from gan import DISC_BLOCKS, Discriminator, adaptive_weight, discriminator_hinge_loss, generator_hinge_loss
-from models import (checkpoint_error, clips_x0, create_dit, describe_checkpoint, export_ema, load_autoencoder,
-                    load_teacher, read_checkpoint)
+from models import (checkpoint_error, clips_x0, create_dit, describe_checkpoint, export_ema, latent_geometry,
+                    load_autoencoder, load_teacher, read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
 from utils import (add_distributed_args, allow_tf32, autocast, check_meta, cleanup_distributed,
@@ -135,12 +135,13 @@ class TeacherTask:
     def __init__(self, args, device, resumed=None):
         self.data, num_classes, channels = image_dataset(args.data_path, args.image_size)
         latent = args.vae != "none"
+        latent_channels, downsampling = latent_geometry(args.vae) if latent else (channels, 1)
         overrides = architecture_overrides(args)
         self.flow = args.teacher_family == "flow"
         self.convention = args.time_convention = (args.time_convention or "sit") if self.flow else None
-        self.model = create_dit(args.model, args.image_size, latent=latent, in_channels=4 if latent else channels,
-                                num_classes=num_classes, class_dropout_prob=args.class_dropout,
-                                learn_sigma=not self.flow, **overrides)
+        self.model = create_dit(args.model, args.image_size, latent=latent, downsampling=downsampling,
+                                in_channels=latent_channels, num_classes=num_classes,
+                                class_dropout_prob=args.class_dropout, learn_sigma=not self.flow, **overrides)
         self.autoencoder = load_autoencoder(args.vae).to(device)
         self.diffusion = create_diffusion("")
         self.flip = flips_images(args, args.data_path)
@@ -648,7 +649,8 @@ def build_parser():
                            "they were extracted with (hub name or local folder)")
     arch.add_argument("--model", default="DiT-XL/2")
     arch.add_argument("--image-size", type=int, default=256)
-    arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder, or none (pixel space)")
+    arch.add_argument("--vae", default="ema", help="ema, mse, a local diffusers folder (a VA-VAE converted by "
+                                                      "vavae.py), or none (pixel space)")
     arch.add_argument("--teacher-family", choices=["ddpm", "flow"], default="ddpm",
                       help="ddpm: ε-prediction (DiT); flow: velocity (SiT, REPA; transport/); teacher: what to train")
     arch.add_argument("--time-convention", choices=list(CONVENTIONS), default=None,

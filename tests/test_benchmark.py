@@ -1,3 +1,4 @@
+import argparse
 import re
 
 import pytest
@@ -86,3 +87,28 @@ def test_checkpoint_table_spreads_the_bytes_over_the_ranks(capsys):
     assert after0[2] + after1[2] == pytest.approx(before0[2], rel=0.1)
     assert after0[2] == pytest.approx(after1[2], rel=0.2)
     assert all(r[1] > 0 and r[3] >= r[1] for r in (before0, before1, after0, after1))
+
+
+@pytest.mark.parametrize("teacher", [["--arch", "lightningdit"], ["--no-learned-sigma"]])
+def test_va_vae_teachers_at_patch_one_count_what_torch_counts(teacher, capsys):
+    """LightningDiT and REPA-E's SiT at patch 1 on 32-channel latents (f16): the table runs, and its teacher GFLOPs
+    are what PyTorch's FLOP counter counts of one forward (width 64: SwiGLU's 2/3 width counts apart from an MLP's)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from ard import gflops
+    xl1 = ["--patch-size", "1", "--in-channels", "32", "--downsampling", "16", "--hidden-size", "64", "--image-size",
+           "64", *teacher]
+    benchmark.main(TINY + xl1 + ["--parts", "sample"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    args = argparse.Namespace(model="DiT-S/2", image_size=64, depth=2, hidden_size=64, num_heads=2, patch_size=1,
+                              in_channels=32, downsampling=16, arch="lightningdit" if "--arch" in teacher else "dit",
+                              no_learned_sigma="--no-learned-sigma" in teacher)
+    net = benchmark.create_teacher(args).eval()
+    assert (net.config["patch_size"], net.config["in_channels"], net.config["input_size"]) == (1, 32, 4)
+    assert net.config.get("arch", "dit") == args.arch and not net.config["learn_sigma"]
+    x, t, y = torch.randn(1, 32, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        counted = benchmark.counted_gflops(lambda: net(x, t, y))
+    assert counted == pytest.approx(gflops(net.config), rel=1e-9)
+    assert float(rows[2][1]) == pytest.approx(gflops(net.config), abs=0.05)

@@ -151,7 +151,7 @@ def test_reduced_demo_on_a_flow_teacher_solves_with_heun_and_reads_heads_through
     assert report_rows(report) == [("teacher, Heun 25", "-"), ("teacher, Heun 4", "-"), *students]
     assert "teacher 25-step Heun" in report and len([l for l in report.splitlines() if l.startswith("- ")]) == 1
     meta = json.loads(next((out / "digits-flow").glob("trajectories_*/meta.json")).read_text())
-    assert (meta["teacher_family"], meta["solver"]) == ("flow", "heun")
+    assert (meta["teacher_family"], meta["solver"], meta["last_step"]) == ("flow", "heun", "euler")
     runs = [read_checkpoint(p)["args"] for p in (out / "digits-flow" / "runs").glob("*/checkpoints/[0-9]*")]
     assert sorted(a["parametrization"] for a in runs) == ["euler", "euler"]
     assert {a["teacher_family"] for a in runs} == {"flow"}

@@ -270,9 +270,10 @@ def flow_single(flow_teacher, tmp_path_factory):
 def test_flow_meta_records_the_solve(flow_single):
     meta = json.load(open(os.path.join(flow_single, "meta.json")))
     sigmas = time_grid(te.S, 2.0)[[0, 2, 5, 8]].tolist()  # round(k·10/4): steps 0, 2, 5, 8 (round half to even)
-    expected = dict(teacher_family="flow", solver="heun", time_grid="shifted", time_shift=2.0, time_convention="sit",
-                    guidance_interval=[0.0, 0.7], guidance_channels=1, clip_denoised=False, boundary_steps=[0, 2, 5, 8],
-                    boundary_sigmas=sigmas, boundary_times=[1 - s for s in sigmas], format=et.FORMAT_VERSION)
+    expected = dict(teacher_family="flow", solver="heun", last_step="heun", time_grid="shifted", time_shift=2.0,
+                    time_convention="sit", guidance_interval=[0.0, 0.7], guidance_channels=1, clip_denoised=False,
+                    boundary_steps=[0, 2, 5, 8], boundary_sigmas=sigmas, boundary_times=[1 - s for s in sigmas],
+                    format=et.FORMAT_VERSION)
     assert {k: meta[k] for k in expected} == expected
 
 
@@ -324,6 +325,8 @@ def test_ddpm_teacher_given_as_flow_stops(tmp_path):
     (["--solver", "heun"], "--solver is for flow teachers"),
     (["--teacher-family", "flow", "--guidance-interval", "0.8", "0.2"], "--guidance-interval must satisfy"),
     (["--teacher-family", "flow", "--time-shift", "0"], "--time-shift must be positive"),
+    (["--teacher-family", "flow", "--last-step", "heun"], "--last-step heun is for --solver heun, got --solver euler"),
+    (["--teacher-family", "flow", "--solver", "dopri5"], "invalid choice: 'dopri5'"),  # trajectories need a grid
 ])
 def test_bad_flow_arguments(flow_teacher, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
@@ -403,8 +406,10 @@ def test_sample_py_samples_a_flow_teacher_with_its_own_solver(flow_pipeline, tmp
     sample.main(["--ckpt", teacher, "--teacher-family", "flow", "--solver", "heun", "--num-sampling-steps", "8",
                  "--time-shift", "3", "--cfg-scale", "1", "--out", str(out), "--device", "cpu"])
     assert out.exists() and "teacher (8 steps): 10 images" in capsys.readouterr().out
+    sample.main(["--ckpt", teacher, "--teacher-family", "flow", "--solver", "dopri5", "--out", str(out),
+                 "--device", "cpu"])
     generate, net, _ = sample.load_generator(teacher, flow=dict(teacher_family="flow", time_convention=None,
-                                                                solver="euler", time_shift=3.0,
+                                                                solver="euler", last_step=None, time_shift=3.0,
                                                                 guidance_interval=(0.0, 1.0)),
                                              steps=8, cfg_scale=1.5, guidance_channels=None)
     shard = load_file(os.path.join(traj, "shard_00000.safetensors"))

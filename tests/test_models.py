@@ -482,7 +482,8 @@ def test_an_unknown_file_stops_every_loader_with_one_line_naming_its_keys(tmp_pa
         with pytest.raises(ValueError) as err:
             load(str(path))
         assert str(err.value) == (f"{path}: not a checkpoint we know (top-level keys state_dict, epoch); expected one "
-                                  f"of ours, an export, or a DiT/SiT/REPA state dict bare or under 'ema' or 'model'")
+                                  f"of ours, an export, or a DiT/SiT/REPA/REPA-E/LightningDiT state dict bare or under "
+                                  f"'ema' or 'model'")
 
 
 def test_safetensors_loads_strictly(tmp_path):

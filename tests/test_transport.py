@@ -6,8 +6,8 @@ import torch
 
 import models
 from diffusion import create_diffusion
-from transport import (CONVENTIONS, GuidedVelocity, flow_matching_loss, sigma_of_alpha_bar, solve_progressive,
-                       student_steps, time_grid, x0_from_velocity)
+from transport import (CONVENTIONS, SIT_TOLERANCES, GuidedVelocity, flow_matching_loss, sigma_of_alpha_bar,
+                       solve_adaptive, solve_progressive, student_steps, time_grid, x0_from_velocity)
 
 MU, SCALE = 0.7, 0.4  # the toy's data: x ~ N(MU, SCALE²) in every coordinate
 
@@ -37,10 +37,13 @@ class ToyNetwork:
         return self.convention.velocity(toy_velocity(x.double(), sigma))
 
 
-def toy_solve(convention, steps, solver, noise):
-    velocity = GuidedVelocity(ToyNetwork(CONVENTIONS[convention]), CONVENTIONS[convention], dtype=torch.float64)
+def toy_velocity_field(convention):
+    return GuidedVelocity(ToyNetwork(CONVENTIONS[convention]), CONVENTIONS[convention], dtype=torch.float64)
+
+
+def toy_solve(convention, steps, solver, noise, last_step=None):
     y = torch.zeros(len(noise), dtype=torch.long)
-    *_, last = solve_progressive(velocity, noise, time_grid(steps), y, solver)
+    *_, last = solve_progressive(toy_velocity_field(convention), noise, time_grid(steps), y, solver, last_step)
     return last["sample"]
 
 
@@ -56,7 +59,19 @@ def test_solvers_converge_at_their_order_to_the_closed_form_flow(convention, sol
 
 def test_both_conventions_solve_the_same_ode():
     noise = torch.randn(8, 1, 2, 2, dtype=torch.float64)
-    torch.testing.assert_close(toy_solve("sit", 8, "heun", noise), toy_solve("repa", 8, "heun", noise))
+    for last_step in ("euler", "heun"):
+        torch.testing.assert_close(toy_solve("sit", 8, "heun", noise, last_step),
+                                   toy_solve("repa", 8, "heun", noise, last_step))
+
+
+def test_adaptive_solve_reaches_the_closed_form_flow_as_its_tolerances_tighten():
+    noise = torch.randn(64, 1, 2, 2, dtype=torch.float64)
+    y = torch.zeros(len(noise), dtype=torch.long)
+    for convention in CONVENTIONS:
+        sits = solve_adaptive(toy_velocity_field(convention), noise, y)  # SiT's rtol 1e-3 is a local error bound
+        tight = solve_adaptive(toy_velocity_field(convention), noise, y, atol=1e-10, rtol=1e-10)
+        assert (sits - (MU + SCALE * noise)).abs().max() < 1e-2
+        assert (tight - (MU + SCALE * noise)).abs().max() < 1e-7
 
 
 @pytest.mark.parametrize("sigma", [1.0, 0.8, 0.3, 0.05])
@@ -185,3 +200,56 @@ def test_bad_guidance_settings():
     with pytest.raises(ValueError, match="solver must be one of euler, heun"):
         next(solve_progressive(GuidedVelocity(net, CONVENTIONS["repa"]), torch.randn(1, 2, 4, 4), time_grid(2),
                                torch.zeros(1, dtype=torch.long), "rk4"))
+
+
+def heun_reference(velocity, noise, y, steps, heun_last):
+    """A direct float64 Heun solve on the uniform grid, the last step Heun's or Euler's."""
+    x, grid = noise.double(), [1 - i / steps for i in range(steps + 1)]
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
+        u = velocity(x, sigma, y, False)
+        euler = x + (sigma_next - sigma) * u
+        heun = x + (sigma_next - sigma) * 0.5 * (u + velocity(euler, sigma_next, y, False))
+        x = heun if heun_last or i < steps - 1 else euler
+    return x
+
+
+@pytest.mark.parametrize("convention, own", [("sit", "heun"), ("repa", "euler")])
+def test_heuns_last_step_both_ways_and_each_teachers_own(convention, own):
+    net = CountingDiT().eval()
+    velocity = GuidedVelocity(net, CONVENTIONS[convention])
+    noise, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 4])
+    solves = {}
+    for last_step in ("euler", "heun", None):
+        *_, last = solve_progressive(velocity, noise, time_grid(5), y, "heun", last_step)
+        solves[last_step] = last["sample"]
+    for last_step in ("euler", "heun"):
+        reference = heun_reference(velocity, noise, y, 5, heun_last=last_step == "heun")
+        torch.testing.assert_close(solves[last_step], reference, rtol=0, atol=1e-12)
+    assert (solves["heun"] - solves["euler"]).abs().max() > 1e-3
+    assert torch.equal(solves[None], solves[own])
+
+
+def sit_drift(net):
+    """SiT's ODE drift of a velocity model: the network's output at SiT's own time t (data at t = 1)."""
+    return lambda t, x: net(x.float(), t.float().expand(len(x)), torch.tensor([0, 1, 4]))[:, :2].double()
+
+
+def test_heun_last_step_is_sits_torchdiffeq_heun2_on_its_grid_points():
+    """SiT: odeint(drift, z, linspace(0, 1, num_steps), method="heun2"); its num_steps = 6 points is our 5 steps."""
+    from torchdiffeq import odeint
+    net = CountingDiT().eval()
+    noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    sit = odeint(sit_drift(net), noise, torch.linspace(0, 1, 6, dtype=torch.float64), method="heun2")[-1]
+    velocity = GuidedVelocity(net, CONVENTIONS["sit"])
+    *_, ours = solve_progressive(velocity, noise, time_grid(5), torch.tensor([0, 1, 4]), "heun")
+    torch.testing.assert_close(ours["sample"], sit, rtol=0, atol=1e-12)
+
+
+def test_adaptive_solve_is_sits_dopri5_with_its_default_tolerances():
+    from torchdiffeq import odeint
+    net = CountingDiT().eval()
+    noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    span = torch.linspace(0, 1, 50, dtype=torch.float64)  # SiT's default --num-sampling-steps: outputs only
+    sit = odeint(sit_drift(net), noise, span, method="dopri5", **SIT_TOLERANCES)[-1]
+    ours = solve_adaptive(GuidedVelocity(net, CONVENTIONS["sit"]), noise, torch.tensor([0, 1, 4]))
+    torch.testing.assert_close(ours, sit, rtol=0, atol=1e-12)  # σ from 1 to 0 takes the steps of t from 0 to 1

@@ -5,16 +5,22 @@ import torch
 
 from models import guided_output
 
-SOLVERS = ("euler", "heun")
+SOLVERS = ("euler", "heun")  # on a fixed grid: the solves that trajectories and students are made of
+ADAPTIVE = "dopri5"  # SiT's default ODE solver (torchdiffeq), for a teacher's reference row only
+SIT_TOLERANCES = dict(atol=1e-6, rtol=1e-3)  # SiT's --atol, --rtol defaults
+LAST_STEPS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
 class Convention:
     """A teacher's time convention. SiT puts data at t = 1 (t = 1 - σ, its velocity x - ε = -u);
-    REPA puts data at t = 0 (t = σ, its velocity ε - x = u). Both feed raw t in [0, 1] to the network."""
+    REPA puts data at t = 0 (t = σ, its velocity ε - x = u). Both feed raw t in [0, 1] to the network.
+    `last_step` is how its own Heun solve ends: SiT's torchdiffeq heun2 takes a full Heun step on the last interval
+    too; REPA's euler_sampler(heun=True) takes an Euler step there (no evaluation at the data end)."""
 
     name: str
     data_at_one: bool
+    last_step: str
 
     def model_time(self, sigma):
         """The time the network is fed at noise level σ; the map is its own inverse (σ of a model time)."""
@@ -25,7 +31,19 @@ class Convention:
         return -output if self.data_at_one else output
 
 
-CONVENTIONS = {"sit": Convention("sit", data_at_one=True), "repa": Convention("repa", data_at_one=False)}
+CONVENTIONS = {"sit": Convention("sit", data_at_one=True, last_step="heun"),
+               "repa": Convention("repa", data_at_one=False, last_step="euler")}
+
+
+def last_step_of(solver, convention, last_step=None):
+    """How a `solver` solve ends: Euler's with Euler; Heun's with `last_step`, by default the teacher's own."""
+    if last_step not in (None, *LAST_STEPS):
+        raise ValueError(f"last step must be one of {', '.join(LAST_STEPS)}, got {last_step!r}")
+    if solver != "heun":
+        if last_step not in (None, "euler"):
+            raise ValueError(f"a {last_step} last step is for the heun solver, got {solver!r}")
+        return "euler"
+    return last_step or convention.last_step
 
 
 def time_grid(steps, shift=1.0):
@@ -96,23 +114,37 @@ class GuidedVelocity:
 
 
 @torch.no_grad()
-def solve_progressive(velocity, noise, grid, y, solver="euler"):
+def solve_progressive(velocity, noise, grid, y, solver="euler", last_step=None):
     """Yields {"sample": the state at grid[i+1], "pred_xstart": the x0-prediction at grid[i]} after each step of
     an Euler or Heun solve from `noise` at grid[0], in float64. Heun's second evaluation is guided as its first
-    (REPA decides by the step's start) and the last step is Euler (REPA: no evaluation at the data end)."""
+    (REPA decides by the step's start); its last step is `last_step` (last_step_of: by default the teacher's own)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    heun_until = len(grid) - 1 if last_step_of(solver, velocity.convention, last_step) == "heun" else len(grid) - 2
     x = noise.double()
     grid = [float(s) for s in grid]
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
         guide = velocity.guides(sigma)
         u = velocity(x, sigma, y, guide)
         x_next = x + (sigma_next - sigma) * u
-        if solver == "heun" and i < len(grid) - 2:
+        if solver == "heun" and i < heun_until:
             u_next = velocity(x_next, sigma_next, y, guide)
             x_next = x + (sigma_next - sigma) * (0.5 * u + 0.5 * u_next)
         yield {"sample": x_next, "pred_xstart": x0_from_velocity(x, u, sigma)}
         x = x_next
+
+
+@torch.no_grad()
+def solve_adaptive(velocity, noise, y, atol=SIT_TOLERANCES["atol"], rtol=SIT_TOLERANCES["rtol"]):
+    """The sample of SiT's default ODE solve, torchdiffeq's adaptive dopri5 from σ = 1 to 0 in float64 (guided where
+    each evaluation's σ lies in the interval): a teacher's reference row, not a trajectory (no fixed grid)."""
+    from torchdiffeq import odeint
+
+    def u(sigma, x):
+        sigma = float(sigma)
+        return velocity(x, sigma, y, velocity.guides(sigma))
+    span = torch.tensor([1.0, 0.0], dtype=torch.float64, device=noise.device)
+    return odeint(u, noise.double(), span, method=ADAPTIVE, atol=atol, rtol=rtol)[-1]
 
 
 def flow_matching_loss(network, x0, y, convention, noise=None, sigma=None):
