@@ -332,9 +332,7 @@ class AdversarialTask(DistillationTask):
         """A new run starts from --init (student, EMA, optimiser; from an export, its EMA weights for both and a
         fresh optimiser); a resumed one from its own checkpoint alone, which holds all of that."""
         start = resumed or read_checkpoint(args.init)
-        student = start.get("args", {})
-        if student.get("stage") not in ("ard", "gan"):
-            raise ValueError(f"--init {args.init} is not an ARD checkpoint (stage {student.get('stage')!r})")
+        student = start["args"]  # check_init made sure --init is one of our students
         for key in INIT_FLAGS:  # a student from before teacher families has no family: a DDPM teacher's
             setattr(args, key, student.get(key, getattr(args, key)))
         if args.teacher_family != "ddpm":  # its features' times (clean t=0, DDPM re-noising) are DDPM's
@@ -760,8 +758,8 @@ def check_args(parser, args):
             parser.error(f"--init {args.init} does not exist")
         if args.real_data not in EMBEDDED and not os.path.isdir(args.real_data):
             parser.error(f"--real-data {args.real_data} does not exist")
-        if not args.resume:  # a resumed run keeps the --real-data it was checked with
-            check_real_data(parser, args)
+        if not args.resume:  # a resumed run keeps the --init and --real-data it was checked with
+            check_init(parser, args)
     check_ema(parser, args)
     check_keep_last(parser, args)
     if args.attention == "flex" and not args.compile:
@@ -769,12 +767,15 @@ def check_args(parser, args):
     check_student_fed(parser, args)
 
 
-def check_real_data(parser, args):
-    """--real-data must fit the student of --init, as its record describes it (nothing loads): the image size,
-    the channels the teacher takes (RGB through a VAE) and the classes, since a real image's label indexes the
-    student's classes."""
-    student = describe_checkpoint(args.init).settings
-    if "dit" not in student:  # no DiT student: AdversarialTask says what --init is
+def check_init(parser, args):
+    """--init must be an ARD student, and --real-data must fit it as its record describes it (nothing loads): the
+    image size, the channels the teacher takes (RGB through a VAE) and the classes, since a real image's label
+    indexes the student's classes."""
+    found = describe_checkpoint(args.init)
+    if found.kind != "student":
+        parser.error(f"--init {args.init} is not an ARD checkpoint (a {found.kind} checkpoint)")
+    student = found.settings
+    if "dit" not in student:  # a text-to-image student: AdversarialTask says why it cannot fine-tune it
         return
     size, channels, num_classes = image_format(args.real_data)
     want_size, want_classes = student["image_size"], student["dit"]["num_classes"]

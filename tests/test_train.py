@@ -4,6 +4,7 @@ The expensive artefacts are made once per module: a tiny teacher trained on the 
 trajectory sets extracted from it, one in-process ARD run and one GAN run, and one set of
 two-process (torchrun, gloo) runs. The other tests compare against them or start from them.
 """
+import argparse
 import copy
 import functools
 import glob
@@ -1325,10 +1326,19 @@ def test_gan_takes_the_student_and_teacher_settings_from_init(flag, value, ard_r
     assert experiments(tmp_path) == []
 
 
-def test_gan_from_a_teacher_checkpoint(teacher_ckpt, traj, tmp_path):
-    with pytest.raises(ValueError, match="not an ARD checkpoint"):
-        run(gan_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1))
+def test_gan_from_a_teacher_checkpoint(teacher_ckpt, traj, tmp_path, capsys):
+    expect_usage_error(gan_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1), capsys,
+                       f"--init {teacher_ckpt} is not an ARD checkpoint (a teacher checkpoint)")
     assert experiments(tmp_path) == []
+
+
+def test_gan_from_repas_training_dict_is_refused_in_one_line(teacher_ckpt, traj, tmp_path, capsys):
+    """REPA's own training file holds its args as an argparse.Namespace: refused like any other non-student."""
+    path = tmp_path / "last.pt"
+    state = {**models.read_checkpoint(teacher_ckpt)["ema"], "projectors.0.weight": torch.zeros(1)}
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 1}, path)
+    expect_usage_error(gan_argv(str(path), traj, tmp_path, "--iterations", 1), capsys,
+                       f"--init {path} is not an ARD checkpoint (a REPA checkpoint)")
 
 
 # ---------------------------------------------------------------------------- EMA and held-out noise
