@@ -424,7 +424,8 @@ def task_class(args):
 # ---------------------------------------------------------------------------- helpers
 
 def stage_readout(args, meta):
-    """The student settings that come from the trajectories (stage times, the solver's x0 clipping) and the heads' flags."""
+    """The student settings that come from the trajectories (stage times, the solver's x0 clipping) and the heads'
+    flags."""
     return dict(stage_times=meta["boundary_times"], clip_x0=meta["clip_denoised"], shared_head=args.shared_head,
                 parametrization=args.parametrization, target=args.target, history_input=args.history_input)
 

@@ -1336,7 +1336,8 @@ def test_gan_from_repas_training_dict_is_refused_in_one_line(teacher_ckpt, traj,
     """REPA's own training file holds its args as an argparse.Namespace: refused like any other non-student."""
     path = tmp_path / "last.pt"
     state = {**models.read_checkpoint(teacher_ckpt)["ema"], "projectors.0.weight": torch.zeros(1)}
-    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 1}, path)
+    repa = {"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 1}
+    torch.save(repa, path)
     expect_usage_error(gan_argv(str(path), traj, tmp_path, "--iterations", 1), capsys,
                        f"--init {path} is not an ARD checkpoint (a REPA checkpoint)")
 
