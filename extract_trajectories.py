@@ -45,7 +45,7 @@ from ard import TARGETS
 from diffusion import create_diffusion, student_timesteps
 from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
 from transport import CONVENTIONS, SOLVERS, GuidedVelocity, solve_progressive, student_steps, time_grid
-from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+from utils import (StopRequest, add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_every_rank, on_rank_zero, progress,
                    save_json)
 
@@ -446,9 +446,12 @@ def main(argv=None):
 
     mine = list(missing)[rank::world_size]
     bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
+    stop = StopRequest(args.stop_signals)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
         for j, shard in enumerate(mine):
+            if stop.received:
+                break
             indices = range(shard * args.shard_size, (shard + 1) * args.shard_size)
             noise, condition = teacher.conditions(indices)
             parts = [solve(noise[i:i + args.batch_size], condition[i:i + args.batch_size])
@@ -464,6 +467,7 @@ def main(argv=None):
         if pending is not None:
             pending.result()
     bar.close()
+    stop.exit_if_received("every shard this rank finished is written")
     barrier()
     if rank == 0:
         print(f"trajectories in {args.out}")

@@ -25,11 +25,11 @@ import pixart
 from extract_trajectories import check_flow_args
 from models import OFFICIAL_CHECKPOINTS
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
-from utils import (add_distributed_args, autocast, barrier, check_meta, cleanup_distributed, index_noise_and_labels,
-                   init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
+from utils import (StopRequest, add_distributed_args, autocast, barrier, check_meta, cleanup_distributed,
+                   index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
-RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device")
+RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device", "stop_signals")
 
 
 def parse_args(argv=None):
@@ -128,7 +128,10 @@ def main(argv=None):
         return range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
 
     bar = progress(sum(len(chunk_indices(c)) for c in missing), "sampling", "img", enabled=rank == 0)
+    stop = StopRequest(args.stop_signals)
     for j, chunk in enumerate(missing[rank::world_size]):
+        if stop.received:
+            break
         indices = chunk_indices(chunk)
         images, labels = [], []
         for start in range(indices.start, indices.stop, args.per_proc_batch_size):
@@ -145,6 +148,7 @@ def main(argv=None):
         arrays = dict(arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
         save_npz(chunk_path(parts_dir, chunk), arrays)
     bar.close()
+    stop.exit_if_received(f"every chunk this rank finished is in {parts_dir}")
     barrier()
     if rank == 0:
         chunks = [np.load(chunk_path(parts_dir, c)) for c in range(num_chunks)]

@@ -38,6 +38,7 @@ QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1", "--
 TRAJ_SAMPLES, BATCH = 32, 8
 K = 4
 CKPT_KEYS = {"model", "ema", "opt", "step", "args"}
+GAN_KEYS = ("disc_heads", "disc_opt", "reg_reference")  # reg_reference: the divergence guard's level
 # Half the steps student-fed: with --global-seed 0, steps 1-6 mix both kinds on either side of step 3.
 FED_HALF = ["--student-fed", "0.5"]
 DDIM = ["--parametrization", "ddim"]  # the student-fed runs also cover ddim heads
@@ -225,8 +226,8 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut short,
-    GAN runs (3 steps, 2 steps + resume to 3, 2 steps compiled), and the ARD runs student-fed
+    3 steps + the same command to 6 (a restart), a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut
+    short, GAN runs (3 steps, 2 steps + the same command to 3, 2 steps compiled), and the ARD runs student-fed
     (--student-fed 0.5)."""
     base = tmp_path_factory.mktemp("ddp")
     broken = base / "broken" / os.path.basename(ard_run)
@@ -239,15 +240,15 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         None,  # the resume, filled in below
         gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
-        ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 3, "--ckpt-every", 2, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan_compiled", "--iterations", 2, "--ckpt-every", 2,
                  "--gan-warmup", 1, "--compile"),
         ["--resume", str(broken), "--iterations", "6"],
         ard_argv(teacher_ckpt, traj, base / "fed6", *FED_HALF, *DDIM, "--iterations", 6, "--ckpt-every", 6),
         ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, *DDIM, "--iterations", 3, "--ckpt-every", 3),
-        ["--resume", str(base / "fed3" / "000-ard-N1"), "--iterations", "6"],
+        ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, *DDIM, "--iterations", 6, "--ckpt-every", 3),
     ]
-    runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
+    runs[2] = ard_argv(teacher_ckpt, traj, base / "ard3", "--iterations", 6, "--ckpt-every", 3)
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
@@ -307,7 +308,7 @@ def test_ard_stage_one_process(ard_run, teacher_ckpt):
 
 def test_gan_stage_one_process(gan_run):
     assert ckpt_steps(gan_run) == [2, 4]
-    check_checkpoint(ckpt(gan_run, 4), "gan", 4, extra_keys=("disc_heads", "disc_opt"))
+    check_checkpoint(ckpt(gan_run, 4), "gan", 4, extra_keys=GAN_KEYS)
 
 
 def test_teacher_stage_two_processes(ddp):
@@ -326,7 +327,7 @@ def test_ard_stage_two_processes(ddp):
 
 def test_gan_stage_two_processes(ddp):
     assert ckpt_steps(ddp["gan"]) == [3]
-    check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=("disc_heads", "disc_opt"))
+    check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=GAN_KEYS)
     weights = [r["gan_weight"] for _, r in log_steps(ddp["gan"])]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
 
@@ -514,13 +515,38 @@ def test_resume_with_a_setting_changed_to_its_default_stops(teacher_ckpt, traj, 
         train.parse_args(["--resume", first, "--lr", "1e-4"])  # 1e-4 is the default
 
 
-def test_new_run_never_reuses_an_experiment_dir(teacher_ckpt, traj, tmp_path):
-    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
-    second = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2))
-    shutil.rmtree(first)
-    third = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
-    assert third != second
-    assert ckpt_steps(second) == [2]
+def test_the_same_command_continues_its_run(teacher_ckpt, traj, ard_run, tmp_path):
+    """A restart (torchrun --max-restarts, a requeued job) re-runs the command: it continues the run in its own
+    directory, bit-identical to one uninterrupted run, with more --iterations if they grew; other settings are
+    another run."""
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 3, "--ckpt-every", 3))
+    assert run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 3)) == first
+    assert ckpt_steps(first) == [3, 6]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(first, 6)))
+    assert [s for s, _ in log_steps(first)] == [1, 2, 3, 4, 5, 6]  # steps 1-3 not trained again
+    assert run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 3)) == first  # done
+    assert [s for s, _ in log_steps(first)] == [1, 2, 3, 4, 5, 6]
+    other = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1, "--lr", "5e-4"))
+    assert other != first and ckpt_steps(other) == [1]
+    assert os.path.basename(first).startswith("000-ard-N1-") and os.path.basename(other).startswith("001-ard-N1-")
+
+
+def test_a_named_run_refuses_other_settings(teacher_ckpt, traj, tmp_path, capsys):
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--name", "mine", "--iterations", 1, "--ckpt-every", 1))
+    assert os.path.basename(first) == "000-ard-mine"
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in ard_argv(teacher_ckpt, traj, tmp_path, "--name", "mine", "--lr", "5e-4")])
+    assert e.value.code == 2
+    assert (f"{first} is a run with --lr 0.0001, not 0.0005: re-run its command to continue it, or choose another "
+            "--name for a new run") in capsys.readouterr().err
+    assert ckpt_steps(first) == [1] and experiments(tmp_path) == [first]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_directory(teacher_ckpt, traj, tmp_path):
+    argv = ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1)
+    first = run(argv)
+    shutil.rmtree(os.path.join(first, "checkpoints"))
+    assert run(argv) == first and ckpt_steps(first) == [1]
 
 
 def test_resume_without_checkpoints_stops(tmp_path, capsys):
