@@ -553,8 +553,8 @@ def build_parser():
                                         "'shapes', or the captioned 'shapes-text' (a PixArt teacher)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--name", default=None,
-                   help="the run's name (its directory results/NNN-<stage>-<name>); default: N<history layers> (the "
-                        "teacher stage: the model) and a hash of the settings, so that the same command is the same run")
+                   help="the run's name (its directory results/NNN-<stage>-<name>); default: N<history layers> "
+                        "(teacher: the model; gan: none) and a hash of the settings: the same command is the same run")
     p.add_argument("--resume", default=None,
                    help="experiment directory to continue from its newest checkpoint that reads (not needed to "
                         "continue a run with its own command, which does that by itself)")
@@ -701,8 +701,9 @@ def run_name(name, settings):
     command always names the same run, whatever its run-control flags."""
     if name:
         return f"{settings['stage']}-{name}"
-    usual = settings["model"].replace("/", "-") if settings["stage"] == "teacher" else f"N{settings['history_layers']}"
-    return f"{settings['stage']}-{usual}-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]}"
+    usual = {"teacher": settings["model"].replace("/", "-") + "-", "ard": f"N{settings['history_layers']}-",
+             "gan": ""}[settings["stage"]]  # a gan run's student is --init's
+    return f"{settings['stage']}-{usual}{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]}"
 
 
 def run_dir(results_dir, name):
@@ -920,8 +921,6 @@ def main(argv=None):
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "
                                          f"checkpoint {last_checkpoint(experiment_dir)}")
-            if guard is not None:
-                guard.check(done, means["reg"], args.divergence_guard, experiment_dir)
             speed = steps_since_log / (time.time() - last_log)
             logger.info(f"step {done:07d} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()))
                         + f" steps/s={speed:.2f}")
@@ -930,6 +929,8 @@ def main(argv=None):
                                         samples_per_s=speed * args.global_batch_size))
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
+            if guard is not None:
+                guard.check(done, means["reg"], args.divergence_guard, experiment_dir)
         if saving:
             def save():
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -997,7 +998,8 @@ class Trackers:
         self.tensorboard = self.wandb = None
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tensorboard"), purge_step=start_step)
+            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tensorboard"),
+                                             purge_step=start_step + 1)  # what a restart logs again
         if args.wandb:
             import wandb
             name = os.path.basename(experiment_dir)  # a restart continues the same W&B run

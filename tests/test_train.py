@@ -569,6 +569,50 @@ def test_init_follows_global_seed(stage, ard_run, traj, tmp_path):
 
 # ---------------------------------------------------------------------------- adversarial fine-tuning
 
+@pytest.fixture(scope="module")
+def digits_student(tmp_path_factory):
+    """A regression student (N=0) of the shipped digits teacher: 60 steps of batch 16 on 128 trajectories of its
+    25-step solve, and those trajectories."""
+    base = tmp_path_factory.mktemp("digits_student")
+    teacher = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
+    trajectories = str(base / "traj")
+    et.main(["--ckpt", teacher, "--out", trajectories, "--num-samples", "128", "--shard-size", "128", "--batch-size",
+             "128", "--teacher-steps", "25", "--cfg-scale", "1.5", "--device", "cpu"])
+    student = run(["--stage", "ard", "--teacher", teacher, "--data-path", trajectories, "--history-layers", 0,
+                   "--lr", "1e-3", "--ema-decay", 0.995, "--global-batch-size", 16, "--iterations", 60,
+                   "--results-dir", base, *QUIET, "--log-every", 60])
+    return ckpt(student, 60), trajectories
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [10, 1])
+def test_divergence_guard_stops_the_papers_weight_scale_only(scale, digits_student, tmp_path, capsys):
+    """The adversarial stage on the digits (the demo's recipe, a 10-step warm-up): at the paper's weight scale x 10
+    the regression loss passes DIVERGENCE_MULTIPLE times its end-of-warm-up level within 30 adversarial steps and
+    the run stops with its last good checkpoint; at x 1 it stays at that level and the run is never stopped."""
+    init, trajectories = digits_student
+    argv = gan_argv(init, trajectories, tmp_path, "--lr", "1e-4", "--ema-decay", 0.995, "--global-batch-size", 16,
+                    "--gan-warmup", 10, "--gan-weight-scale", scale, "--iterations", 40, "--log-every", 5,
+                    "--ckpt-every", 10)
+    if scale == 1:
+        experiment = run(argv)
+        assert ckpt_steps(experiment) == [10, 20, 30, 40]
+        return
+    with pytest.raises(RuntimeError) as error:
+        run(argv)
+    (experiment,) = experiments(tmp_path)
+    reg = dict((s, r["reg"]) for s, r in log_steps(experiment))
+    assert reg[40] > train.DIVERGENCE_MULTIPLE * reg[10] > reg[35]  # stopped at the first log line past it
+    assert str(error.value).startswith(
+        f"the adversarial stage diverged: regression loss {reg[40]:.3g} after step 40, more than 20 times its "
+        f"{reg[10]:.3g} at the end of the warm-up; stopping with the last good checkpoint {ckpt(experiment, 30)}. "
+        "Lower --gan-weight-scale")
+    assert ckpt_steps(experiment) == [10, 20, 30]
+    run(argv + ["--no-divergence-guard"])  # the same run goes on without the guard
+    assert ckpt_steps(experiment) == [10, 20, 30, 40]
+
+
+
 def test_gan_updates_discriminator_and_student(gan_run, ard_run, teacher_ckpt):
     init, mid, end = load(ckpt(ard_run, 6)), load(ckpt(gan_run, 2)), load(ckpt(gan_run, 4))
     # the student, its EMA and its optimiser start from the ARD checkpoint and move
@@ -1340,6 +1384,68 @@ def test_a_log_file_gets_log_lines_and_no_progress_redraws(tmp_path, capsys):
     run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2))
     out, err = capsys.readouterr()
     assert "\r" not in out + err and re.search(r"step 0000002 .*steps/s=", out)
+
+
+def tensorboard_scalars(experiment):
+    """{tag: [(step, value)]} of a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(experiment, "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_logged_scalar_the_lr_and_the_throughput(tmp_path):
+    """--tensorboard: each log line's values at its step, plus lr, steps/s and samples/s (steps/s x the global
+    batch of 16); a restart that begins again at step 2 replaces what the first run wrote after it."""
+    argv = teacher_argv(tmp_path, "--iterations", 3, "--ckpt-every", 2, "--lr", "3e-4", "--tensorboard")
+    experiment = run(argv)
+    os.remove(ckpt(experiment, 3))
+    assert run(argv) == experiment  # resumed from step 2
+    scalars = tensorboard_scalars(experiment)
+    logged = dict(log_steps(experiment))  # step 3: the restart's line
+    assert set(scalars) == set(logged[1]) - {"steps/s"} | {"lr", "steps_per_s", "samples_per_s"}
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    for step, values in logged.items():
+        for name, value in values.items():
+            tag = "steps_per_s" if name == "steps/s" else name
+            assert dict(scalars[tag])[step] == pytest.approx(value, rel=1e-3), (tag, step)
+        assert dict(scalars["lr"])[step] == pytest.approx(3e-4)
+        assert dict(scalars["samples_per_s"])[step] == pytest.approx(16 * dict(scalars["steps_per_s"])[step])
+
+
+def test_wandb_without_its_package_stops_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)  # as if not installed
+    expect_usage_error(teacher_argv(tmp_path, "--wandb"), capsys,
+                       "--wandb needs the wandb package (pip install wandb); WANDB_MODE=offline logs without a network")
+    assert experiments(tmp_path) == []
+
+
+def test_wandb_gets_every_scalar_in_a_run_named_by_its_directory(tmp_path, monkeypatch):
+    """--wandb through a stand-in for the package (not installed here): one W&B run per run directory (its id, so
+    that a restart continues it), with the scalars TensorBoard gets."""
+    calls = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, dict(scalars)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    sys.modules["wandb"].init = init
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object())
+    experiment = run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2, "--wandb", "digits"))
+    (_, kwargs), *logs, finish = calls
+    name = os.path.basename(experiment)
+    assert (kwargs["project"], kwargs["id"], kwargs["name"], kwargs["resume"]) == ("digits", name, name, "allow")
+    assert kwargs["dir"] == experiment and kwargs["config"]["stage"] == "teacher" and finish == ("finish",)
+    assert [step for _, step, _ in logs] == [1, 2]
+    for (_, step, scalars), (logged_step, values) in zip(logs, log_steps(experiment)):
+        assert step == logged_step and scalars["loss"] == pytest.approx(values["loss"], rel=1e-3)
+        assert {"lr", "steps_per_s", "samples_per_s", "grad_norm"} <= set(scalars)
 
 
 def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):
