@@ -914,7 +914,7 @@ def main(argv=None):
         bar.update()
 
         done = step + 1
-        stopping = stop.agreed(device) and done < args.iterations  # at the end, the run is done
+        stopping = stop.agreed() and done < args.iterations  # at the end, the run is done
         saving = done % args.ckpt_every == 0 or done == args.iterations or stopping
         if done % args.log_every == 0 or saving:
             means = mean_over_ranks({k: total / count for k, (total, count) in running.items()})

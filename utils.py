@@ -98,15 +98,17 @@ class StopRequest:
         self.received = None
         for name in signals:
             signal.signal(getattr(signal, name), self.handle)
+        # The ranks agree on the CPU: a flag on the GPU would make every step wait for the GPU to finish the last.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() != "gloo" else None
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device):
+    def agreed(self):
         """Whether any rank received a stop signal (a collective: every rank calls it at the same point)."""
-        flag = torch.tensor([float(self.received is not None)], device=device)
+        flag = torch.tensor([float(self.received is not None)])
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
     def exit_if_received(self, kept):
