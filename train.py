@@ -524,11 +524,13 @@ def new_experiment_dir(results_dir, name):
 def prepare_experiment_dir(args, settings):
     """The run's directory with its checkpoints/ and samples/: the resumed one, this command's own that holds no
     checkpoint yet, or a new one, where `settings` (the command's) are recorded."""
-    name = run_name(args.name, settings)
-    path = args.resume or run_dir(args.results_dir, name)
-    if path is None:
-        path = new_experiment_dir(args.results_dir, name)
-        save_json(settings, os.path.join(path, RUN_SETTINGS))
+    if args.resume:
+        path = args.resume
+    else:
+        name = run_name(args.name, settings)
+        path = run_dir(args.results_dir, name) or new_experiment_dir(args.results_dir, name)
+        if not os.path.exists(os.path.join(path, RUN_SETTINGS)):
+            save_json(settings, os.path.join(path, RUN_SETTINGS))
     for sub in ("checkpoints", "samples"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
     return path
@@ -722,8 +724,10 @@ def continued_run(parser, args):
         return None
     settings_path = os.path.join(path, RUN_SETTINGS)
     if not os.path.isfile(settings_path):
-        parser.error(f"{path} has no {RUN_SETTINGS} (it began before runs recorded their settings): "
-                     f"continue it with --resume {path} or choose another --name")
+        if checkpoint_paths(path):
+            parser.error(f"{path} has no {RUN_SETTINGS} (it began before runs recorded their settings): "
+                         f"continue it with --resume {path} or choose another --name")
+        return None  # stopped (or, on another rank, being made) before its settings were written: a new run
     with open(settings_path) as f:
         saved = json.load(f)
     for key, value in settings.items():
@@ -929,8 +933,8 @@ def main(argv=None):
                                         samples_per_s=speed * args.global_batch_size))
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
-            if guard is not None:
-                guard.check(done, means["reg"], args.divergence_guard, experiment_dir)
+            if guard is not None and guard.diverged(done, means["reg"]) and args.divergence_guard:
+                raise RuntimeError(guard.message(done, means["reg"], last_checkpoint(experiment_dir)))
         if saving:
             def save():
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -972,22 +976,23 @@ DIVERGENCE_MULTIPLE = 20
 
 
 class DivergenceGuard:
-    """Stops an adversarial stage whose regression loss runs away (see DIVERGENCE_MULTIPLE)."""
+    """Whether an adversarial stage's regression loss ran away (see DIVERGENCE_MULTIPLE)."""
 
     def __init__(self, warmup, reference=None):
         self.warmup, self.reference = warmup, reference
 
-    def check(self, step, regression, enabled, experiment_dir):
-        """`regression`: the mean over the log interval that ends after `step`. The level at the end of the
-        warm-up is that of the last interval ending in it (or the first, if none does)."""
+    def diverged(self, step, regression):
+        """Whether `regression`, the mean over the log interval that ends after `step`, passes the limit. The level
+        at the end of the warm-up is that of the last interval ending in it (or of the first, if none does)."""
         if step <= self.warmup or self.reference is None:
             self.reference = regression
-        elif enabled and regression > DIVERGENCE_MULTIPLE * self.reference:
-            raise RuntimeError(
-                f"the adversarial stage diverged: regression loss {regression:.3g} after step {step}, more than "
+        return regression > DIVERGENCE_MULTIPLE * self.reference
+
+    def message(self, step, regression, last_checkpoint):
+        return (f"the adversarial stage diverged: regression loss {regression:.3g} after step {step}, more than "
                 f"{DIVERGENCE_MULTIPLE} times its {self.reference:.3g} at the end of the warm-up; stopping with the "
-                f"last good checkpoint {last_checkpoint(experiment_dir)}. Lower --gan-weight-scale (x 1 was stable "
-                "in the GAN study) or --lr, or pass --no-divergence-guard to go on")
+                f"last good checkpoint {last_checkpoint}. Lower --gan-weight-scale (x 1 was stable in the GAN study) "
+                "or --lr, or pass --no-divergence-guard to go on")
 
 
 class Trackers:

@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, assert_same_training_state, ckpt, experiments, load, log_steps, teacher_argv
+from test_train import (ROOT, assert_same_training_state, ckpt, ckpt_steps, experiments, load, log_steps,
+                        teacher_argv)
 from utils import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def wait_for(condition, proc, log, what):
 
 
 def checkpoint_written(results, step):
-    return lambda: bool(glob.glob(os.path.join(str(results), "*", "checkpoints", f"{step:07d}.pt")))
+    return lambda: any(step in ckpt_steps(experiment) for experiment in experiments(results))
 
 
 def step_logged(results, step):
