@@ -6,7 +6,8 @@
 Per sample: the noise x_T, the ODE state and the teacher's x0-prediction at the K-1
 intermediate student boundaries, and the final sample. The output directory holds meta.json
 and fixed-size safetensors shards; shard i depends only on (seed, i), so the bytes do not
-depend on the number of processes, and a re-run skips the shards already complete.
+depend on the number of processes, and a re-run skips the shards already complete. SIGTERM or
+SIGUSR1 (--stop-signals) stops each rank after the shard it is writing, with exit status 75.
 
 Text-to-image (PixArt-Sigma through diffusers): --prompts gives a prompt file and --ckpt the pipeline,
 

@@ -8,6 +8,7 @@ training trajectory draws from (utils.NOISE_STREAMS), so the result does not dep
 number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in chunks of --chunk-size images, each saved
 as it completes in OUT.parts; a re-run with the same settings (recorded there in
 settings.json) keeps them and makes only the missing ones, and one with other settings stops.
+SIGTERM or SIGUSR1 (--stop-signals) stops each rank after the chunk it is making, with exit status 75.
 
 Text-to-image: --prompts FILE with a PixArt student checkpoint or pipeline; image i takes prompt
 i mod P (--labels balanced) or a random one, and arr_1 holds the prompt indices, for

@@ -189,8 +189,8 @@ def test_a_stop_signal_keeps_the_current_step(target, uninterrupted, tmp_path):
     step = int(stopped[0][1])
     assert 5 <= step < ITERATIONS and log_steps(experiment)[-1][0] == step
     assert os.path.exists(ckpt(experiment, step))
-    if target == "workers":  # torchrun reports each worker's exit status
-        assert read(log).count(f"exitcode  : {REQUEUE_EXIT_CODE} ") == 2, read(log)[-4000:]
+    if target == "workers":  # torchrun's report: the first worker to end (it then stops the others with SIGTERM)
+        assert re.search(rf"Root Cause .*?exitcode\s*: {REQUEUE_EXIT_CODE} ", read(log), re.S), read(log)[-4000:]
     assert finish(launch(cmd, log), log) == 0, read(log)[-4000:]
     assert_same_training_state(uninterrupted, load(ckpt(experiment, ITERATIONS)))
     resumed = re.findall(r"resuming from \S+ \(step (\d+)\)", read(os.path.join(experiment, "log.txt")))
