@@ -6,7 +6,8 @@
 Per sample: the noise x_T, the ODE state and the teacher's x0-prediction at the K-1
 intermediate student boundaries, and the final sample. The output directory holds meta.json
 and fixed-size safetensors shards; shard i depends only on (seed, i), so the bytes do not
-depend on the number of processes, and a re-run skips the shards already complete.
+depend on the number of processes, and a re-run skips the shards already complete. SIGTERM or
+SIGUSR1 (--stop-signals) stops each rank after the shard it is writing, with exit status 75.
 
 Text-to-image (PixArt-Sigma through diffusers): --prompts gives a prompt file and --ckpt the pipeline,
 
@@ -26,11 +27,11 @@ prompts.json; no embedding is stored per trajectory. The table is written in chu
 each encoded by one rank (chunk c by rank c mod world size) in fixed batches, so its bytes do not depend on
 the number of processes, a re-run encodes only the missing chunks, and a rank holds one chunk at a time.
 """
-import math
 import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ from diffusion import create_diffusion, student_timesteps
 from models import TEACHER_FAMILIES, clips_x0, load_teacher, with_guidance
 from transport import (ADAPTIVE, CONVENTIONS, LAST_STEPS, SOLVERS, GuidedVelocity, last_step_of, solve_progressive,
                        student_steps, time_grid)
-from utils import (add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
+from utils import (StopRequest, add_distributed_args, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
                    index_noise_and_labels, index_seed, init_distributed, on_every_rank, on_rank_zero, progress,
                    save_json)
 
@@ -474,9 +475,12 @@ def main(argv=None):
 
     mine = list(missing)[rank::world_size]
     bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
+    stop = StopRequest(args.stop_signals)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
         for j, shard in enumerate(mine):
+            if stop.received:
+                break
             indices = range(shard * args.shard_size, (shard + 1) * args.shard_size)
             noise, condition = teacher.conditions(indices)
             parts = [solve(noise[i:i + args.batch_size], condition[i:i + args.batch_size])
@@ -492,6 +496,7 @@ def main(argv=None):
         if pending is not None:
             pending.result()
     bar.close()
+    stop.exit_if_received("every shard this rank finished is written")
     barrier()
     if rank == 0:
         print(f"trajectories in {args.out}")

@@ -1,16 +1,17 @@
 """Sample N images from a teacher or an ARD student into ADM's .npz, for FID evaluation.
 
-    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-ard-N6/checkpoints/0300000.pt \\
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-ard-N6/checkpoints/0300000 \\
         --num-fid-samples 50000 --out samples/ard-N6.npz
 
 Image i comes from its own seed (global seed, i) in the evaluation noise stream, which no
 training trajectory draws from (utils.NOISE_STREAMS), so the result does not depend on the
-number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in chunks of --chunk-size images, each saved
-as it completes in OUT.parts; a re-run with the same settings (recorded there in
+number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in
+chunks of --chunk-size images, each saved as it completes in OUT.parts; a re-run with the same settings (recorded there in
 settings.json) keeps them and makes only the missing ones, and one with other settings stops.
 The chunks then stream into OUT (arr_0 images, arr_1 labels, and `settings`: the run's settings as JSON in a
 0-d string, what makes two sample sets pairable) and OUT.parts is removed; a re-run after OUT is complete does
 nothing, and stops when OUT holds the images of other settings.
+SIGTERM or SIGUSR1 (--stop-signals) stops each rank after the chunk it is making, with exit status 75.
 
 Text-to-image: --prompts FILE with a PixArt student checkpoint or pipeline; image i takes prompt
 i mod P (--labels balanced) or a random one, and arr_1 holds the prompt indices, for
@@ -31,11 +32,12 @@ from evaluations.npz import NpzImages
 from extract_trajectories import check_flow_args, check_pixart_sources
 from models import OFFICIAL_CHECKPOINTS, is_sharded_checkpoint
 from sample import add_generator_args, checkpoint_from_args, generator_from_args, load_decoder
-from utils import (add_distributed_args, allow_tf32, atomic_write, autocast, barrier, check_meta, cleanup_distributed,
-                   index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json, save_npz, to_uint8)
+from utils import (StopRequest, add_distributed_args, allow_tf32, atomic_write, autocast, barrier, check_meta,
+                   cleanup_distributed, index_noise_and_labels, init_distributed, on_rank_zero, progress, save_json,
+                   save_npz, to_uint8)
 
 # Flags that do not change the images: the runs that make one .npz may differ in them.
-RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device")
+RUN_CONTROL = ("per_proc_batch_size", "out", "dist_timeout", "device", "stop_signals")
 PIECE_BYTES = 2 ** 24  # the last step copies the chunks' images into the .npz this much at a time
 
 
@@ -204,7 +206,10 @@ def main(argv=None):
         return range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
 
     bar = progress(sum(len(chunk_indices(c)) for c in missing), "sampling", "img", enabled=rank == 0)
+    stop = StopRequest(args.stop_signals)
     for j, chunk in enumerate(missing[rank::world_size]):
+        if stop.received:
+            break
         indices = chunk_indices(chunk)
         images, labels = [], []
         for start in range(indices.start, indices.stop, args.per_proc_batch_size):
@@ -221,6 +226,7 @@ def main(argv=None):
         arrays = dict(arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
         save_npz(chunk_path(parts_dir, chunk), arrays)
     bar.close()
+    stop.exit_if_received(f"every chunk this rank finished is in {parts_dir}")
     barrier()
     if rank == 0:
         chunks = [(chunk_path(parts_dir, c), len(chunk_indices(c))) for c in range(num_chunks)]

@@ -4,13 +4,20 @@
     torchrun --nproc_per_node=8 train.py --stage gan --init results/000-ard/checkpoints/0300000.pt \\
         --data-path trajectories/imagenet256 --real-data /data/imagenet/train --global-batch-size 48
     torchrun --nproc_per_node=8 train.py --stage teacher --data-path /data/imagenet/train --model DiT-XL/2
-    torchrun --nproc_per_node=8 train.py --resume results/000-ard          # continue where it stopped
+    torchrun --nproc_per_node=8 train.py --resume results/000-ard-N6-1a2b3c4d   # continue where it stopped
     torchrun --nproc_per_node=8 train.py --stage ard --teacher PixArt-alpha/PixArt-Sigma-XL-2-512-MS \
         --data-path trajectories/pixart512                                   # text-to-image (pixart.py)
 
 Every step is a pure function of (checkpoint, seed, step): batches come from a per-epoch
 permutation and the RNG is reseeded per step and rank, so a resumed run is bit-identical to
 an uninterrupted one.
+
+Restart = resume: a run's directory is results/NNN-<stage>-<--name>, or without --name
+results/NNN-<stage>-<N6 or the model>-<hash of its settings>, so re-running the same command (what
+`torchrun --max-restarts` and a requeued job do) continues the run from its newest checkpoint, with
+any run-control flag changed (more --iterations, say). A command that names an existing run with
+other settings stops at the first that differs. SIGTERM or SIGUSR1 (--stop-signals) stops every rank
+after the current step with a checkpoint and exit status 75, for the job script to requeue on.
 
 Student-fed inputs (ard and gan): `--student-fed P` feeds a step, with probability P, the
 student's own rollouts as stage inputs instead of the teacher's points: x_T, then the first
@@ -26,6 +33,8 @@ import concurrent.futures
 import copy
 import datetime
 import glob
+import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -53,12 +62,15 @@ from models import (checkpoint_error, clips_x0, create_dit, describe_checkpoint,
                     load_autoencoder, load_teacher, read_checkpoint)
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
-from utils import (add_distributed_args, allow_tf32, autocast, check_meta, cleanup_distributed,
-                   fsync_path, init_distributed, on_rank_zero, progress, save_grid)
+from utils import (REQUEUE_EXIT_CODE, StopRequest, add_distributed_args, allow_tf32, autocast, check_meta,
+                   cleanup_distributed, fsync_path, init_distributed, on_rank_zero, progress, save_grid, save_json)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
-               "export", "export_half", "dist_timeout", "device", "keep_last")
+               "export", "export_half", "dist_timeout", "device", "keep_last", "stop_signals", "divergence_guard",
+               "tensorboard", "wandb")
+# A run's settings as its command gave them, in its directory: the same command continues the run.
+RUN_SETTINGS = "settings.json"
 # Each stage's own defaults: the paper's 300K distillation steps at batch 64; its adversarial stage ran "a
 # few hours" on 8 A100s at batch 48 (20K steps); a teacher from scratch as long as DiT's ablations (400K).
 STAGE_DEFAULTS = {"ard": dict(iterations=300_000, global_batch_size=64),
@@ -572,19 +584,25 @@ def create_logger(experiment_dir, rank):
     return logger
 
 
-def new_experiment_dir(args):
-    """results/NNN-stage-name with NNN one past the highest existing index; created here."""
-    os.makedirs(args.results_dir, exist_ok=True)
-    indices = [int(os.path.basename(d)[:3]) for d in glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*"))]
-    name = args.name or (args.model.replace("/", "-") if args.stage == "teacher" else f"N{args.history_layers}")
-    path = os.path.join(args.results_dir, f"{max(indices, default=-1) + 1:03d}-{args.stage}-{name}")
+def new_experiment_dir(results_dir, name):
+    """results_dir/NNN-name with NNN one past the highest existing index; created here."""
+    os.makedirs(results_dir, exist_ok=True)
+    indices = [int(os.path.basename(d)[:3]) for d in glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*"))]
+    path = os.path.join(results_dir, f"{max(indices, default=-1) + 1:03d}-{name}")
     os.makedirs(path)
     return path
 
 
-def prepare_experiment_dir(args):
-    """The run's directory with its checkpoints/ and samples/: the resumed one, or a new one."""
-    path = args.resume or new_experiment_dir(args)
+def prepare_experiment_dir(args, settings):
+    """The run's directory with its checkpoints/ and samples/: the resumed one, this command's own that holds no
+    checkpoint yet, or a new one, where `settings` (the command's) are recorded."""
+    if args.resume:
+        path = args.resume
+    else:
+        name = run_name(args.name, settings)
+        path = run_dir(args.results_dir, name) or new_experiment_dir(args.results_dir, name)
+        if not os.path.exists(os.path.join(path, RUN_SETTINGS)):
+            save_json(settings, os.path.join(path, RUN_SETTINGS))
     for sub in ("checkpoints", "samples"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
     return path
@@ -608,9 +626,12 @@ def build_parser():
     p.add_argument("--data-path", help="trajectory directory (ard, gan); teacher: an image folder, 'digits' or "
                                         "'shapes', or the captioned 'shapes-text' (a PixArt teacher)")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--name", default=None, help="suffix of the experiment directory")
+    p.add_argument("--name", default=None,
+                   help="the run's name (its directory results/NNN-<stage>-<name>); default: N<history layers> "
+                        "(teacher: the model; gan: none) and a hash of the settings: the same command is the same run")
     p.add_argument("--resume", default=None,
-                   help="experiment directory to continue from its newest checkpoint that reads")
+                   help="experiment directory to continue from its newest checkpoint that reads (not needed to "
+                        "continue a run with its own command, which does that by itself)")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                    help="write CKPT's EMA weights and settings to OUT (.safetensors; a PixArt teacher: a pipeline "
                         "folder) and exit")
@@ -640,6 +661,12 @@ def build_parser():
                           "keep all)")
     run.add_argument("--sample-every", type=int, default=10_000)
     run.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the teacher's sample grids")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write every logged scalar, the learning rate and the throughput as TensorBoard events "
+                          "in the run's tensorboard/ (rank 0)")
+    run.add_argument("--wandb", nargs="?", const="ard", metavar="PROJECT",
+                     help="the same to Weights & Biases (project 'ard' by default; needs the wandb package; "
+                          "WANDB_MODE=offline writes to the run's wandb/ for a later `wandb sync`)")
     run.add_argument("--sample-cfg-scale", type=float, default=4.0,
                      help="CFG of the teacher's sample grids (none with --class-dropout 0)")
     arch = p.add_argument_group("teacher (ard: which checkpoint; teacher: which architecture)")
@@ -696,6 +723,11 @@ def build_parser():
     gan.add_argument("--disc-lr", type=float, default=1e-3)
     gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with adversarial weight 0")
     gan.add_argument("--gan-weight-scale", type=float, default=10.0)
+    gan.add_argument("--no-divergence-guard", dest="divergence_guard", action="store_false",
+                     help=f"go on when the regression loss passes {DIVERGENCE_MULTIPLE} times its level at the end "
+                          "of the warm-up (by default the run stops there, with its last good checkpoint: in the GAN "
+                          "study the paper's x 10 passed it within 25-50 adversarial steps, the stable x 1 never came "
+                          "within a tenth of it)")
     gan.add_argument("--gan-noise", choices=["none", "uniform"], default="none",
                      help="re-noise real and fake before the feature network: no (t=0) or at uniform random t")
     gan.add_argument("--disc-blocks", choices=list(DISC_BLOCKS), default="all",
@@ -712,20 +744,74 @@ def parse_args(argv=None):
     explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if v is not unset}
     if args.export:
         return args
-    if args.resume:
-        args = resumed_args(parser, args, explicit)
-    elif args.stage == "gan":
+    if not args.resume and args.stage == "gan":
         from_init = [k for k in INIT_FLAGS if k in explicit]
         if from_init:
             parser.error("--stage gan takes the student's and its teacher's settings from --init; "
                          f"drop --{from_init[0].replace('_', '-')}")
-    for key, value in STAGE_DEFAULTS[args.stage].items():  # a resumed run has its own from its checkpoint
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.parametrization is None:  # a resumed or --init run has its own
-        args.parametrization = solver_readout(args.teacher_family)
+    if not args.resume:
+        fill_defaults(args)
+        args.resume = continued_run(parser, args)
+    if args.resume:
+        args = resumed_args(parser, args, {**explicit, "resume": args.resume})
+        fill_defaults(args)  # settings added since the run began
     check_args(parser, args)
     return args
+
+
+def fill_defaults(args):
+    """The defaults that depend on other flags (a resumed run has its own, from its checkpoint)."""
+    for key, value in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.parametrization is None:
+        args.parametrization = solver_readout(args.teacher_family)
+
+
+# ---------------------------------------------------------------------------- the run's directory
+
+def run_settings(args):
+    """The settings that shape a run (its command without the run-control flags and where it is written)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in (*RUN_CONTROL, "results_dir", "name")}
+
+
+def run_name(name, settings):
+    """--stage and --name, or without --name the stage's usual name and a hash of the run's settings: the same
+    command always names the same run, whatever its run-control flags."""
+    if name:
+        return f"{settings['stage']}-{name}"
+    usual = {"teacher": settings["model"].replace("/", "-") + "-", "ard": f"N{settings['history_layers']}-",
+             "gan": ""}[settings["stage"]]  # a gan run's student is --init's
+    return f"{settings['stage']}-{usual}{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]}"
+
+
+def run_dir(results_dir, name):
+    """The newest results_dir/NNN-name (None if there is none)."""
+    found = sorted(glob.glob(os.path.join(glob.escape(results_dir), f"[0-9][0-9][0-9]-{name}")))
+    return found[-1] if found else None
+
+
+def continued_run(parser, args):
+    """The run this command continues (None for a new one): its directory when it has a checkpoint and the same
+    settings. A restart (torchrun --max-restarts, a requeued job) re-runs the same command; a command that names
+    an existing run with other settings stops at the first that differs."""
+    settings = run_settings(args)
+    path = run_dir(args.results_dir, run_name(args.name, settings))
+    if path is None:
+        return None
+    settings_path = os.path.join(path, RUN_SETTINGS)
+    if not os.path.isfile(settings_path):
+        if checkpoint_paths(path):
+            parser.error(f"{path} has no {RUN_SETTINGS} (it began before runs recorded their settings): "
+                         f"continue it with --resume {path} or choose another --name")
+        return None  # stopped (or, on another rank, being made) before its settings were written: a new run
+    with open(settings_path) as f:
+        saved = json.load(f)
+    for key, value in settings.items():
+        if saved.get(key) != json.loads(json.dumps(value)):
+            parser.error(f"{path} is a run with --{key.replace('_', '-')} {saved.get(key)!r}, not {value!r}: "
+                         "re-run its command to continue it, or choose another --name for a new run")
+    return path if checkpoint_paths(path) else None
 
 
 def resumed_args(parser, args, explicit):
@@ -763,6 +849,10 @@ def check_args(parser, args):
             check_init(parser, args)
     check_ema(parser, args)
     check_keep_last(parser, args)
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        parser.error("--wandb needs the wandb package (pip install wandb); WANDB_MODE=offline logs without a network")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        parser.error("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if args.attention == "flex" and not args.compile:
         parser.error("--attention flex needs --compile (eager FlexAttention materialises every score)")
     check_student_fed(parser, args)
@@ -843,6 +933,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.export:
         return export(*args.export, half=args.export_half)
+    settings = run_settings(args)  # as the command gave them, before a task completes them
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
     # --precision fp32 is IEEE fp32; under bf16 what stays fp32 (stage heads and readouts, the GAN's VAE encode of
     # real images) rounds 8x finer in TF32 than the bf16 backbone does, and runs on the tensor cores
@@ -856,7 +947,7 @@ def main(argv=None):
     discriminator = getattr(task, "discriminator", None)
     real_data = batches(task.real, args, rank, world_size, start_step, seed_offset=1) if discriminator else None
 
-    experiment_dir = on_rank_zero(rank, lambda: prepare_experiment_dir(args))
+    experiment_dir = on_rank_zero(rank, lambda: prepare_experiment_dir(args, settings))
     logger = create_logger(experiment_dir, rank)
 
     model = task.model.to(device)
@@ -873,6 +964,7 @@ def main(argv=None):
             task.disc_opt.load_state_dict(checkpoint["disc_opt"])
         for group in opt.param_groups:  # the flags decide, also for a run initialised from another stage
             group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    reference = (checkpoint or {}).get("reg_reference") if resumed else None  # not --init's
     del checkpoint, resumed
     task.init_checkpoint = None
     if args.student_fed_ema:
@@ -894,6 +986,9 @@ def main(argv=None):
     group, writing = checkpoint_group(args.dist_timeout), None
     running, steps_since_log, last_log = {}, 0, time.time()
     bar = progress(args.iterations, args.stage, "step", enabled=rank == 0, initial=start_step, lines=False)
+    stop = StopRequest(args.stop_signals)
+    guard = DivergenceGuard(task.warmup, reference) if discriminator is not None else None
+    trackers = Trackers(args, experiment_dir, record, start_step) if rank == 0 else None
     for step in range(start_step, args.iterations):
         seed_step(args.global_seed, step, rank)
         batch = [t.to(device, non_blocking=True) for t in next(data)]
@@ -915,34 +1010,113 @@ def main(argv=None):
         bar.update()
 
         done = step + 1
-        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iterations:
+        stopping = stop.agreed() and done < args.iterations  # at the end, the run is done
+        saving = done % args.ckpt_every == 0 or done == args.iterations or stopping
+        if done % args.log_every == 0 or saving:
             means = mean_over_ranks({k: total / count for k, (total, count) in running.items()})
             if not math.isfinite(means["loss"]):
                 wait_for(writing)
-                saved = checkpoint_paths(experiment_dir)
                 raise FloatingPointError(f"loss became {means['loss']} before step {done}; stopping with the last good "
-                                         f"checkpoint {saved[-1] if saved else '(none written yet)'}")
+                                         f"checkpoint {last_checkpoint(experiment_dir)}")
             speed = steps_since_log / (time.time() - last_log)
             logger.info(f"step {done:07d} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()))
                         + f" steps/s={speed:.2f}")
+            if trackers:
+                trackers.log(done, dict(means, lr=opt.param_groups[0]["lr"], steps_per_s=speed,
+                                        samples_per_s=speed * args.global_batch_size))
             bar.set_postfix(loss=f"{means['loss']:.4g}")
             running, steps_since_log, last_log = {}, 0, time.time()
-        if done % args.ckpt_every == 0 or done == args.iterations:
+            if guard is not None and guard.diverged(done, means["reg"]) and args.divergence_guard:
+                wait_for(writing)  # the last good checkpoint is complete before it is named
+                raise RuntimeError(guard.message(done, means["reg"], last_checkpoint(experiment_dir)))
+        if saving:
             wait_for(writing)  # one write at a time
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "step": done, "args": record}
             if discriminator is not None:  # the frozen features are the teacher's: not saved again
-                state.update(disc_heads=discriminator.heads.state_dict(), disc_opt=task.disc_opt.state_dict())
+                state.update(disc_heads=discriminator.heads.state_dict(), disc_opt=task.disc_opt.state_dict(),
+                             reg_reference=guard.reference)
             writing = save_checkpoint(os.path.join(experiment_dir, "checkpoints", f"{done:07d}"), state, group,
                                       args.keep_last)
+        if stopping:
+            wait_for(writing)  # the stop checkpoint is complete on every rank before the exit
+            logger.info(f"stopped by {stop.received or 'a signal to another rank'} after step {done}; the same command "
+                        f"continues the run (exit status {REQUEUE_EXIT_CODE})")
+            cleanup_distributed()
+            raise SystemExit(REQUEUE_EXIT_CODE)
         if done % args.sample_every == 0 or done == args.iterations:
             path = os.path.join(experiment_dir, "samples", f"{done:07d}.png")
             on_rank_zero(rank, lambda: save_samples(task, ema, args, path, device))
     bar.close()
     wait_for(writing)
+    if trackers:
+        trackers.close()
     logger.info("done")
     cleanup_distributed()
     return experiment_dir
+
+
+def last_checkpoint(experiment_dir):
+    saved = checkpoint_paths(experiment_dir)
+    return saved[-1] if saved else "(none written yet)"
+
+
+# The regression loss of a --stage gan run, as a multiple of its level at the end of the warm-up, past which the
+# run is stopped. In the GAN study (README) the paper's weight scale x 10 ran away on every digits seed: 2.3e-4 at
+# the end of the warm-up, x 60 after 25 adversarial steps, 7.3 (x 30,000) by step 175; on the shapes it rose x 33
+# before the samples fell apart. The stable x 1 doubled over 400 steps. x 20 is ten times what a stable stage
+# reached and is passed by a runaway within a few dozen adversarial steps.
+DIVERGENCE_MULTIPLE = 20
+
+
+class DivergenceGuard:
+    """Whether an adversarial stage's regression loss ran away (see DIVERGENCE_MULTIPLE)."""
+
+    def __init__(self, warmup, reference=None):
+        self.warmup, self.reference = warmup, reference
+
+    def diverged(self, step, regression):
+        """Whether `regression`, the mean over the log interval that ends after `step`, passes the limit. The level
+        at the end of the warm-up is that of the last interval ending in it (or of the first, if none does)."""
+        if step <= self.warmup or self.reference is None:
+            self.reference = regression
+        return regression > DIVERGENCE_MULTIPLE * self.reference
+
+    def message(self, step, regression, last_checkpoint):
+        return (f"the adversarial stage diverged: regression loss {regression:.3g} after step {step}, more than "
+                f"{DIVERGENCE_MULTIPLE} times its {self.reference:.3g} at the end of the warm-up; stopping with the "
+                f"last good checkpoint {last_checkpoint}. Lower --gan-weight-scale (x 1 was stable in the GAN study) "
+                "or --lr, or pass --no-divergence-guard to go on")
+
+
+class Trackers:
+    """Every scalar of log.txt, the learning rate and the throughput to TensorBoard (--tensorboard, event files in
+    the run's tensorboard/) and W&B (--wandb, the run's wandb/; WANDB_MODE=offline logs without a network)."""
+
+    def __init__(self, args, experiment_dir, record, start_step):
+        self.tensorboard = self.wandb = None
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tensorboard"),
+                                             purge_step=start_step + 1)  # what a restart logs again
+        if args.wandb:
+            import wandb
+            name = os.path.basename(experiment_dir)  # a restart continues the same W&B run
+            self.wandb = wandb.init(project=args.wandb, dir=experiment_dir, name=name, id=name, resume="allow",
+                                    config=record)
+
+    def log(self, step, scalars):
+        for name, value in scalars.items():
+            if self.tensorboard:
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def label_grid(config, seed):

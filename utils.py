@@ -1,8 +1,10 @@
 """Small pieces shared by the scripts: distributed set-up, per-index randomness, atomic writes."""
+import argparse
 import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 
@@ -15,6 +17,9 @@ from tqdm import tqdm
 
 UMASK = os.umask(0)
 os.umask(UMASK)
+# The exit status of a run stopped by a signal after saving its work: EX_TEMPFAIL of sysexits.h ("try again
+# later"), for a job script to requeue on. Any other non-zero status is a failure.
+REQUEUE_EXIT_CODE = 75
 
 
 def add_distributed_args(parser):
@@ -25,6 +30,10 @@ def add_distributed_args(parser):
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda under torchrun (stopping when it is unavailable), else cuda if available; "
                              "cpu runs torchrun's processes on the CPU with gloo")
+    parser.add_argument("--stop-signals", default="TERM,USR1", type=signal_names,
+                        help="signals (comma-separated, without SIG; 'none' for none) that stop every rank at the next "
+                             f"boundary of its work, keeping all done so far, with exit status {REQUEUE_EXIT_CODE}: "
+                             "a scheduler's preemption or time limit (SLURM's --signal, torchrun forwards TERM)")
 
 
 def check_cuda():
@@ -49,13 +58,67 @@ def init_distributed(timeout_minutes, device=None):
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "gloo" if device == "cpu" else "nccl"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"join{join_count(store, rank)}/", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def join_count(store, rank):
+    """How many times a process has joined as `rank` through `store` (1 for the first).
+
+    torchrun's agents keep their store across restarts, so a restarted group must not read the keys
+    the previous group left (each rank's address, NCCL's unique id): it would wait for peers that are
+    gone or connect to them. Every round joins each rank once, so the count names the round alike on
+    every rank, also when one node's agent was relaunched (its restart count starts again at 0)."""
+    return store.add(f"ard/joins/rank{rank}", 1)
+
+
+def signal_names(text):
+    """--stop-signals: 'TERM,USR1' -> ['SIGTERM', 'SIGUSR1'] ('none' -> [])."""
+    names = [] if text.strip().lower() == "none" else [f"SIG{n.strip().upper().removeprefix('SIG')}"
+                                                      for n in text.split(",")]
+    unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown signal {unknown[0]}")
+    return names
+
+
+class StopRequest:
+    """Remembers that one of `signals` arrived, so that a loop stops at the next boundary of its work
+    instead of dying in the middle of it."""
+
+    def __init__(self, signals):
+        self.received = None
+        for name in signals:
+            signal.signal(getattr(signal, name), self.handle)
+        # The ranks agree on the CPU: a flag on the GPU would make every step wait for the GPU to finish the last.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() != "gloo" else None
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self):
+        """Whether any rank received a stop signal (a collective: every rank calls it at the same point)."""
+        flag = torch.tensor([float(self.received is not None)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def exit_if_received(self, kept):
+        """Ends this process with REQUEUE_EXIT_CODE, saying what is `kept`, if a stop signal arrived. (For work in
+        independent units, each rank at a boundary of its own: the signal reaches every rank.)"""
+        if self.received:
+            print(f"stopped by {self.received}: {kept}; the same command continues (exit status {REQUEUE_EXIT_CODE})",
+                  flush=True)
+            cleanup_distributed()
+            raise SystemExit(REQUEUE_EXIT_CODE)
 
 
 def autocast(device, precision):

@@ -39,3 +39,20 @@ def shapes_text_classifier(tmp_path_factory):
         if not path.exists():
             train_classifier(str(path), "shapes-text", epochs=1)
     return str(path)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each file)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process fault injection through torchrun; run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -40,6 +40,7 @@ QUIET = ["--num-workers", "0", "--sample-every", "1000", "--log-every", "1", "--
 TRAJ_SAMPLES, BATCH = 32, 8
 K = 4
 CKPT_KEYS = {"model", "ema", "opt", "step", "args"}
+GAN_KEYS = ("disc_heads", "disc_opt", "reg_reference")  # reg_reference: the divergence guard's level
 # Half the steps student-fed: with --global-seed 0, steps 1-6 mix both kinds on either side of step 3.
 FED_HALF = ["--student-fed", "0.5"]
 DDIM = ["--parametrization", "ddim"]  # the student-fed runs also cover ddim heads
@@ -231,8 +232,8 @@ utils.cleanup_distributed()
 def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
     """Two-process gloo runs under torchrun: `torchrun train.py` for the teacher stage, and one
     torchrun of a driver that calls train.main (in one process group) for an ARD run of 6 steps,
-    3 steps + resume to 6, a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut short,
-    GAN runs (3 steps, 2 steps + resume to 3, 2 steps compiled), and the ARD runs student-fed
+    3 steps + the same command to 6 (a restart), a resume to 6 of a copy of `ard_run` whose checkpoint 6 is cut
+    short, GAN runs (3 steps, 2 steps + the same command to 3, 2 steps compiled), and the ARD runs student-fed
     (--student-fed 0.5)."""
     base = tmp_path_factory.mktemp("ddp")
     broken = base / "broken" / os.path.basename(ard_run)
@@ -245,15 +246,15 @@ def ddp(teacher_ckpt, traj, ard_run, tmp_path_factory):
         None,  # the resume, filled in below
         gan_argv(ckpt(ard_run, 6), traj, base / "gan", "--iterations", 3, "--ckpt-every", 3, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 2, "--ckpt-every", 2, "--gan-warmup", 1),
-        ["--resume", str(base / "gan2" / "000-gan-N1"), "--iterations", "3"],
+        gan_argv(ckpt(ard_run, 6), traj, base / "gan2", "--iterations", 3, "--ckpt-every", 2, "--gan-warmup", 1),
         gan_argv(ckpt(ard_run, 6), traj, base / "gan_compiled", "--iterations", 2, "--ckpt-every", 2,
                  "--gan-warmup", 1, "--compile"),
         ["--resume", str(broken), "--iterations", "6"],
         ard_argv(teacher_ckpt, traj, base / "fed6", *FED_HALF, *DDIM, "--iterations", 6, "--ckpt-every", 6),
         ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, *DDIM, "--iterations", 3, "--ckpt-every", 3),
-        ["--resume", str(base / "fed3" / "000-ard-N1"), "--iterations", "6"],
+        ard_argv(teacher_ckpt, traj, base / "fed3", *FED_HALF, *DDIM, "--iterations", 6, "--ckpt-every", 3),
     ]
-    runs[2] = ["--resume", str(base / "ard3" / "000-ard-N1"), "--iterations", "6"]
+    runs[2] = ard_argv(teacher_ckpt, traj, base / "ard3", "--iterations", 6, "--ckpt-every", 3)
     (base / "driver.py").write_text(DRIVER)
     (base / "runs.json").write_text(json.dumps([[str(a) for a in r] for r in runs]))
     torchrun(str(base / "driver.py"), [str(base / "runs.json")])
@@ -313,7 +314,7 @@ def test_ard_stage_one_process(ard_run, teacher_ckpt):
 
 def test_gan_stage_one_process(gan_run):
     assert ckpt_steps(gan_run) == [2, 4]
-    check_checkpoint(ckpt(gan_run, 4), "gan", 4, extra_keys=("disc_heads", "disc_opt"))
+    check_checkpoint(ckpt(gan_run, 4), "gan", 4, extra_keys=GAN_KEYS)
 
 
 def test_teacher_stage_two_processes(ddp):
@@ -332,7 +333,7 @@ def test_ard_stage_two_processes(ddp):
 
 def test_gan_stage_two_processes(ddp):
     assert ckpt_steps(ddp["gan"]) == [3]
-    check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=("disc_heads", "disc_opt"))
+    check_checkpoint(ckpt(ddp["gan"], 3), "gan", 3, extra_keys=GAN_KEYS)
     weights = [r["gan_weight"] for _, r in log_steps(ddp["gan"])]
     assert weights[0] == 0 and all(w > 0 for w in weights[1:]), weights
 
@@ -557,13 +558,52 @@ def test_resume_with_a_setting_changed_to_its_default_stops(teacher_ckpt, traj, 
         train.parse_args(["--resume", first, "--lr", "1e-4"])  # 1e-4 is the default
 
 
-def test_new_run_never_reuses_an_experiment_dir(teacher_ckpt, traj, tmp_path):
-    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
-    second = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 2, "--ckpt-every", 2))
-    shutil.rmtree(first)
-    third = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1))
-    assert third != second
-    assert ckpt_steps(second) == [2]
+def test_the_same_command_continues_its_run(teacher_ckpt, traj, ard_run, tmp_path):
+    """A restart (torchrun --max-restarts, a requeued job) re-runs the command: it continues the run in its own
+    directory, bit-identical to one uninterrupted run, with more --iterations if they grew; other settings are
+    another run."""
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 3, "--ckpt-every", 3))
+    assert run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 3)) == first
+    assert ckpt_steps(first) == [3, 6]
+    assert_same_training_state(load(ckpt(ard_run, 6)), load(ckpt(first, 6)))
+    assert [s for s, _ in log_steps(first)] == [1, 2, 3, 4, 5, 6]  # steps 1-3 not trained again
+    assert run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 6, "--ckpt-every", 3)) == first  # done
+    assert [s for s, _ in log_steps(first)] == [1, 2, 3, 4, 5, 6]
+    other = run(ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1, "--lr", "5e-4"))
+    assert other != first and ckpt_steps(other) == [1]
+    assert os.path.basename(first).startswith("000-ard-N1-") and os.path.basename(other).startswith("001-ard-N1-")
+
+
+def test_a_run_without_its_settings_is_continued_only_by_resume(ard_run, traj, tmp_path, capsys):
+    """A run from before runs recorded their settings: its command stops, naming --resume."""
+    legacy = tmp_path / "000-ard-old"
+    shutil.copytree(ard_run, legacy)
+    os.remove(legacy / "settings.json")
+    with pytest.raises(SystemExit):
+        train.parse_args(ard_argv(ckpt(ard_run, 6), traj, tmp_path, "--name", "old"))
+    assert f"continue it with --resume {legacy} or choose another --name" in capsys.readouterr().err
+    assert train.parse_args(["--resume", str(legacy), "--iterations", "8"]).resume == str(legacy)
+
+
+def test_a_named_run_refuses_other_settings(teacher_ckpt, traj, tmp_path, capsys):
+    first = run(ard_argv(teacher_ckpt, traj, tmp_path, "--name", "mine", "--iterations", 1, "--ckpt-every", 1))
+    assert os.path.basename(first) == "000-ard-mine"
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in ard_argv(teacher_ckpt, traj, tmp_path, "--name", "mine", "--lr", "5e-4")])
+    assert e.value.code == 2
+    assert (f"{first} is a run with --lr 0.0001, not 0.0005: re-run its command to continue it, or choose another "
+            "--name for a new run") in capsys.readouterr().err
+    assert ckpt_steps(first) == [1] and experiments(tmp_path) == [first]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_directory(teacher_ckpt, traj, tmp_path):
+    argv = ard_argv(teacher_ckpt, traj, tmp_path, "--iterations", 1, "--ckpt-every", 1)
+    first = run(argv)
+    shutil.rmtree(os.path.join(first, "checkpoints"))
+    os.remove(os.path.join(first, "settings.json"))  # stopped between making the directory and writing them
+    assert run(argv) == first and ckpt_steps(first) == [1]
+    with open(os.path.join(first, "settings.json")) as f:
+        assert json.load(f)["lr"] == 1e-4
 
 
 def test_resume_without_checkpoints_stops(tmp_path, capsys):
@@ -585,6 +625,50 @@ def test_init_follows_global_seed(stage, ard_run, traj, tmp_path):
 
 
 # ---------------------------------------------------------------------------- adversarial fine-tuning
+
+@pytest.fixture(scope="module")
+def digits_student(tmp_path_factory):
+    """A regression student (N=0) of the shipped digits teacher: 60 steps of batch 16 on 128 trajectories of its
+    25-step solve, and those trajectories."""
+    base = tmp_path_factory.mktemp("digits_student")
+    teacher = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
+    trajectories = str(base / "traj")
+    et.main(["--ckpt", teacher, "--out", trajectories, "--num-samples", "128", "--shard-size", "128", "--batch-size",
+             "128", "--teacher-steps", "25", "--cfg-scale", "1.5", "--device", "cpu"])
+    student = run(["--stage", "ard", "--teacher", teacher, "--data-path", trajectories, "--history-layers", 0,
+                   "--lr", "1e-3", "--ema-decay", 0.995, "--global-batch-size", 16, "--iterations", 60,
+                   "--results-dir", base, *QUIET, "--log-every", 60])
+    return ckpt(student, 60), trajectories
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [10, 1])
+def test_divergence_guard_stops_the_papers_weight_scale_only(scale, digits_student, tmp_path, capsys):
+    """The adversarial stage on the digits (the demo's recipe, a 10-step warm-up): at the paper's weight scale x 10
+    the regression loss passes DIVERGENCE_MULTIPLE times its end-of-warm-up level within 30 adversarial steps and
+    the run stops with its last good checkpoint; at x 1 it stays at that level and the run is never stopped."""
+    init, trajectories = digits_student
+    argv = gan_argv(init, trajectories, tmp_path, "--lr", "1e-4", "--ema-decay", 0.995, "--global-batch-size", 16,
+                    "--gan-warmup", 10, "--gan-weight-scale", scale, "--iterations", 40, "--log-every", 5,
+                    "--ckpt-every", 10)
+    if scale == 1:
+        experiment = run(argv)
+        assert ckpt_steps(experiment) == [10, 20, 30, 40]
+        return
+    with pytest.raises(RuntimeError) as error:
+        run(argv)
+    (experiment,) = experiments(tmp_path)
+    reg = dict((s, r["reg"]) for s, r in log_steps(experiment))
+    assert reg[40] > train.DIVERGENCE_MULTIPLE * reg[10] > reg[35]  # stopped at the first log line past it
+    assert str(error.value).startswith(
+        f"the adversarial stage diverged: regression loss {reg[40]:.3g} after step 40, more than 20 times its "
+        f"{reg[10]:.3g} at the end of the warm-up; stopping with the last good checkpoint {ckpt(experiment, 30)}. "
+        "Lower --gan-weight-scale")
+    assert ckpt_steps(experiment) == [10, 20, 30]
+    run(argv + ["--no-divergence-guard"])  # the same run goes on without the guard
+    assert ckpt_steps(experiment) == [10, 20, 30, 40]
+
+
 
 def test_gan_updates_discriminator_and_student(gan_run, ard_run, teacher_ckpt):
     init, mid, end = load(ckpt(ard_run, 6)), load(ckpt(gan_run, 2)), load(ckpt(gan_run, 4))
@@ -1413,6 +1497,68 @@ def test_a_log_file_gets_log_lines_and_no_progress_redraws(tmp_path, capsys):
     run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2))
     out, err = capsys.readouterr()
     assert "\r" not in out + err and re.search(r"step 0000002 .*steps/s=", out)
+
+
+def tensorboard_scalars(experiment):
+    """{tag: [(step, value)]} of a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(experiment, "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_logged_scalar_the_lr_and_the_throughput(tmp_path):
+    """--tensorboard: each log line's values at its step, plus lr, steps/s and samples/s (steps/s x the global
+    batch of 16); a restart that begins again at step 2 replaces what the first run wrote after it."""
+    argv = teacher_argv(tmp_path, "--iterations", 3, "--ckpt-every", 2, "--lr", "3e-4", "--tensorboard")
+    experiment = run(argv)
+    os.remove(ckpt(experiment, 3))
+    assert run(argv) == experiment  # resumed from step 2
+    scalars = tensorboard_scalars(experiment)
+    logged = dict(log_steps(experiment))  # step 3: the restart's line
+    assert set(scalars) == set(logged[1]) - {"steps/s"} | {"lr", "steps_per_s", "samples_per_s"}
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    for step, values in logged.items():
+        for name, value in values.items():  # log.txt: 4 digits, steps/s 2 decimals
+            tag = "steps_per_s" if name == "steps/s" else name
+            assert dict(scalars[tag])[step] == pytest.approx(value, rel=1e-3, abs=0.005 * (tag == "steps_per_s"))
+        assert dict(scalars["lr"])[step] == pytest.approx(3e-4)
+        assert dict(scalars["samples_per_s"])[step] == pytest.approx(16 * dict(scalars["steps_per_s"])[step])
+
+
+def test_wandb_without_its_package_stops_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)  # as if not installed
+    expect_usage_error(teacher_argv(tmp_path, "--wandb"), capsys,
+                       "--wandb needs the wandb package (pip install wandb); WANDB_MODE=offline logs without a network")
+    assert experiments(tmp_path) == []
+
+
+def test_wandb_gets_every_scalar_in_a_run_named_by_its_directory(tmp_path, monkeypatch):
+    """--wandb through a stand-in for the package (not installed here): one W&B run per run directory (its id, so
+    that a restart continues it), with the scalars TensorBoard gets."""
+    calls = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, dict(scalars)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    sys.modules["wandb"].init = init
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object())
+    experiment = run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2, "--wandb", "digits"))
+    (_, kwargs), *logs, finish = calls
+    name = os.path.basename(experiment)
+    assert (kwargs["project"], kwargs["id"], kwargs["name"], kwargs["resume"]) == ("digits", name, name, "allow")
+    assert kwargs["dir"] == experiment and kwargs["config"]["stage"] == "teacher" and finish == ("finish",)
+    assert [step for _, step, _ in logs] == [1, 2]
+    for (_, step, scalars), (logged_step, values) in zip(logs, log_steps(experiment)):
+        assert step == logged_step and scalars["loss"] == pytest.approx(values["loss"], rel=1e-3)
+        assert {"lr", "steps_per_s", "samples_per_s", "grad_norm"} <= set(scalars)
 
 
 def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):

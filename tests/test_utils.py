@@ -29,16 +29,55 @@ def test_torchrun_scripts_set_the_process_group_timeout(script, argv, flag, minu
     rank 0 writes a checkpoint of many GB to a slow shared filesystem."""
     timeouts = []
 
-    def init_process_group(backend, timeout):
-        assert backend == "gloo"
+    def rendezvous(url, timeout):
+        timeouts.append(timeout)
+        return iter([(utils.dist.HashStore(), 0, 1)])
+
+    def init_process_group(backend, store, rank, world_size, timeout):
+        assert backend == "gloo" and isinstance(store, utils.dist.PrefixStore) and (rank, world_size) == (0, 1)
         timeouts.append(timeout)
         raise Stop
 
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(utils.dist, "rendezvous", rendezvous)
     monkeypatch.setattr(utils.dist, "init_process_group", init_process_group)
     with pytest.raises(Stop):
         script.main(argv + flag)
-    assert timeouts == [datetime.timedelta(minutes=minutes)]
+    assert timeouts == [datetime.timedelta(minutes=minutes)] * 2
+
+
+def test_a_restarted_group_meets_under_keys_of_its_own_round():
+    """Each rank's join count names the round: the same on every rank of a round, whichever rank joins first and
+    whether its launcher restarted it or was relaunched (tests/test_cluster.py restarts real groups)."""
+    store = utils.dist.HashStore()
+    assert [utils.join_count(store, rank) for rank in (0, 1, 1, 0, 0, 1)] == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("text, names", [("TERM,USR1", ["SIGTERM", "SIGUSR1"]), ("sigint", ["SIGINT"]),
+                                         ("none", [])])
+def test_stop_signals_are_named_without_sig(text, names):
+    assert utils.signal_names(text) == names
+
+
+def test_an_unknown_stop_signal_stops_before_set_up(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "teacher", "--data-path", "digits", "--stop-signals", "TERM,USR3"])
+    assert "argument --stop-signals: unknown signal SIGUSR3" in capsys.readouterr().err
+
+
+def test_a_stop_signal_is_remembered_not_obeyed():
+    """The process goes on to the next boundary of its work, where agreed() (one process: its own flag) says so."""
+    previous = utils.signal.getsignal(utils.signal.SIGUSR1)
+    try:
+        stop = utils.StopRequest(["SIGUSR1"])
+        assert not stop.agreed()
+        os.kill(os.getpid(), utils.signal.SIGUSR1)
+        assert stop.received == "SIGUSR1" and stop.agreed()
+        with pytest.raises(SystemExit) as e:
+            stop.exit_if_received("nothing")
+        assert e.value.code == utils.REQUEUE_EXIT_CODE == 75
+    finally:
+        utils.signal.signal(utils.signal.SIGUSR1, previous)
 
 
 def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):

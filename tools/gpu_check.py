@@ -35,7 +35,7 @@ def parts(out, dry):
     """[(name, seconds allowed, command, the directory it writes)]."""
     teacher, traj = os.path.join(out, "teacher"), os.path.join(out, "traj")
     size, arch = (["--image-size", "8"], TINY_DIT) if dry else (["--image-size", "32"], ["--model", "DiT-S/2"])
-    teacher_ckpt = os.path.join(teacher, "000-teacher-" + arch[1].replace("/", "-"), "checkpoints", "0000001.pt")
+    teacher_ckpt = os.path.join(teacher, "000-teacher-tiny", "checkpoints", "0000001.pt")
     common = ["--num-workers", "0", "--log-every", "1", "--sample-every", "100000", *(["--device", "cpu"] * dry)]
     student = ["--history-layers", "1" if dry else "6", "--global-batch-size", "8" if dry else "64"]
     fast = [] if dry else ["--compile", "--attention", "flex"]
@@ -54,7 +54,7 @@ def parts(out, dry):
                                      "--compile", "--attention", "flex"], None),
         ("teacher", 45, [PY, "train.py", "--stage", "teacher", "--data-path", "digits", *size, *arch, "--vae", "none",
                          "--iterations", "1", "--ckpt-every", "1", "--global-batch-size", "8", "--sample-steps", "2",
-                         "--results-dir", teacher, *common], teacher),
+                         "--results-dir", teacher, "--name", "tiny", *common], teacher),
         ("extract", 60, [PY, "extract_trajectories.py", "--ckpt", teacher_ckpt, "--out", traj, "--num-samples", "64",
                          "--shard-size", "64", "--batch-size", "64",
                          *(["--teacher-steps", "4", "--device", "cpu"] if dry else [])], traj),
