@@ -6,8 +6,8 @@
 Image i comes from its own seed (global seed, i) in the evaluation noise stream, which no
 training trajectory draws from (utils.NOISE_STREAMS), so the result does not depend on the
 number of processes or the batch size and no image is generated from a trajectory's noise. Work is done in
-chunks of --chunk-size images, each saved as it completes in OUT.parts; a re-run with the same settings (recorded there in
-settings.json) keeps them and makes only the missing ones, and one with other settings stops.
+chunks of --chunk-size images, each saved as it completes in OUT.parts; a re-run with the same settings
+(recorded there in settings.json) keeps them and makes only the missing ones, and one with other settings stops.
 The chunks then stream into OUT (arr_0 images, arr_1 labels, and `settings`: the run's settings as JSON in a
 0-d string, what makes two sample sets pairable) and OUT.parts is removed; a re-run after OUT is complete does
 nothing, and stops when OUT holds the images of other settings.
