@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluations import evaluator, inception, metrics
+from evaluations import evaluator, inception, metrics, small
 from evaluations.small import digits_uint8, load_classifier, load_small_features, train_classifier
 from evaluations.npz import open_images
 
@@ -283,13 +283,31 @@ def test_cli_rejects_bad_npz_before_any_work(arrays, message, npz_files, tmp_pat
 # ---------------------------------------------------------------- digits mode
 
 @pytest.fixture(scope="module")
-def classifier_path(tmp_path_factory):
-    """The classifier the digits mode trains when its file is missing."""
-    path = tmp_path_factory.mktemp("digits") / "new" / "classifier.pt"
+def classifier_path():
+    return small.shipped_classifier("digits")
+
+
+def test_another_network_is_trained_where_missing_and_named_as_not_the_shipped_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(small.DATASETS, "digits", small.DATASETS["digits"]._replace(epochs=1))
+    path = tmp_path / "new" / "classifier.pt"
     images, _ = digits_uint8()
-    results = evaluator.evaluate(images[:50], images[50:100], "digits", classifier=str(path), progress=False)
-    assert path.exists() and set(results) == {"is", "fid", "precision", "recall", "kid"}
-    return str(path)
+    np.savez(tmp_path / "digits.npz", arr_0=images[:100])
+    evaluator.main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--features", "digits",
+                    "--classifier", str(path), "--device", "cpu"])
+    digest = inception.sha256_of(path)[:12]
+    assert capsys.readouterr().out.splitlines()[0] == (f"Features: the digits network {path} (sha256 {digest}), "
+                                                       "not the shipped network")
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(open(small.shipped_classifier("digits"), "rb").read())
+    assert small.network_name(str(copy), "digits").startswith("the shipped digits network digits_classifier.pt")
+
+
+def test_a_missing_shipped_network_is_an_error_naming_the_command_that_retrains_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(small, "ASSETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no shipped shapes network at .*: retrain it with "
+                                                r"`python -m evaluations.small shapes`"):
+        load_small_features(dataset="shapes")
+    assert not os.listdir(tmp_path)
 
 
 def test_digits_classifier_is_accurate(classifier_path):
@@ -314,9 +332,11 @@ def test_digits_mode_end_to_end(classifier_path, tmp_path, capsys):
     images, _ = digits_uint8()
     np.savez(tmp_path / "digits.npz", arr_0=images[:300])
     evaluator.main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--features", "digits",
-                    "--classifier", classifier_path, "--device", "cpu"])
+                    "--device", "cpu"])
     captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
+    network, *lines = captured.out.strip().splitlines()
+    digest = inception.sha256_of(classifier_path)[:12]
+    assert network == f"Features: the shipped digits network digits_classifier.pt (sha256 {digest})"
     assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "Precision", "Recall", "KID"]
     assert "no sFID" in captured.err
     values = {k: float(v) for k, v in (line.split(": ") for line in lines)}
