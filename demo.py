@@ -60,7 +60,7 @@ from data import CAPTIONED, caption_words, draw_captions  # noqa: E402
 from evaluations import adherence  # noqa: E402
 from evaluations.evaluator import evaluate, extract_features  # noqa: E402
 from evaluations.metrics import (bootstrap_fids, bootstrap_multiplicities, frechet_distance,  # noqa: E402
-                                 gaussian_statistics)
+                                 gaussian_statistics, verdict)
 from evaluations.npz import open_images  # noqa: E402
 from evaluations.small import (SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED, load_small_features,  # noqa: E402
                                network_name, reference_images, shipped_classifier)
@@ -684,12 +684,6 @@ def difference_clause(per_seed, interval):
     diffs = list(per_seed.values())
     return (f"FID difference {np.mean(diffs):+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] (seeds "
             f"{', '.join(f'{d:+.2f}' for d in diffs)}): {verdict(diffs, interval, 0)}")
-
-
-def verdict(values, interval, null):
-    """'differs' when the 95% interval excludes `null` and every seed lies on the same side of it."""
-    sides = {np.sign(v - null) for v in values}
-    return "differs" if (interval[0] > null or interval[1] < null) and len(sides) == 1 else "no difference"
 
 
 def comparison_lines(experiment, students, rows, teachers):

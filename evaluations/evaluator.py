@@ -121,31 +121,46 @@ def check_inputs(ref, samples, features):
                              f"{samples.shape[1]}x{samples.shape[2]}")
 
 
-def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
-             batch_size=250, device=None, progress=True, return_features=False):
-    """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
-    {"is", "fid", "sfid", "precision", "recall", "kid"}; with features="digits", "shapes" or "shapes-text" that
-    dataset's classifier at `classifier` (default: the shipped one) replaces Inception and there is no "sfid". With `return_features`, also
-    the samples' pool features (N, D) and the reference statistics, for paired comparisons."""
-    ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
-    check_inputs(ref, samples, features)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with full_fp32(device):
-        if features == "inception":
-            net = load_inception(inception_weights, device)
-            ref_stats = inception_reference(ref, net, batch_size, device, progress)
-        else:
-            net = load_small_features(classifier, features, device)
-            ref_stats = statistics(extract_features(ref, net, batch_size, device, progress, "reference"))
-        acts = extract_features(samples, net, batch_size, device, progress, "samples")
-        precision, recall = precision_recall(ref_stats["pool"], acts["pool"], K_NEAREST, device=device)
+def feature_network(features, inception_weights, classifier, device):
+    """The network whose features the metrics read, with `weights_sha256`: Inception, or the dataset's classifier."""
+    if features == "inception":
+        return load_inception(inception_weights, device)
+    return load_small_features(classifier, features, device)
+
+
+def reference_statistics(ref, net, features, batch_size, device, progress):
+    if features == "inception":
+        return inception_reference(ref, net, batch_size, device, progress)
+    return statistics(extract_features(ref, net, batch_size, device, progress, "reference"))
+
+
+def metrics_of(acts, ref_stats, device):
+    """{"is", "fid", "sfid" (with spatial features), "precision", "recall", "kid"} of sample features."""
+    precision, recall = precision_recall(ref_stats["pool"], acts["pool"], K_NEAREST, device=device)
     sample_stats = statistics(acts)
     results = {"is": inception_score(softmax(acts["logits"]))}
     for name, mu, sigma in [("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")]:
         if mu in sample_stats:  # no spatial statistics (sFID) in the small-data modes
             results[name] = frechet_distance(sample_stats[mu], sample_stats[sigma], ref_stats[mu], ref_stats[sigma])
-    results = {**results, "precision": precision, "recall": recall,
-               "kid": kernel_inception_distance(acts["pool"], ref_stats["pool"])}
+    return {**results, "precision": precision, "recall": recall,
+            "kid": kernel_inception_distance(acts["pool"], ref_stats["pool"])}
+
+
+def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
+             batch_size=250, device=None, progress=True, return_features=False):
+    """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
+    {"is", "fid", "sfid", "precision", "recall", "kid"}; with features="digits", "shapes" or "shapes-text" that
+    dataset's classifier at `classifier` (default: the shipped one) replaces Inception and there is no "sfid".
+    With `return_features`, also the samples' pool features (N, D) and the reference statistics, for paired
+    comparisons."""
+    ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
+    check_inputs(ref, samples, features)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with full_fp32(device):
+        net = feature_network(features, inception_weights, classifier, device)
+        ref_stats = reference_statistics(ref, net, features, batch_size, device, progress)
+        acts = extract_features(samples, net, batch_size, device, progress, "samples")
+        results = metrics_of(acts, ref_stats, device)
     return (results, acts["pool"], ref_stats) if return_features else results
 
 

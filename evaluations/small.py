@@ -183,7 +183,9 @@ def load_small_features(path=None, dataset="digits", device="cpu", seed=0):
             raise FileNotFoundError(f"no shipped {dataset} network at {path}: retrain it with "
                                     f"`python -m evaluations.small {dataset}`")
         train_classifier(path, dataset, seed=seed)
-    return SmallFeatures(load_classifier(path, dataset, device), DATASETS[dataset].classes)
+    features = SmallFeatures(load_classifier(path, dataset, device), DATASETS[dataset].classes)
+    features.weights_sha256 = sha256_of(path)  # as the Inception's: what cached features are keyed by
+    return features
 
 
 def network_name(path, dataset):
