@@ -23,9 +23,9 @@ Evaluation. A seed varies the trajectory noise (extract_trajectories.py --seed),
 from the evaluation stream and never from a trajectory's noise. Every model of a seed, teacher
 included, generates from the same evaluation noise, so differences are paired: each comes with a
 bootstrap interval over samples of its mean over seeds, and the per-seed values. Beside FID: KID,
-precision/recall (a classifier's pre-activation features in place of Inception), and fidelity to
-the 25-step teacher (the mean per-sample RMS distance to its sample from the same noise, and the
-FD between the two sample sets).
+precision/recall (the pre-activation features of the dataset's shipped classifier in assets/, named in the
+table's header by its sha256, in place of Inception), and fidelity to the 25-step teacher (the mean
+per-sample RMS distance to its sample from the same noise, and the FD between the two sample sets).
 
 Every stage is one of the project's own scripts, run with the command line printed before it.
 A run, a trajectory set, a sample file or a metric is reused only when every setting that made it
@@ -60,12 +60,12 @@ from data import CAPTIONED, caption_words, draw_captions  # noqa: E402
 from evaluations import adherence  # noqa: E402
 from evaluations.evaluator import evaluate, extract_features  # noqa: E402
 from evaluations.metrics import (bootstrap_fids, bootstrap_multiplicities, frechet_distance,  # noqa: E402
-                                 gaussian_statistics)
+                                 gaussian_statistics, verdict)
 from evaluations.npz import open_images  # noqa: E402
 from evaluations.small import (SHAPES_REFERENCE_COUNT, SHAPES_REFERENCE_SEED, load_small_features,  # noqa: E402
-                               reference_images)
+                               network_name, reference_images, shipped_classifier)
 from extract_trajectories import TrajectoryDataset  # noqa: E402
-from utils import atomic_write, index_noise_and_labels, save_json, save_npz  # noqa: E402
+from utils import atomic_write, index_noise_and_labels, save_json, save_npz, sha256_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER_STEPS = 25
@@ -428,8 +428,8 @@ class Experiment:
         self.conditions = Prompts(out) if dataset in CAPTIONED else Labels()
         self.config, self.depth = self.conditions.architecture(teacher, self.teacher_flags(TEACHER_STEPS))
         self.reference = os.path.join(out, "reference.npz")
-        self.classifier = os.path.join(out, "classifier.pt")
-        load_small_features(self.classifier, dataset)  # trained now if missing: metrics are keyed by its file
+        self.classifier = shipped_classifier(dataset)
+        load_small_features(self.classifier, dataset)  # a missing network stops here, before any training
         if not os.path.exists(self.reference):
             images, labels = reference_images(dataset)
             save_npz(self.reference, dict(arr_0=images, arr_1=labels))
@@ -493,7 +493,7 @@ class Experiment:
         (None if not cached and not `may_compute`); the samples' features are kept beside, for paired comparisons."""
         sample_flags = ["--ckpt", ckpt, "--num-fid-samples", self.args.num_images, "--global-seed", seed, *flags,
                         *self.conditions.sample_flags]
-        key = settings_hash([*sample_flags, self.classifier, teacher and teacher["key"], held_out])
+        key = settings_hash([*sample_flags, sha256_of(self.classifier), teacher and teacher["key"], held_out])
         path = os.path.join(self.out, "metrics", f"{name}-s{seed}-{key}")
         if os.path.exists(path + ".json"):
             print(f"reusing {path}.json: metrics with the same settings")
@@ -687,12 +687,6 @@ def difference_clause(per_seed, interval):
             f"{', '.join(f'{d:+.2f}' for d in diffs)}): {verdict(diffs, interval, 0)}")
 
 
-def verdict(values, interval, null):
-    """'differs' when the 95% interval excludes `null` and every seed lies on the same side of it."""
-    sides = {np.sign(v - null) for v in values}
-    return "differs" if (interval[0] > null or interval[1] < null) and len(sides) == 1 else "no difference"
-
-
 def comparison_lines(experiment, students, rows, teachers):
     lines = []
     prompts = bool(experiment.conditions.columns)
@@ -754,7 +748,8 @@ def report(experiment, students, seeds, rows, teachers):
             table.append(table_row(student.label(), student.parametrization, student.recipe, student.K, done,
                                    experiment.mflops(student.K, student.N), columns))
     args = experiment.args
-    lines = [f"**{experiment.dataset}**: {args.num_images} samples per model and seed, classifier features; teacher "
+    lines = [f"**{experiment.dataset}**: {args.num_images} samples per model and seed, features of "
+             f"{network_name(experiment.classifier, experiment.dataset)}; teacher "
              f"{TEACHER_STEPS}-step {experiment.family['solver']}, CFG {experiment.conditions.cfg_scale}; students "
              f"{args.iterations} steps of batch "
              f"{args.batch_size} on {args.num_trajectories} trajectories{adversarial_budget(args, rows)}; seeds "

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -283,6 +284,15 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sha256_of(path):
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_meta(meta, expected, source, prefix=""):

@@ -4,8 +4,8 @@
 
 SAMPLES.npz is what `sample_ddp.py --prompts PROMPTS` writes (arr_0: uint8 images, arr_1: the prompt
 index of each). A small attribute classifier, trained on the renderer's ground truth (evaluations.small,
-"shapes-text"), reads each sample's kind, pattern and colour. Per attribute, the accuracy over the
-samples whose prompt names it; "all" is the share of samples with every named attribute right. Each comes
+"shapes-text"; the shipped one in assets/ unless --classifier names another), reads each sample's kind,
+pattern and colour. Per attribute, the accuracy over the samples whose prompt names it; "all" is the share of samples with every named attribute right. Each comes
 with its ceiling (the classifier on real renders of the same prompts) and its floor (the samples scored
 against the prompts shuffled). Beside them FID, precision and recall in the classifier's features against
 held-out renders, and with --teacher-samples the FD to the teacher's samples.
@@ -20,7 +20,8 @@ from pixart import read_prompts
 
 from .evaluator import evaluate
 from .metrics import frechet_distance, gaussian_statistics
-from .small import SHAPES_REFERENCE_SEED, as_input, attribute_logits, load_small_features, reference_images
+from .small import (SHAPES_REFERENCE_SEED, as_input, attribute_logits, load_small_features, network_name,
+                    reference_images)
 
 SHUFFLE_SEED = 0
 
@@ -65,8 +66,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="npz of uint8 images (arr_0) and prompt indices (arr_1), as sample_ddp writes")
     p.add_argument("prompts", help="the prompt file the samples were drawn with")
-    p.add_argument("--classifier", default="shapes_text_classifier.pt",
-                   help="the attribute classifier's state dict (trained and saved here if missing)")
+    p.add_argument("--classifier", help="another attribute classifier's state dict than the shipped one (trained "
+                                        "and saved here if missing)")
     p.add_argument("--teacher-samples", help="the teacher's samples from the same noise: FD between the two sets")
     args = p.parse_args(argv)
     prompts = read_prompts(args.prompts)
@@ -83,6 +84,7 @@ def main(argv=None):
     reference = reference_images("shapes-text")[0]
     results, sample_features, _ = evaluate(reference, images, features="shapes-text", classifier=args.classifier,
                                            progress=False, return_features=True)
+    print(f"Features: {network_name(args.classifier, 'shapes-text')}")
     print(f"{'':10}" + "".join(f"{a:>10}" for a in scores["samples"]))
     for row, values in scores.items():
         print(f"{row:10}" + "".join(f"{v:10.3f}" for v in values.values()))

@@ -2,8 +2,11 @@
 against a reference batch, both ADM-style .npz files (`arr_0`: uint8 N x H x W x 3).
 
     python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz
-    python -m evaluations.evaluator digits_ref.npz samples.npz --features digits --classifier digits_cls.pt
-    python -m evaluations.evaluator shapes_ref.npz samples.npz --features shapes --classifier shapes_cls.pt
+    python -m evaluations.evaluator digits_ref.npz samples.npz --features digits
+    python -m evaluations.evaluator shapes_ref.npz samples.npz --features shapes --classifier other.pt
+
+The small-data modes read the dataset's shipped network in assets/ unless --classifier names another; the
+output names the network by its file's sha256, and says when it is not the shipped one.
 
 A reference batch's stored mu/sigma/mu_s/sigma_s are used when present (its images still give the
 precision/recall manifold); otherwise they are computed once and cached next to it as REF.stats.npz.
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .small import DATASETS, load_small_features
+from .small import DATASETS, load_small_features, network_name
 from .inception import load_inception
 from .metrics import (frechet_distance, gaussian_statistics, inception_score, kernel_inception_distance,
                       precision_recall, softmax)
@@ -101,7 +104,7 @@ def inception_reference(ref, net, batch_size, device, progress):
     return stats
 
 
-def check_inputs(ref, samples, features, classifier):
+def check_inputs(ref, samples, features):
     """Every error that can be found without running a network."""
     if features != "inception" and features not in DATASETS:
         raise ValueError(f"features must be 'inception' or one of {', '.join(map(repr, DATASETS))}, got {features!r}")
@@ -112,40 +115,52 @@ def check_inputs(ref, samples, features, classifier):
         if images.shape[0] <= K_NEAREST:
             raise ValueError(f"{images.name}: {images.shape[0]} images; precision/recall needs more than {K_NEAREST}")
     if features in DATASETS:
-        if classifier is None:
-            raise ValueError(f"{features} features need a classifier path (--classifier PATH; trained there if "
-                             "missing)")
         size = DATASETS[features].image_size
         if samples.shape[1:3] != (size, size):
             raise ValueError(f"{features} features need {size}x{size} images, got "
                              f"{samples.shape[1]}x{samples.shape[2]}")
 
 
-def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
-             batch_size=250, device=None, progress=True, return_features=False):
-    """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
-    {"is", "fid", "sfid", "precision", "recall", "kid"}; with features="digits" or "shapes" that dataset's
-    classifier at `classifier` replaces Inception and there is no "sfid". With `return_features`, also
-    the samples' pool features (N, D) and the reference statistics, for paired comparisons."""
-    ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
-    check_inputs(ref, samples, features, classifier)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with full_fp32(device):
-        if features == "inception":
-            net = load_inception(inception_weights, device)
-            ref_stats = inception_reference(ref, net, batch_size, device, progress)
-        else:
-            net = load_small_features(classifier, features, device)
-            ref_stats = statistics(extract_features(ref, net, batch_size, device, progress, "reference"))
-        acts = extract_features(samples, net, batch_size, device, progress, "samples")
-        precision, recall = precision_recall(ref_stats["pool"], acts["pool"], K_NEAREST, device=device)
+def feature_network(features, inception_weights, classifier, device):
+    """The network whose features the metrics read, with `weights_sha256`: Inception, or the dataset's classifier."""
+    if features == "inception":
+        return load_inception(inception_weights, device)
+    return load_small_features(classifier, features, device)
+
+
+def reference_statistics(ref, net, features, batch_size, device, progress):
+    if features == "inception":
+        return inception_reference(ref, net, batch_size, device, progress)
+    return statistics(extract_features(ref, net, batch_size, device, progress, "reference"))
+
+
+def metrics_of(acts, ref_stats, device):
+    """{"is", "fid", "sfid" (with spatial features), "precision", "recall", "kid"} of sample features."""
+    precision, recall = precision_recall(ref_stats["pool"], acts["pool"], K_NEAREST, device=device)
     sample_stats = statistics(acts)
     results = {"is": inception_score(softmax(acts["logits"]))}
     for name, mu, sigma in [("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")]:
         if mu in sample_stats:  # no spatial statistics (sFID) in the small-data modes
             results[name] = frechet_distance(sample_stats[mu], sample_stats[sigma], ref_stats[mu], ref_stats[sigma])
-    results = {**results, "precision": precision, "recall": recall,
-               "kid": kernel_inception_distance(acts["pool"], ref_stats["pool"])}
+    return {**results, "precision": precision, "recall": recall,
+            "kid": kernel_inception_distance(acts["pool"], ref_stats["pool"])}
+
+
+def evaluate(ref, samples, features="inception", inception_weights=None, classifier=None,
+             batch_size=250, device=None, progress=True, return_features=False):
+    """Metrics of `samples` against `ref` (each an .npz path or a uint8 N x H x W x 3 array) ->
+    {"is", "fid", "sfid", "precision", "recall", "kid"}; with features="digits", "shapes" or "shapes-text" that
+    dataset's classifier at `classifier` (default: the shipped one) replaces Inception and there is no "sfid".
+    With `return_features`, also the samples' pool features (N, D) and the reference statistics, for paired
+    comparisons."""
+    ref, samples = open_images(ref, "reference"), open_images(samples, "samples")
+    check_inputs(ref, samples, features)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with full_fp32(device):
+        net = feature_network(features, inception_weights, classifier, device)
+        ref_stats = reference_statistics(ref, net, features, batch_size, device, progress)
+        acts = extract_features(samples, net, batch_size, device, progress, "samples")
+        results = metrics_of(acts, ref_stats, device)
     return (results, acts["pool"], ref_stats) if return_features else results
 
 
@@ -158,7 +173,8 @@ def main(argv=None):
                              "Inception Score use that dataset's classifier, and sFID (no spatial features) is not "
                              "printed")
     parser.add_argument("--inception-weights", help="pytorch-fid's weight file (default: downloaded and cached)")
-    parser.add_argument("--classifier", help="small-data classifier state dict (trained and saved here if missing)")
+    parser.add_argument("--classifier", help="another small-data classifier state dict than the shipped one "
+                                             "(trained and saved here if missing)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -168,6 +184,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if args.features in DATASETS:
+        print(f"Features: {network_name(args.classifier, args.features)}")
         print(f"{args.features} features: no sFID; the Inception Score is the {args.features} classifier's",
               file=sys.stderr)
     for key, label in LABELS.items():

@@ -1,7 +1,6 @@
 """The FID Inception-v3 (TensorFlow's 2015-12-05 graph, as ported by pytorch-fid) with the three
 outputs ADM's evaluator reads from one forward pass: pool_3, the sFID spatial features, and the
 unbiased logits its Inception Score uses."""
-import hashlib
 import os
 import re
 import urllib.error
@@ -10,6 +9,8 @@ import torch
 import torch.nn as nn
 import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
+from utils import sha256_of
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -71,14 +72,6 @@ class FIDInception(nn.Module):
             x = layer(x)
         pool = x.flatten(1)
         return {"pool": pool, "spatial": spatial, "logits": pool @ n.fc.weight.t()}
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_weights_path():

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import torch
-from scipy import linalg
+from scipy import linalg, sparse
 from scipy.special import xlogy
 
 
@@ -48,15 +48,25 @@ def softmax(logits):
 
 def inception_score(probs, split_size=5000):
     """Mean over contiguous splits of exp(E_x KL(p(y|x) || p(y))), from class probabilities (N, C)."""
+    return float(resampled_inception_scores(probs, np.ones((1, len(probs))), split_size)[0])
+
+
+def resampled_inception_scores(probs, multiplicities, split_size=5000):
+    """(resamples,) Inception Scores of the resamples of `probs` (N, C) that draw sample i multiplicities[r, i]
+    times, each split (contiguous in i) averaging its own draws. KL(p_i || m) summed with weights w is
+    w·(p_i log p_i) - W m·log m for the weighted marginal m; xlogy: a probability of exactly 0 contributes 0
+    (ADM's formula would give nan there)."""
     probs = np.asarray(probs, dtype=np.float64)
+    multiplicities = np.asarray(multiplicities, dtype=np.float64)
+    neg_entropy = xlogy(probs, probs).sum(axis=1)
     scores = []
     for start in range(0, len(probs), split_size):
-        part = probs[start:start + split_size]
-        marginal = part.mean(axis=0, keepdims=True)
-        # xlogy: a probability of exactly 0 contributes 0 (ADM's formula would give nan there).
-        kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1).mean()
+        part, weights = probs[start:start + split_size], multiplicities[:, start:start + split_size]
+        total = weights.sum(axis=1)
+        marginal = weights @ part / total[:, None]
+        kl = weights @ neg_entropy[start:start + split_size] / total - xlogy(marginal, marginal).sum(axis=1)
         scores.append(np.exp(kl))
-    return float(np.mean(scores))
+    return np.mean(scores, axis=0)
 
 
 def _squared_distances(a, b):
@@ -81,23 +91,55 @@ def knn_radii(features, k=3, block_size=10000):
     return torch.cat(radii)
 
 
-def precision_recall(ref_features, sample_features, k=3, block_size=10000, device=None):
-    """ADM's k-NN precision and recall: precision is the fraction of samples inside at least one
-    reference ball, recall the fraction of reference points inside at least one sample ball, each ball
-    centred on a point with its k-th nearest neighbour (within its own set) on the boundary. ADM computes
-    the distances in float16 when they fit; float32 here, which can differ only at near-exact ties."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _ball_blocks(ref_features, sample_features, k, block_size, device):
+    """Yields (i, j, in_ref_balls, in_sample_balls) over (block, block) tiles: whether sample j + b lies in the
+    ball of reference point i + a, and reference point i + a in the ball of sample j + b, each ball centred on a
+    point with its k-th nearest neighbour (within its own set) on the boundary."""
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
     sample = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
     ref_radii, sample_radii = knn_radii(ref, k, block_size), knn_radii(sample, k, block_size)
-    sample_covered = torch.zeros(len(sample), dtype=torch.bool, device=device)
-    ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
     for i, ref_block in zip(range(0, len(ref), block_size), ref.split(block_size)):
         for j, sample_block in zip(range(0, len(sample), block_size), sample.split(block_size)):
             d = _squared_distances(ref_block, sample_block)
-            sample_covered[j:j + block_size] |= (d <= ref_radii[i:i + block_size, None]).any(0)
-            ref_covered[i:i + block_size] |= (d <= sample_radii[None, j:j + block_size]).any(1)
+            yield i, j, d <= ref_radii[i:i + block_size, None], d <= sample_radii[None, j:j + block_size]
+
+
+def precision_recall(ref_features, sample_features, k=3, block_size=10000, device=None):
+    """ADM's k-NN precision and recall: precision is the fraction of samples inside at least one
+    reference ball, recall the fraction of reference points inside at least one sample ball. ADM computes
+    the distances in float16 when they fit; float32 here, which can differ only at near-exact ties."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sample_covered = torch.zeros(len(sample_features), dtype=torch.bool, device=device)
+    ref_covered = torch.zeros(len(ref_features), dtype=torch.bool, device=device)
+    for i, j, in_ref_balls, in_sample_balls in _ball_blocks(ref_features, sample_features, k, block_size, device):
+        sample_covered[j:j + block_size] |= in_ref_balls.any(0)
+        ref_covered[i:i + block_size] |= in_sample_balls.any(1)
     return sample_covered.double().mean().item(), ref_covered.double().mean().item()
+
+
+def ball_coverage(ref_features, sample_features, k=3, block_size=10000, device=None):
+    """What precision and recall count, kept per sample: (N,) whether each sample lies in some reference
+    ball, and the sparse (M, N) matrix of which sample balls hold each reference point."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sample_covered = torch.zeros(len(sample_features), dtype=torch.bool, device=device)
+    rows, cols = [], []
+    for i, j, in_ref_balls, in_sample_balls in _ball_blocks(ref_features, sample_features, k, block_size, device):
+        sample_covered[j:j + block_size] |= in_ref_balls.any(0)
+        r, c = in_sample_balls.nonzero().cpu().numpy().T
+        rows.append(r + i)
+        cols.append(c + j)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    balls = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ref_features), len(sample_features)))
+    return sample_covered.cpu().numpy(), balls
+
+
+def resampled_precision_recall(sample_covered, balls, multiplicities):
+    """(resamples,) precisions and recalls of the resamples that draw sample i multiplicities[r, i] times,
+    the balls kept as the whole set draws them: a resample's recall counts the balls of the samples it draws."""
+    multiplicities = np.asarray(multiplicities, dtype=np.float64)
+    precision = multiplicities @ sample_covered / multiplicities.sum(axis=1)
+    recall = (np.asarray(balls @ (multiplicities > 0).T) > 0).mean(axis=0)
+    return precision, recall
 
 
 def kernel_inception_distance(features_a, features_b, block_size=10000):
@@ -127,27 +169,41 @@ def bootstrap_multiplicities(n, resamples=200, seed=0):
 def bootstrap_fids(ref_mu, ref_sigma, features, resamples=200, seed=0):
     """{name: (resamples,) FIDs} of sample sets that share their indices (images i of every set come
     from the same noise), each resample drawing the same indices for every set: differences and ratios
-    of the returned values give paired bootstrap intervals. The reference statistics stay fixed, so
-    tr sqrt(S R) is taken as tr sqrt(R^1/2 S R^1/2), a symmetric eigenvalue problem, and each resample's
-    statistics as multiplicity-weighted sums: several times faster than resampling and a matrix root."""
+    of the returned values give paired bootstrap intervals."""
     lengths = {len(f) for f in features.values()}
     if len(lengths) != 1:
         raise ValueError(f"paired sample sets must have equal lengths, got {sorted(lengths)}")
-    n = lengths.pop()
-    multiplicities = bootstrap_multiplicities(n, resamples, seed)
+    multiplicities = bootstrap_multiplicities(lengths.pop(), resamples, seed)
+    return resampled_fids(ref_mu, ref_sigma, features, multiplicities)
+
+
+def resampled_fids(ref_mu, ref_sigma, features, multiplicities):
+    """{name: (resamples,) FIDs} of the resamples of each of `features` ({name: (N, D)}) that draw sample i
+    multiplicities[r, i] times. The reference statistics stay fixed, so tr sqrt(S R) is taken as
+    tr sqrt(R^1/2 S R^1/2), the eigenvalues of Z^T W Z / (N - 1) for the features Z centred and mapped by R^1/2,
+    and each resample's statistics as multiplicity-weighted (W) sums: several times faster than resampling and
+    a matrix root. Those are the nonzero eigenvalues of W^1/2 Z Z^T W^1/2 / (N - 1) too, the smaller matrix
+    when N < D."""
     ref_mu, ref_sigma = np.asarray(ref_mu, dtype=np.float64), np.asarray(ref_sigma, dtype=np.float64)
     eigenvalues, vectors = np.linalg.eigh(ref_sigma)
     ref_root = (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T
     out = {}
     for name, f in features.items():
         f = np.asarray(f, dtype=np.float64)
+        (n, dim), mapped = f.shape, f @ ref_root
         fids = []
         for weights, mu in zip(multiplicities, multiplicities @ f / n):
-            centred = f - mu
-            sigma = (centred.T * weights) @ centred / (n - 1)
-            roots = np.sqrt(np.linalg.eigvalsh(ref_root @ sigma @ ref_root).clip(min=0))
+            centred = (mapped - mu @ ref_root) * np.sqrt(weights)[:, None]
+            product = centred @ centred.T if n < dim else centred.T @ centred
+            roots = np.sqrt(np.linalg.eigvalsh(product / (n - 1)).clip(min=0))
+            trace = weights @ ((f - mu) ** 2).sum(axis=1) / (n - 1)
             diff = mu - ref_mu
-            fids.append(diff @ diff + np.trace(sigma) + np.trace(ref_sigma) - 2 * roots.sum())
+            fids.append(diff @ diff + trace + np.trace(ref_sigma) - 2 * roots.sum())
         out[name] = np.array(fids)
     return out
 
+
+def verdict(values, interval, null):
+    """'differs' when the 95% interval excludes `null` and every value (one per seed) lies on the same side."""
+    sides = {np.sign(v - null) for v in values}
+    return "differs" if (interval[0] > null or interval[1] < null) and len(sides) == 1 else "no difference"

@@ -3,7 +3,15 @@ captioned shapes-text, where it reads kind, pattern and colour) stands in for In
 penultimate features replace pool_3 for FID and precision/recall, its softmax (over the first
 attribute) gives the Inception Score; there is no spatial feature map, so no sFID. The features are
 the penultimate layer before its ReLU: a ReLU's output has dead units (half of them zero on every
-digit, in an earlier version), which a Fréchet distance cannot see."""
+digit, in an earlier version), which a Fréchet distance cannot see.
+
+Each dataset's network is shipped in assets/ (DATASET_classifier.pt, the file the metrics are named by), so
+that a number means the same on every machine: a CNN trained through other kernels is another feature space.
+This retrains one exactly as shipped (seed 0, one thread), into assets/ unless --out says elsewhere:
+
+    python -m evaluations.small digits      # or shapes, shapes-text
+"""
+import argparse
 import contextlib
 import os
 from typing import Callable, NamedTuple
@@ -14,10 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import ATTRIBUTES, render_captioned, render_shapes, shapes_training
-from utils import atomic_write
+from utils import atomic_write, sha256_of
 
 SHAPES_REFERENCE_SEED, SHAPES_REFERENCE_COUNT = 1, 5000
 SHAPES_TEXT_CLASSIFIER_SEED, SHAPES_TEXT_CLASSIFIER_COUNT = 2, 20_000
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def digits_uint8():
@@ -160,8 +169,45 @@ def load_classifier(path, dataset="digits", device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 
-def load_small_features(path, dataset="digits", device="cpu", seed=0):
-    """SmallFeatures from the classifier at `path`, training it there first if the file is missing."""
+def shipped_classifier(dataset):
+    """The path of `dataset`'s shipped network in assets/."""
+    return os.path.join(ASSETS, f"{dataset.replace('-', '_')}_classifier.pt")
+
+
+def load_small_features(path=None, dataset="digits", device="cpu", seed=0):
+    """SmallFeatures from the classifier at `path` (default: the shipped one), training it there first if
+    the file is missing; a missing shipped network is an error, never retrained behind the caller's back."""
+    path = path or shipped_classifier(dataset)
     if not os.path.exists(path):
+        if path == shipped_classifier(dataset):
+            raise FileNotFoundError(f"no shipped {dataset} network at {path}: retrain it with "
+                                    f"`python -m evaluations.small {dataset}`")
         train_classifier(path, dataset, seed=seed)
-    return SmallFeatures(load_classifier(path, dataset, device), DATASETS[dataset].classes)
+    features = SmallFeatures(load_classifier(path, dataset, device), DATASETS[dataset].classes)
+    features.weights_sha256 = sha256_of(path)  # as the Inception's: what cached features are keyed by
+    return features
+
+
+def network_name(path, dataset):
+    """How a result names the feature network at `path` (default: the shipped one): by the short sha256 of
+    its file, and, unless its bytes are the shipped network's, as another network."""
+    path = path or shipped_classifier(dataset)
+    digest = sha256_of(path)
+    shipped = shipped_classifier(dataset)
+    if os.path.exists(shipped) and sha256_of(shipped) == digest:
+        return f"the shipped {dataset} network {os.path.basename(shipped)} (sha256 {digest[:12]})"
+    return f"the {dataset} network {path} (sha256 {digest[:12]}), not the shipped network"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=list(DATASETS))
+    p.add_argument("--out", help="where to write the network (default: the shipped one's path in assets/)")
+    args = p.parse_args(argv)
+    path = args.out or shipped_classifier(args.dataset)
+    train_classifier(path, args.dataset)
+    print(f"wrote {network_name(path, args.dataset)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -24,21 +23,6 @@ def fixed_seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture(scope="session")
-def shapes_text_classifier(tmp_path_factory):
-    """The shapes-text attribute classifier, trained for one epoch (the metrics' own trains for four); under
-    pytest-xdist trained once, by the first worker that needs it, in the run's shared temporary folder."""
-    from evaluations.small import train_classifier
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # every worker's folders sit in one per-run folder
-    path = shared / "shapes_text_classifier.pt"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            train_classifier(str(path), "shapes-text", epochs=1)
-    return str(path)
 
 
 def pytest_addoption(parser):

@@ -1,7 +1,6 @@
 """A reduced demo, end to end: the same scripts as `python demo.py`, on a tiny teacher and a few steps."""
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,12 @@ from PIL import Image
 
 import demo
 from ard import ARD
+from evaluations.small import shipped_classifier
 from extract_trajectories import TrajectoryDataset
 from models import DiT, read_checkpoint
 from test_ard import inputs, perturbed_dit
 from test_flow_teachers import make_flow_teacher
+from utils import sha256_of
 
 STUDENTS = [(name, "ddim") for name in ("step distillation (N=0)", "ARD (N=1)")]
 FINE_TUNED = [(f"{name}, R+D ({demo.DEMO_ADVERSARY})", heads) for name, heads in STUDENTS]
@@ -41,6 +42,8 @@ def test_reduced_demo_writes_table_comparisons_grids_and_plots(tmp_path, capsys)
     report = (out / "results.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][2:]
     assert report_rows(report) == [("teacher, DDIM 25", "-"), ("teacher, DDIM 4", "-"), *STUDENTS, *FINE_TUNED]
+    network = sha256_of(shipped_classifier("digits"))[:12]
+    assert f"features of the shipped digits network digits_classifier.pt (sha256 {network}); teacher" in report
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         fid, precision, recall, mflops, ms = (float(cells[i]) for i in (4, 6, 7, 12, 13))
@@ -244,13 +247,11 @@ def test_report_does_not_train_a_missing_teacher(tmp_path, monkeypatch):
         demo.main(["--out", str(tmp_path), "--teacher", "train", "--report"])
 
 
-def test_reduced_demo_on_captioned_shapes_scores_adherence_beside_fid(tmp_path, shapes_text_classifier):
+def test_reduced_demo_on_captioned_shapes_scores_adherence_beside_fid(tmp_path):
     from data import caption_words
     from tiny_pixart import save_tiny_pixel_pipeline
     teacher = save_tiny_pixel_pipeline(tmp_path / "pipeline", words=caption_words(), patch_size=4)
     out = tmp_path / "demo"
-    os.makedirs(out / "shapes-text")
-    shutil.copy(shapes_text_classifier, out / "shapes-text" / "classifier.pt")
     demo.main(["--out", str(out), "--dataset", "shapes-text", "--teacher", teacher, "--iterations", "2",
                "--batch-size", "8", "--num-trajectories", "16", "--num-held-out", "8", "--num-images", "24"])
     report = (out / "results.md").read_text()

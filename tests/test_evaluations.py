@@ -2,6 +2,7 @@
 closed forms and brute force, the evaluator CLI on tiny .npz files, and the digits mode."""
 import contextlib
 import io
+import json
 import math
 import os
 import urllib.error
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluations import evaluator, inception, metrics
+from evaluations import compare, evaluator, inception, metrics, small
 from evaluations.small import digits_uint8, load_classifier, load_small_features, train_classifier
 from evaluations.npz import open_images
 
@@ -283,13 +284,31 @@ def test_cli_rejects_bad_npz_before_any_work(arrays, message, npz_files, tmp_pat
 # ---------------------------------------------------------------- digits mode
 
 @pytest.fixture(scope="module")
-def classifier_path(tmp_path_factory):
-    """The classifier the digits mode trains when its file is missing."""
-    path = tmp_path_factory.mktemp("digits") / "new" / "classifier.pt"
+def classifier_path():
+    return small.shipped_classifier("digits")
+
+
+def test_another_network_is_trained_where_missing_and_named_as_not_the_shipped_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(small.DATASETS, "digits", small.DATASETS["digits"]._replace(epochs=1))
+    path = tmp_path / "new" / "classifier.pt"
     images, _ = digits_uint8()
-    results = evaluator.evaluate(images[:50], images[50:100], "digits", classifier=str(path), progress=False)
-    assert path.exists() and set(results) == {"is", "fid", "precision", "recall", "kid"}
-    return str(path)
+    np.savez(tmp_path / "digits.npz", arr_0=images[:100])
+    evaluator.main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--features", "digits",
+                    "--classifier", str(path), "--device", "cpu"])
+    digest = inception.sha256_of(path)[:12]
+    assert capsys.readouterr().out.splitlines()[0] == (f"Features: the digits network {path} (sha256 {digest}), "
+                                                       "not the shipped network")
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(open(small.shipped_classifier("digits"), "rb").read())
+    assert small.network_name(str(copy), "digits").startswith("the shipped digits network digits_classifier.pt")
+
+
+def test_a_missing_shipped_network_is_an_error_naming_the_command_that_retrains_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(small, "ASSETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no shipped shapes network at .*: retrain it with "
+                                                r"`python -m evaluations.small shapes`"):
+        load_small_features(dataset="shapes")
+    assert not os.listdir(tmp_path)
 
 
 def test_digits_classifier_is_accurate(classifier_path):
@@ -314,9 +333,11 @@ def test_digits_mode_end_to_end(classifier_path, tmp_path, capsys):
     images, _ = digits_uint8()
     np.savez(tmp_path / "digits.npz", arr_0=images[:300])
     evaluator.main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--features", "digits",
-                    "--classifier", classifier_path, "--device", "cpu"])
+                    "--device", "cpu"])
     captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
+    network, *lines = captured.out.strip().splitlines()
+    digest = inception.sha256_of(classifier_path)[:12]
+    assert network == f"Features: the shipped digits network digits_classifier.pt (sha256 {digest})"
     assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "Precision", "Recall", "KID"]
     assert "no sFID" in captured.err
     values = {k: float(v) for k, v in (line.split(": ") for line in lines)}
@@ -359,6 +380,11 @@ def test_paired_bootstrap_resamples_the_same_indices_for_every_set():
                                          ref_sigma) for _ in range(20)]
     assert fids["a"] == pytest.approx(expected, rel=1e-8)
     assert (fids["shifted"] > fids["a"]).all() and len(set(fids["a"].round(9))) > 1
+    few = rng.normal(size=(3, 4))  # fewer samples than dimensions: the eigenvalues of the smaller product
+    multiplicities = np.array([[1, 1, 1], [2, 0, 1]])
+    assert metrics.resampled_fids(ref_mu, ref_sigma, {"few": few}, multiplicities)["few"] == pytest.approx(
+        [metrics.frechet_distance(*metrics.gaussian_statistics(few[i]), ref_mu, ref_sigma) for i in ([0, 1, 2],
+                                                                                               [0, 0, 2])], rel=1e-8)
     with pytest.raises(ValueError, match="equal lengths"):
         metrics.bootstrap_fids(ref_mu, ref_sigma, {"a": a, "b": a[:10]})
 
@@ -387,3 +413,118 @@ def test_shapes_are_deterministic_and_striped_classes_carry_fine_detail():
     assert detail[labels >= len(SHAPE_NAMES)].mean() > 1.3 * detail[labels < len(SHAPE_NAMES)].mean()
     with pytest.raises(ValueError, match="16x16"):
         image_dataset("shapes", 32)
+
+
+# ---------------------------------------------------------------- paired comparisons (evaluations.compare)
+
+def sample_set(path, images, labels, **settings):
+    """A sample set as sample_ddp.py writes it: images, labels and its settings as a 0-d JSON string."""
+    recorded = dict(dict(global_seed=0, labels="uniform", noise_stream="evaluation"), **settings)
+    np.savez(path, arr_0=images, arr_1=labels, settings=np.array(json.dumps(recorded)))
+    return str(path)
+
+
+def test_ball_coverage_and_resampled_metrics_match_plain_ones():
+    rng = np.random.default_rng(0)
+    ref, sample = rng.normal(size=(60, 5)), rng.normal(size=(45, 5)) * 1.5 + 0.5
+    covered, balls = metrics.ball_coverage(ref, sample, block_size=16, device="cpu")
+    precision, recall = metrics.precision_recall(ref, sample, device="cpu")
+    assert (covered.mean(), (balls.getnnz(axis=1) > 0).mean()) == (precision, recall)
+    draws = rng.integers(0, 45, (3, 45))
+    multiplicities = np.stack([np.bincount(d, minlength=45) for d in draws])
+    resampled_precision, resampled_recall = metrics.resampled_precision_recall(covered, balls, multiplicities)
+    sample_radii = np.sort(np.sqrt(((sample[:, None] - sample[None]) ** 2).sum(-1)), axis=1)[:, 3]
+    in_ball = np.sqrt(((ref[:, None] - sample[None]) ** 2).sum(-1)) <= sample_radii  # the whole set's balls
+    for r, d in enumerate(draws):
+        assert resampled_precision[r] == pytest.approx(covered[d].mean())
+        assert resampled_recall[r] == pytest.approx(in_ball[:, np.unique(d)].any(axis=1).mean())
+    probs = metrics.softmax(rng.normal(size=(45, 4)) * 3)
+    assert metrics.resampled_inception_scores(probs, multiplicities, split_size=20) == pytest.approx(
+        [np.mean([metrics.inception_score(probs[s][d[(d >= s.start) & (d < s.stop)] - s.start])
+                  for s in (slice(0, 20), slice(20, 40), slice(40, 45))]) for d in draws])
+
+
+def digits_sets(tmp_path, perturb):
+    """The digits reference, a set of real digits and the same set perturbed, as paired sample sets."""
+    images, labels = digits_uint8()
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=images[:600])
+    a = sample_set(tmp_path / "a.npz", images[600:1000], labels[600:1000])
+    b = sample_set(tmp_path / "b.npz", perturb(images[600:1000]), labels[600:1000])
+    return ref, a, b
+
+
+def test_compare_interval_covers_a_fixed_perturbation_and_is_zero_against_itself(tmp_path, capsys):
+    ref, a, b = digits_sets(tmp_path, lambda x: (x * 0.8).astype(np.uint8))
+    same = sample_set(tmp_path / "same.npz", np.load(a)["arr_0"], np.load(a)["arr_1"])
+    results = compare.main([ref, a, b, same, "--features", "digits", "--device", "cpu", "--resamples", "50"])
+    plain = {path: evaluator.evaluate(ref, path, "digits", device="cpu", progress=False) for path in (a, b)}
+    for metric in ("fid", "is", "precision", "recall"):
+        assert results["sets"][a][metric] == pytest.approx(plain[a][metric], rel=1e-6)
+        diff, (low, high) = results["pairs"][(a, b)][metric]
+        assert diff == pytest.approx(plain[b][metric] - plain[a][metric], rel=1e-6, abs=1e-9)
+        assert low <= diff <= high
+        assert results["pairs"][(a, same)][metric] == (0, (0, 0))
+    diff, (low, high) = results["pairs"][(a, b)]["fid"]
+    assert 0 < low < diff  # the darker digits are further from the reference, and the interval says so
+    out = capsys.readouterr().out
+    assert out.startswith("Features: the shipped digits network digits_classifier.pt")
+    assert f"{b} - {a}: FID {diff:+.4f} [{low:+.4f}, {high:+.4f}]: differs" in out
+    assert f"{same} - {a}: FID +0.0000 [+0.0000, +0.0000]: no difference" in out
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(settings=dict(global_seed=1)), "b.npz has global_seed 1, .*a.npz 0"),
+    (dict(settings=dict(noise_stream="trajectories")), "b.npz has noise_stream 'trajectories', .*'evaluation'"),
+    (dict(label_at=7), r"b.npz has label \d at sample 7, .*a.npz \d"),
+])
+def test_compare_refuses_sets_from_other_noise_or_labels_before_any_network(change, message, tmp_path,
+                                                                           monkeypatch):
+    ref, a, _ = digits_sets(tmp_path, lambda x: x)
+    with np.load(a) as f:
+        images, labels = f["arr_0"], f["arr_1"].copy()
+    if "label_at" in change:
+        labels[change["label_at"]] = (labels[change["label_at"]] + 1) % 10
+    b = sample_set(tmp_path / "b.npz", images, labels, **change.get("settings", {}))
+    monkeypatch.setattr(compare, "feature_network", pytest.fail)
+    with pytest.raises(SystemExit, match=f"^error: not drawn from the same noise and labels: .*{message}$"):
+        compare.main([ref, a, b, "--features", "digits"])
+
+
+def test_compare_accepts_unverified_pairing_only_when_asked(tmp_path):
+    ref, a, _ = digits_sets(tmp_path, lambda x: x)
+    b = str(tmp_path / "b.npz")
+    with np.load(a) as f:
+        np.savez(b, arr_0=f["arr_0"], arr_1=f["arr_1"])
+    argv = [ref, a, b, "--features", "digits", "--device", "cpu", "--resamples", "10"]
+    with pytest.raises(SystemExit, match=r"^error: .*b.npz records no settings \(sample_ddp.py's seed, labels and "
+                                         r"noise stream\): its pairing cannot be checked; pass --unverified-pairing "
+                                         "to compare it anyway$"):
+        compare.main(argv)
+    assert compare.main([*argv, "--unverified-pairing"])["pairs"][(a, b)]["fid"] == (0, (0, 0))
+
+
+def test_compare_with_inception_runs_end_to_end_and_caches_each_sets_features(cli_run, npz_files, weights_path,
+                                                                              tmp_path, monkeypatch, capsys):
+    images, labels = np.load(npz_files["samples"])["arr_0"], np.arange(5)
+    a = sample_set(tmp_path / "a.npz", images, labels)
+    b = sample_set(tmp_path / "b.npz", images // 2, labels)
+    argv = [npz_files["ref"], a, b, "--inception-weights", weights_path, "--device", "cpu", "--resamples", "10"]
+    results = compare.main(argv)
+    printed = dict(line.split(": ") for line in cli_run.strip().splitlines())  # the evaluator on the same images
+    for metric, label in [("fid", "FID"), ("sfid", "sFID"), ("is", "Inception Score"), ("precision", "Precision"),
+                          ("recall", "Recall")]:
+        assert results["sets"][a][metric] == pytest.approx(float(printed[label]), rel=1e-6)
+    out = capsys.readouterr().out
+    network = inception.sha256_of(weights_path)[:12]
+    assert out.startswith(f"Features: Inception inception_random.pth (sha256 {network})")
+    assert sum(line.startswith(f"{b} - {a}: ") for line in out.splitlines()) == 5
+    assert sorted(p.name for p in tmp_path.glob("*.features.*.npz")) == [f"{n}.features.{network}.npz" for n in "ab"]
+
+    def extracted(images, *args):
+        raise AssertionError(f"features of {images.path} extracted again")
+    monkeypatch.setattr(compare, "extract_features", extracted)  # every set's features come from the caches
+    assert compare.main(argv)["pairs"] == results["pairs"]
+    sample_set(a, images[::-1].copy(), labels)  # other bytes under the same name: its cache no longer holds
+    with pytest.raises(AssertionError, match="a.npz extracted again"):
+        compare.main(argv)

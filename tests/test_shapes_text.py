@@ -7,15 +7,15 @@ import pytest
 from data import (ATTRIBUTES, HELD_OUT_PAIRS, SHAPE_NAMES, caption, parse_caption, render_captioned,
                   render_prompts)
 from evaluations import adherence
-from evaluations.small import load_small_features
+from evaluations.small import load_small_features, shipped_classifier
 
 EVERY_PROMPT = [caption(kind, pattern, colour) for kind, pattern, colour in
                 itertools.product((None, *SHAPE_NAMES), (None, *ATTRIBUTES["pattern"]), (None, *ATTRIBUTES["colour"]))]
 
 
 @pytest.fixture(scope="module")
-def classifier(shapes_text_classifier):
-    return shapes_text_classifier
+def classifier():
+    return shipped_classifier("shapes-text")
 
 
 @pytest.fixture(scope="module")
