@@ -253,7 +253,7 @@ def test_the_hubs_split_pipeline_trains_and_samples_as_the_whole_one(pipeline, h
                                 "--ckpt-every", 1))
     recorded = checkpoint(experiment, 1)["args"]
     assert (recorded["teacher"], recorded["text_encoder"], recorded["vae"]) == (transformer, components, components)
-    student = os.path.join(experiment, "checkpoints", "0000001.pt")
+    student = os.path.join(experiment, "checkpoints", "0000001")
     sample.main(["--ckpt", student, "--prompt", PROMPTS[0], "--out", str(tmp_path / "student.png"), "--device", "cpu"])
     with pytest.raises(ValueError, match="is a student: its text encoder and VAE are its own"):
         sample.main(["--ckpt", student, "--prompt", PROMPTS[0], "--vae", components, "--out", str(tmp_path / "x.png"),

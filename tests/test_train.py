@@ -1511,7 +1511,7 @@ def test_tensorboard_gets_every_logged_scalar_the_lr_and_the_throughput(tmp_path
     batch of 16); a restart that begins again at step 2 replaces what the first run wrote after it."""
     argv = teacher_argv(tmp_path, "--iterations", 3, "--ckpt-every", 2, "--lr", "3e-4", "--tensorboard")
     experiment = run(argv)
-    os.remove(ckpt(experiment, 3))
+    shutil.rmtree(ckpt(experiment, 3))
     assert run(argv) == experiment  # resumed from step 2
     scalars = tensorboard_scalars(experiment)
     logged = dict(log_steps(experiment))  # step 3: the restart's line

@@ -35,7 +35,7 @@ def parts(out, dry):
     """[(name, seconds allowed, command, the directory it writes)]."""
     teacher, traj = os.path.join(out, "teacher"), os.path.join(out, "traj")
     size, arch = (["--image-size", "8"], TINY_DIT) if dry else (["--image-size", "32"], ["--model", "DiT-S/2"])
-    teacher_ckpt = os.path.join(teacher, "000-teacher-tiny", "checkpoints", "0000001.pt")
+    teacher_ckpt = os.path.join(teacher, "000-teacher-tiny", "checkpoints", "0000001")
     common = ["--num-workers", "0", "--log-every", "1", "--sample-every", "100000", *(["--device", "cpu"] * dry)]
     student = ["--history-layers", "1" if dry else "6", "--global-batch-size", "8" if dry else "64"]
     fast = [] if dry else ["--compile", "--attention", "flex"]
