@@ -220,12 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="text-to-image: a prompt file (one per line, or COCO captions .json)")
     p.add_argument("--model", default="DiT-XL/2", help="architecture of an official/bare checkpoint")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", help="the VAE an official checkpoint works with (ema (default), mse, none, or a local "
-                                 "diffusers folder: a VA-VAE converted by vavae.py); with --prompts "
-                                 "a folder or hub name with vae/ (default: the pipeline's own, else "
-                                 f"{pixart.COMPONENTS}), or none")
-    p.add_argument("--text-encoder", help="with --prompts: a folder or hub name with text_encoder/ and tokenizer/ "
-                                          f"(default: the pipeline's own, else {pixart.COMPONENTS})")
+    add_component_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=1_200_000)
     p.add_argument("--shard-size", type=int, default=1000)
@@ -263,6 +258,16 @@ def parse_args(argv=None):
     check_pixart_sources(p, args, text_to_image=bool(args.prompts))
     check_flow_args(p, args)
     return args
+
+
+def add_component_args(p):
+    """--vae and --text-encoder, shared with sample.py."""
+    own = f"default: the pipeline's own, else {pixart.COMPONENTS}"
+    p.add_argument("--vae", help="the VAE an official checkpoint works with: ema (default), mse, none, or a local "
+                                 "diffusers folder (a VA-VAE converted by vavae.py included); a PixArt teacher's: "
+                                 f"a folder or hub name with vae/ ({own})")
+    p.add_argument("--text-encoder", help="a PixArt teacher's T5 and tokenizer: a folder or hub name with "
+                                          f"text_encoder/ and tokenizer/ ({own})")
 
 
 def check_pixart_sources(p, args, text_to_image):

@@ -498,8 +498,8 @@ class PixArtARD(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def stage_conditioning(self, repeats):
-        """adaLN-single of the K stage times in fp32, once per stage: (timestep (repeats·K, 6D), embedded (repeats·K, D)),
-        row r·K + k for stage k."""
+        """adaLN-single of the K stage times in fp32, once per stage: (timestep (repeats·K, 6D), embedded
+        (repeats·K, D)), row r·K + k for stage k."""
         with full_precision(self.stage_times.device):
             t, embedded = self.transformer.adaln_single(self.stage_times, None, batch_size=self.num_steps,
                                                         hidden_dtype=self.transformer.pos_embed.proj.weight.dtype)

@@ -22,7 +22,7 @@ import torch
 import pixart
 from ard import load_student
 from diffusion import create_diffusion
-from extract_trajectories import add_flow_args, check_flow_args, check_pixart_sources
+from extract_trajectories import add_component_args, add_flow_args, check_flow_args, check_pixart_sources
 from models import clips_x0, describe_checkpoint, is_sharded_checkpoint, load_autoencoder, load_teacher, with_guidance
 from transport import ADAPTIVE, CONVENTIONS, GuidedVelocity, solve_adaptive, solve_progressive, time_grid
 from utils import allow_tf32, autocast, save_grid
@@ -129,12 +129,7 @@ def add_generator_args(p):
                                                 "(default: the official DiT-XL/2 at --image-size)")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", help="ema (default), mse, or a local diffusers folder (official checkpoints; a VA-VAE "
-                                 "converted by vavae.py included); a PixArt "
-                                 "teacher's: a folder or hub name with vae/ (default: its own, else "
-                                 f"{pixart.COMPONENTS})")
-    p.add_argument("--text-encoder", help="a PixArt teacher's T5 and tokenizer: a folder or hub name with "
-                                          f"text_encoder/ and tokenizer/ (default: its own, else {pixart.COMPONENTS})")
+    add_component_args(p)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--guidance-channels", type=int, default=3, help="guide the first C eps channels; DiT: 3")

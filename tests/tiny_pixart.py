@@ -82,8 +82,8 @@ def save_tiny_components(path, seed=0):
     build_toy_text_encoder(str(path), WORDS, seed, d_model=TEXT_CHANNELS)
     tiny_vae(seed).save_pretrained(path / "vae")
     parts = dict(scheduler=["diffusers", "DPMSolverMultistepScheduler"],
-                 text_encoder=["transformers", "T5EncoderModel"], tokenizer=["transformers", "T5Tokenizer"], transformer=["diffusers", "Transformer2DModel"],
-                 vae=["diffusers", "AutoencoderKL"])
+                 text_encoder=["transformers", "T5EncoderModel"], tokenizer=["transformers", "T5Tokenizer"],
+                 transformer=["diffusers", "Transformer2DModel"], vae=["diffusers", "AutoencoderKL"])
     (path / "model_index.json").write_text(json.dumps(dict(_class_name="PixArtSigmaPipeline", **parts), indent=2))
     return str(path)
 
