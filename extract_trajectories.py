@@ -462,6 +462,7 @@ class PromptTeacher(DDIMTeacher):
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
+    stop = StopRequest(args.stop_signals)  # before loading: a signal during start-up stops at the first shard
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     teacher = (PromptTeacher if args.prompts else FlowTeacher if args.teacher_family == "flow" else LabelTeacher)(args)
     meta = teacher.meta
@@ -480,7 +481,6 @@ def main(argv=None):
 
     mine = list(missing)[rank::world_size]
     bar = progress(len(missing) * args.shard_size, "extraction", "traj", enabled=rank == 0)
-    stop = StopRequest(args.stop_signals)
     with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap with the next shard's solve
         pending = None
         for j, shard in enumerate(mine):
@@ -501,7 +501,7 @@ def main(argv=None):
         if pending is not None:
             pending.result()
     bar.close()
-    stop.exit_if_received("every shard this rank finished is written")
+    stop.exit_if_agreed("every shard this rank finished is written")
     barrier()
     if rank == 0:
         print(f"trajectories in {args.out}")

@@ -9,6 +9,8 @@ under these settings: SiT's time convention, Euler on linspace(0, 1, 250) shifte
 s = timestep_shift 0.3 (in noise level σ = 1 - t that is time_grid's shift 1/s on 249 steps), guidance on the
 first 3 channels, off where t < cfg_interval_start (σ > 1 - cfg_interval_start).
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,7 +64,9 @@ class RotaryAttention(Attention):
             raise ValueError(f"{x.shape[2]} tokens are not whole stages of the {tokens}-token square grid that "
                              f"LightningDiT's rotary embedding is defined on")
         stages = x.shape[2] // tokens
-        return x * self.cos.repeat(stages, 1) + rotate_pairs(x) * self.sin.repeat(stages, 1)
+        # in x's dtype: under bf16 autocast q and k stay bf16 like v (FlexAttention requires one dtype; the cache
+        # stores keys at the values' size), as the official model's SDPA casts them back
+        return (x * self.cos.repeat(stages, 1) + rotate_pairs(x) * self.sin.repeat(stages, 1)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -133,7 +137,8 @@ class LightningDiT(DiT):
         """nn.Module's, then a check that the loaded rotary tables (feat_rope) are the ones the blocks use."""
         result = super().load_state_dict(state_dict, strict, assign)
         own = self.blocks[0].attn
-        if not (torch.equal(self.feat_rope.freqs_cos, own.cos) and torch.equal(self.feat_rope.freqs_sin, own.sin)):
+        same = functools.partial(torch.allclose, rtol=0, atol=1e-6)  # tables computed elsewhere may round otherwise
+        if not (same(self.feat_rope.freqs_cos, own.cos) and same(self.feat_rope.freqs_sin, own.sin)):
             raise ValueError(f"the rotary tables loaded (feat_rope) are not those of a {self.grid}x{self.grid} grid "
                              f"with head size {own.cos.shape[1]}")
         return result

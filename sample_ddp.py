@@ -182,6 +182,7 @@ def remove_parts(parts_dir):
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
+    stop = StopRequest(args.stop_signals)  # before loading: a signal during start-up stops at the first chunk
     parts_dir = args.out[: -len(".npz")] + ".parts"
     settings = on_rank_zero(rank, lambda: prepare_run(args, parts_dir))
     if settings is None:
@@ -206,7 +207,6 @@ def main(argv=None):
         return range(chunk * args.chunk_size, min((chunk + 1) * args.chunk_size, args.num_fid_samples))
 
     bar = progress(sum(len(chunk_indices(c)) for c in missing), "sampling", "img", enabled=rank == 0)
-    stop = StopRequest(args.stop_signals)
     for j, chunk in enumerate(missing[rank::world_size]):
         if stop.received:
             break
@@ -226,7 +226,7 @@ def main(argv=None):
         arrays = dict(arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
         save_npz(chunk_path(parts_dir, chunk), arrays)
     bar.close()
-    stop.exit_if_received(f"every chunk this rank finished is in {parts_dir}")
+    stop.exit_if_agreed(f"every chunk this rank finished is in {parts_dir}")
     barrier()
     if rank == 0:
         chunks = [(chunk_path(parts_dir, c), len(chunk_indices(c))) for c in range(num_chunks)]

@@ -63,12 +63,16 @@ from models import (checkpoint_error, clips_x0, create_dit, describe_checkpoint,
 from sample import flow_generator, teacher_generator
 from transport import CONVENTIONS, flow_matching_loss
 from utils import (REQUEUE_EXIT_CODE, StopRequest, add_distributed_args, allow_tf32, autocast, check_meta,
-                   cleanup_distributed, fsync_path, init_distributed, on_rank_zero, progress, save_grid, save_json)
+                   cleanup_distributed, fsync_path, init_distributed, on_every_rank, on_rank_zero, progress, save_grid,
+                   save_json)
 
 # Flags that may change when a run is resumed; everything else comes from its checkpoint.
 RUN_CONTROL = ("iterations", "log_every", "ckpt_every", "sample_every", "num_workers", "compile", "resume",
                "export", "export_half", "dist_timeout", "device", "keep_last", "stop_signals", "divergence_guard",
-               "tensorboard", "wandb")
+               "tensorboard", "wandb", "grad_checkpointing", "sample_steps", "sample_cfg_scale")
+# Settings that name a file or folder: a run's settings hold them as real paths, so that ./x and /abs/x (or a
+# symlink) name the same run.
+PATH_SETTINGS = ("data_path", "teacher", "init", "real_data", "vae", "text_encoder")
 # A run's settings as its command gave them, in its directory: the same command continues the run.
 RUN_SETTINGS = "settings.json"
 # Each stage's own defaults: the paper's 300K distillation steps at batch 64; its adversarial stage ran "a
@@ -561,7 +565,8 @@ def publish_checkpoint(partial, path, keep_last):
         shutil.rmtree(path)
     os.replace(partial, path)
     fsync_path(os.path.dirname(path))
-    kept = checkpoint_paths(os.path.dirname(os.path.dirname(path)))
+    step = checkpoint_step(path)  # prunes only up to this step: a later one left by a crash may not read
+    kept = [p for p in checkpoint_paths(os.path.dirname(os.path.dirname(path))) if checkpoint_step(p) <= step]
     for old in kept[:-keep_last] if keep_last else ():
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
@@ -771,8 +776,11 @@ def fill_defaults(args):
 # ---------------------------------------------------------------------------- the run's directory
 
 def run_settings(args):
-    """The settings that shape a run (its command without the run-control flags and where it is written)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in (*RUN_CONTROL, "results_dir", "name")}
+    """The settings that shape a run (its command without the run-control flags and where it is written), local
+    paths made real."""
+    def real(key, value):
+        return os.path.realpath(value) if key in PATH_SETTINGS and value and os.path.exists(value) else value
+    return {k: real(k, v) for k, v in sorted(vars(args).items()) if k not in (*RUN_CONTROL, "results_dir", "name")}
 
 
 def run_name(name, settings):
@@ -935,6 +943,7 @@ def main(argv=None):
         return export(*args.export, half=args.export_half)
     settings = run_settings(args)  # as the command gave them, before a task completes them
     rank, world_size, device = init_distributed(args.dist_timeout, args.device)
+    stop = StopRequest(args.stop_signals)  # before loading: a signal during start-up stops after the first step
     # --precision fp32 is IEEE fp32; under bf16 what stays fp32 (stage heads and readouts, the GAN's VAE encode of
     # real images) rounds 8x finer in TF32 than the bf16 backbone does, and runs on the tensor cores
     allow_tf32(args.precision == "bf16")
@@ -986,9 +995,8 @@ def main(argv=None):
     group, writing = checkpoint_group(args.dist_timeout), None
     running, steps_since_log, last_log = {}, 0, time.time()
     bar = progress(args.iterations, args.stage, "step", enabled=rank == 0, initial=start_step, lines=False)
-    stop = StopRequest(args.stop_signals)
     guard = DivergenceGuard(task.warmup, reference) if discriminator is not None else None
-    trackers = Trackers(args, experiment_dir, record, start_step) if rank == 0 else None
+    trackers = open_trackers(args, experiment_dir, record, start_step, rank)
     for step in range(start_step, args.iterations):
         seed_step(args.global_seed, step, rank)
         batch = [t.to(device, non_blocking=True) for t in next(data)]
@@ -1040,6 +1048,8 @@ def main(argv=None):
                                       args.keep_last)
         if stopping:
             wait_for(writing)  # the stop checkpoint is complete on every rank before the exit
+            if trackers:
+                trackers.close()
             logger.info(f"stopped by {stop.received or 'a signal to another rank'} after step {done}; the same command "
                         f"continues the run (exit status {REQUEUE_EXIT_CODE})")
             cleanup_distributed()
@@ -1117,6 +1127,15 @@ class Trackers:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def open_trackers(args, experiment_dir, record, start_step, rank):
+    """Rank 0's Trackers (None on the others); an error opening them (W&B without a key, say) stops every rank
+    rather than leaving the others waiting in the first step's all-reduce."""
+    opened = {}
+    on_every_rank(lambda: opened.update(trackers=Trackers(args, experiment_dir, record, start_step)) if rank == 0
+                  else None)
+    return opened.get("trackers")
 
 
 def label_grid(config, seed):

@@ -112,12 +112,13 @@ class StopRequest:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
-    def exit_if_received(self, kept):
-        """Ends this process with REQUEUE_EXIT_CODE, saying what is `kept`, if a stop signal arrived. (For work in
-        independent units, each rank at a boundary of its own: the signal reaches every rank.)"""
-        if self.received:
-            print(f"stopped by {self.received}: {kept}; the same command continues (exit status {REQUEUE_EXIT_CODE})",
-                  flush=True)
+    def exit_if_agreed(self, kept):
+        """Ends every rank with REQUEUE_EXIT_CODE, saying what is `kept`, if a stop signal reached any rank (a
+        collective: every rank calls it once its own units of work are done or it stopped taking new ones, so a
+        rank that finished first and waits here, where its handler cannot run, still learns of the others')."""
+        if self.agreed():
+            print(f"stopped by {self.received or 'a signal to another rank'}: {kept}; the same command continues "
+                  f"(exit status {REQUEUE_EXIT_CODE})", flush=True)
             cleanup_distributed()
             raise SystemExit(REQUEUE_EXIT_CODE)
 

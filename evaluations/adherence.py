@@ -6,8 +6,8 @@ SAMPLES.npz is what `sample_ddp.py --prompts PROMPTS` writes (arr_0: uint8 image
 index of each). A small attribute classifier, trained on the renderer's ground truth (evaluations.small,
 "shapes-text"; the shipped one in assets/ unless --classifier names another), reads each sample's kind,
 pattern and colour. Per attribute, the accuracy over the samples whose prompt names it; "all" is the share of
-samples with every named attribute right. Each comes with its ceiling (the classifier on real renders of the same prompts) and its floor (the samples scored
-against the prompts shuffled). Beside them FID, precision and recall in the classifier's features against
+samples with every named attribute right. Each comes with its ceiling (the classifier on real renders of the same
+prompts) and its floor (the samples scored against the prompts shuffled). Beside them FID, precision and recall in the classifier's features against
 held-out renders, and with --teacher-samples the FD to the teacher's samples.
 """
 import argparse

@@ -190,6 +190,18 @@ def test_cached_sampling_with_rotated_keys_equals_teacher_forcing(history_layers
     torch.testing.assert_close(forced, sampled, rtol=1e-5, atol=1e-5)
 
 
+def test_rotated_queries_and_keys_keep_their_dtype():
+    """Under bf16 autocast q, k and v leave the qkv projection in bf16; the rotation by fp32 tables must not promote
+    q and k to fp32 (FlexAttention takes one dtype, and the KV cache would hold fp32 keys beside bf16 values)."""
+    teacher, _ = student_of(1, STAGE_TIMES)
+    attention = teacher.blocks[0].attn
+    tokens, head_dim = attention.cos.shape
+    q = torch.randn(2, 1, 2 * tokens, head_dim)
+    rotated = attention.position(q.bfloat16())
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.float(), attention.position(q), rtol=1e-2, atol=1e-2)
+
+
 def test_official_settings_in_the_projects_terms():
     """800 epochs: 250 grid points shifted by 0.3, guidance from t = 0.125: 249 steps on time_grid's 1/0.3 shift,
     guided at σ <= 0.875, 3 channels, whose grid is the official one in σ = 1 - t."""

@@ -574,6 +574,19 @@ def test_the_same_command_continues_its_run(teacher_ckpt, traj, ard_run, tmp_pat
     assert os.path.basename(first).startswith("000-ard-N1-") and os.path.basename(other).startswith("001-ard-N1-")
 
 
+def test_a_run_is_named_by_its_paths_and_settings_not_their_spelling(teacher_ckpt, traj, tmp_path, monkeypatch):
+    """./x, /abs/x and a symlink to x are one run; flags that change only memory or the sample grids are
+    run control, not settings."""
+    link = tmp_path / "trajectories"
+    os.symlink(traj, link)
+    monkeypatch.chdir(os.path.dirname(traj))
+    spellings = [traj, os.path.join(".", os.path.basename(traj)), str(link)]
+    settings = [train.run_settings(train.parse_args(ard_argv(teacher_ckpt, path, tmp_path))) for path in spellings]
+    assert settings[0] == settings[1] == settings[2] and settings[0]["data_path"] == os.path.realpath(traj)
+    memory = train.parse_args(ard_argv(teacher_ckpt, traj, tmp_path, "--grad-checkpointing", "--sample-steps", 5))
+    assert train.run_settings(memory) == settings[0]
+
+
 def test_a_run_without_its_settings_is_continued_only_by_resume(ard_run, traj, tmp_path, capsys):
     """A run from before runs recorded their settings: its command stops, naming --resume."""
     legacy = tmp_path / "000-ard-old"
@@ -1176,6 +1189,9 @@ def test_keep_last_bounds_the_checkpoints_and_keeps_the_newest_complete_one(teac
     monkeypatch.undo()
     run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
     assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000006"]
+    os.makedirs(os.path.join(experiment, "checkpoints", "0000009"))  # a later one a crash left unreadable
+    run(["--resume", experiment, "--iterations", 7, "--keep-last", 1])  # resumes from 6, not 9
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000007", "0000009"]
     expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--keep-last", -1), capsys,
                        "--keep-last must be >= 0 (0 keeps every checkpoint), got -1")
 

@@ -1,6 +1,9 @@
 """utils.py's distributed set-up and durable writes, and how the torchrun scripts use them."""
 import datetime
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ import extract_trajectories
 import sample_ddp
 import train
 import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Stop(Exception):
@@ -74,10 +79,39 @@ def test_a_stop_signal_is_remembered_not_obeyed():
         os.kill(os.getpid(), utils.signal.SIGUSR1)
         assert stop.received == "SIGUSR1" and stop.agreed()
         with pytest.raises(SystemExit) as e:
-            stop.exit_if_received("nothing")
+            stop.exit_if_agreed("nothing")
         assert e.value.code == utils.REQUEUE_EXIT_CODE == 75
     finally:
         utils.signal.signal(utils.signal.SIGUSR1, previous)
+
+
+STOP_WORKER = """
+import os, signal, sys, time
+sys.path.insert(0, os.environ["ROOT"])
+from utils import StopRequest, init_distributed
+rank, _, _ = init_distributed(1, "cpu")
+stop = StopRequest(["SIGUSR1"])
+if rank == 1:  # rank 0 has no work left and waits at the boundary, where its own handler cannot run
+    time.sleep(2)
+    os.kill(os.getpid(), signal.SIGUSR1)
+stop.exit_if_agreed("nothing")
+print(f"rank {rank} went on")
+"""
+
+
+def test_a_rank_done_before_the_signal_stops_with_the_one_that_received_it(tmp_path):
+    """Units of work end at different times on different ranks: the stop is agreed at the boundary, so a rank that
+    finished first and waits there exits 75 with the signalled one instead of waiting in the next barrier."""
+    script = tmp_path / "stop_worker.py"
+    script.write_text(STOP_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(ROOT=ROOT, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert "went on" not in output, output[-3000:]
+    assert output.count("stopped by") == 2 and re.search(r"exitcode\s*: 75", output), output[-3000:]
 
 
 def test_atomic_write_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
