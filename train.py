@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -1111,9 +1112,8 @@ class Trackers:
                                              purge_step=start_step + 1)  # what a restart logs again
         if args.wandb:
             import wandb
-            name = os.path.basename(experiment_dir)  # a restart continues the same W&B run
-            self.wandb = wandb.init(project=args.wandb, dir=experiment_dir, name=name, id=name, resume="allow",
-                                    config=record)
+            self.wandb = wandb.init(project=args.wandb, dir=experiment_dir, name=os.path.basename(experiment_dir),
+                                    id=wandb_run_id(experiment_dir), resume="allow", config=record)
 
     def log(self, step, scalars):
         for name, value in scalars.items():
@@ -1127,6 +1127,16 @@ class Trackers:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def wandb_run_id(experiment_dir):
+    """The run's W&B id, made once and kept in its directory, so that a restart continues the same W&B run while
+    another run of the same directory name (another user, a deleted results/) never resumes it."""
+    path = os.path.join(experiment_dir, "wandb.json")
+    if not os.path.exists(path):
+        save_json({"id": uuid.uuid4().hex[:16]}, path)
+    with open(path) as f:
+        return json.load(f)["id"]
 
 
 def open_trackers(args, experiment_dir, record, start_step, rank):

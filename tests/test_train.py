@@ -1568,13 +1568,22 @@ def test_wandb_gets_every_scalar_in_a_run_named_by_its_directory(tmp_path, monke
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object())
     experiment = run(teacher_argv(tmp_path, "--iterations", 2, "--ckpt-every", 2, "--wandb", "digits"))
     (_, kwargs), *logs, finish = calls
-    name = os.path.basename(experiment)
-    assert (kwargs["project"], kwargs["id"], kwargs["name"], kwargs["resume"]) == ("digits", name, name, "allow")
+    with open(os.path.join(experiment, "wandb.json")) as f:
+        name, run_id = os.path.basename(experiment), json.load(f)["id"]
+    assert (kwargs["project"], kwargs["id"], kwargs["name"], kwargs["resume"]) == ("digits", run_id, name, "allow")
+    assert len(run_id) == 16 and run_id != name
     assert kwargs["dir"] == experiment and kwargs["config"]["stage"] == "teacher" and finish == ("finish",)
     assert [step for _, step, _ in logs] == [1, 2]
     for (_, step, scalars), (logged_step, values) in zip(logs, log_steps(experiment)):
         assert step == logged_step and scalars["loss"] == pytest.approx(values["loss"], rel=1e-3)
         assert {"lr", "steps_per_s", "samples_per_s", "grad_norm"} <= set(scalars)
+    calls.clear()
+    assert run(teacher_argv(tmp_path, "--iterations", 3, "--ckpt-every", 3, "--wandb", "digits")) == experiment
+    assert calls[0][1]["id"] == run_id  # a restart continues its W&B run
+    shutil.rmtree(experiment)
+    calls.clear()
+    assert run(teacher_argv(tmp_path, "--iterations", 1, "--wandb", "digits")) == experiment
+    assert calls[0][1]["id"] != run_id  # a new run of the same name is a new W&B run
 
 
 def test_each_stage_has_its_own_defaults(ard_run, traj, tmp_path):
