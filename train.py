@@ -601,7 +601,8 @@ def new_experiment_dir(results_dir, name):
 
 def prepare_experiment_dir(args, settings):
     """The run's directory with its checkpoints/ and samples/: the resumed one, this command's own that holds no
-    checkpoint yet, or a new one, where `settings` (the command's) are recorded."""
+    checkpoint yet, or a new one, where `settings` (the command's) are recorded. Checkpoint writes an earlier
+    process left unfinished (NNNNNNN.partial, skipped by resume) are removed: a checkpoint's size each."""
     if args.resume:
         path = args.resume
     else:
@@ -611,6 +612,8 @@ def prepare_experiment_dir(args, settings):
             save_json(settings, os.path.join(path, RUN_SETTINGS))
     for sub in ("checkpoints", "samples"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
+    for unfinished in glob.glob(os.path.join(glob.escape(path), "checkpoints", "*" + PARTIAL)):
+        shutil.rmtree(unfinished)
     return path
 
 

@@ -1190,6 +1190,7 @@ def test_keep_last_bounds_the_checkpoints_and_keeps_the_newest_complete_one(teac
     run(["--resume", experiment, "--iterations", 6, "--keep-last", 1])
     assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000006"]
     os.makedirs(os.path.join(experiment, "checkpoints", "0000009"))  # a later one a crash left unreadable
+    os.makedirs(os.path.join(experiment, "checkpoints", "0000008" + train.PARTIAL))  # and an unfinished write
     run(["--resume", experiment, "--iterations", 7, "--keep-last", 1])  # resumes from 6, not 9
     assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000007", "0000009"]
     expect_usage_error(ard_argv(teacher_ckpt, traj, tmp_path, "--keep-last", -1), capsys,
