@@ -367,9 +367,10 @@ def student_kwargs(args):
                                  "parametrization", "target", "clip_x0", "history_input")}
 
 
-def load_student(path, attention="sdpa"):
-    """An ARD student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints."""
-    found = describe_checkpoint(path)
+def load_student(path, attention="sdpa", found=None):
+    """An ARD student (eval mode, EMA weights) and its checkpoint args, from one of our checkpoints (`found`: its
+    describe_checkpoint, where the caller has it already)."""
+    found = found or describe_checkpoint(path)
     args = found.settings
     if found.kind != "student":
         raise ValueError(f"{path} is not an ARD student checkpoint (a {found.kind} checkpoint)")

@@ -482,7 +482,7 @@ def weights_sha256(module):
 
 
 def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000, family="ddpm",
-                 time_convention=None):
+                 time_convention=None, found=None):
     """(DiT in eval mode, its description) from an official name, one of our teacher checkpoints, REPA's
     checkpoint or a bare state dict, given as a teacher of `family` (TEACHER_FAMILIES) and, for flow
     teachers, `time_convention` (transport.CONVENTIONS; default: the checkpoint's own).
@@ -494,7 +494,7 @@ def load_teacher(ckpt, model="DiT-XL/2", image_size=256, vae="ema", num_classes=
     """
     if family not in TEACHER_FAMILIES:
         raise ValueError(f"teacher family must be one of {', '.join(TEACHER_FAMILIES)}, got {family!r}")
-    found = describe_checkpoint(ckpt)
+    found = found or describe_checkpoint(ckpt)  # a caller that identified the file already passes what it found
     if found.kind == "student":
         raise ValueError(f"{ckpt} is a {found.settings['stage']!r} checkpoint, not a teacher")
     if found.kind == "teacher":

@@ -69,14 +69,15 @@ def load_generator(ckpt, model="DiT-XL/2", image_size=256, vae="ema", sampler="d
     time_convention, solver, last_step, time_shift, guidance_interval; extract_trajectories.add_flow_args);
     a flow teacher samples by its own solver, not `sampler`. Move the network to a device before generating.
     """
-    if describe_checkpoint(ckpt).kind == "student":
-        student, args = load_student(ckpt)
+    found = describe_checkpoint(ckpt)  # read once: a checkpoint folder is the whole training state
+    if found.kind == "student":
+        student, args = load_student(ckpt, found=found)
         info = dict(dit=args["dit"], image_size=args["image_size"], vae=args["vae"], kind="student",
                     num_steps=student.num_steps)
         return (lambda noise, y: student.sample(noise, y)[:, -1]), student, info
     flow = flow or dict(teacher_family="ddpm", time_convention=None)
     teacher, info = load_teacher(ckpt, model, image_size, vae, family=flow["teacher_family"],
-                                 time_convention=flow["time_convention"])
+                                 time_convention=flow["time_convention"], found=found)
     if info["teacher_family"] == "flow":
         generate = flow_generator(teacher, info["time_convention"], flow["solver"], steps, cfg_scale,
                                   guidance_channels, flow["guidance_interval"], flow["time_shift"], flow["last_step"])
